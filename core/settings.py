@@ -1,0 +1,104 @@
+"""User settings: one JSON file under the data home, read by the CLI, the GUI and the watcher alike.
+
+Defaults that affect answer quality or speed were chosen by measurement (see README, "Defaults").
+Unknown keys in the file are kept (a newer version may have written them); bad values fall back to
+the default with a warning instead of refusing to start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from . import paths
+
+log = logging.getLogger(__name__)
+
+MODES = ("kv", "text", "none")
+PLACEMENTS = ("parallel", "sequential")
+POLICIES = ("all", "uniform", "attention", "structural")
+ENCODINGS = ("f16", "q8", "q4", "q2")
+
+
+@dataclass
+class Settings:
+    model: str = ""  # catalogue name or GGUF path; "" = $REPOMEM_MODEL or the default model
+    n_threads: int = 0  # 0 = automatic
+    n_ctx: int = 8192
+    n_gpu_layers: int = -1  # -1 = all layers when a GPU backend is present
+    cache_type: str = "f16"
+    mode: str = "kv"
+    placement: str = "parallel"
+    keep_policy: str = "all"
+    keep_ratio: float = 1.0
+    drop_sinks: int = 0
+    key_scale: float = 1.0
+    encoding: str = "q8"
+    top_k: int = 5
+    memory_tokens: int = 3000
+    max_answer_tokens: int = 384
+    temperature: float = 0.0
+    chunk_tokens: int = 384
+    disk_budget_mb: int = 2048
+    promote_after: int = 3  # a plaintext cube retrieved this often is compiled back to KV
+    private_paths: list[str] = field(default_factory=list)
+    endpoint_url: str = ""  # OpenAI-compatible server for text mode ("" = local model)
+    endpoint_model: str = ""
+    endpoint_api_key_env: str = "OPENAI_API_KEY"
+    editor_command: str = ""  # e.g. "code -g {path}:{line}"; "" = the system opener
+    close_to_tray: bool = True
+    watcher_idle_unload_s: int = 300
+    repos: list[str] = field(default_factory=list)
+
+    def validate(self) -> Settings:
+        """Replace out-of-range values by defaults, so a hand-edited file never stops the app."""
+        d = Settings()
+        checks = {
+            "mode": self.mode in MODES, "placement": self.placement in PLACEMENTS,
+            "keep_policy": self.keep_policy in POLICIES, "encoding": self.encoding in ENCODINGS,
+            "keep_ratio": 0.05 <= self.keep_ratio <= 1.0, "top_k": 1 <= self.top_k <= 50,
+            "n_ctx": 512 <= self.n_ctx <= 262144, "memory_tokens": 0 <= self.memory_tokens <= 200_000,
+            "cache_type": self.cache_type in ("f16", "q8_0"),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                log.warning("setting %s=%r is invalid; using %r", name, getattr(self, name), getattr(d, name))
+                setattr(self, name, getattr(d, name))
+        return self
+
+
+def settings_path() -> Path:
+    return paths.home() / "settings.json"
+
+
+def load() -> Settings:
+    try:
+        raw = json.loads(settings_path().read_text())
+    except FileNotFoundError:
+        return Settings()
+    except (OSError, ValueError) as exc:
+        log.warning("settings file unreadable (%s); using defaults", exc)
+        return Settings()
+    known = {f.name for f in fields(Settings)}
+    s = Settings(**{k: v for k, v in raw.items() if k in known})
+    return s.validate()
+
+
+def save(s: Settings) -> None:
+    """Atomic write that keeps keys this version does not know."""
+    path = settings_path()
+    try:
+        existing = json.loads(path.read_text())
+    except (OSError, ValueError):
+        existing = {}
+    existing.update(asdict(s))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".settings", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(existing, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
