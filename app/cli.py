@@ -124,6 +124,75 @@ def models_path(name: str | None) -> None:
     click.echo(str(m.model_path(name)))
 
 
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--foreground", is_flag=True, help="Log to the terminal instead of the repository's watch.log.")
+@click.option("--no-catch-up", is_flag=True, help="Skip the start-up re-index (only changes from now on).")
+@click.option("--debounce", type=float, default=0.25, show_default=True, help="Quiet seconds before a batch.")
+@click.option("-v", "--verbose", is_flag=True)
+def watch(paths: tuple[str, ...], foreground: bool, no_catch_up: bool, debounce: float, verbose: bool) -> None:
+    """Keep the memory of PATH... current as files change (runs until Ctrl-C / SIGTERM)."""
+    from repomem.core.watch import run_watch, setup_logging
+
+    roots = [_repo_arg(p) for p in paths]
+    for r in roots:
+        if not r.is_dir():
+            raise RepomemError(f"not a folder: {r}")
+    setup_logging(roots, foreground=foreground, verbose=verbose)
+    if not foreground:
+        from repomem.core.watch_status import log_path
+
+        err.print(f"watching {', '.join(map(str, roots))}; log: {', '.join(str(log_path(r)) for r in roots)}",
+                  highlight=False)
+    run_watch(roots, catch_up=not no_catch_up, debounce_s=debounce)
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (keys: see watcher_status).")
+def status(path: str | None, as_json: bool) -> None:
+    """Whether a watcher keeps PATH current: pid, queue, current file, last update, errors."""
+    import time as _time
+
+    from repomem.core.watch_status import watcher_status
+
+    st = watcher_status(_repo_arg(path))
+    if as_json:
+        _print_json(st)
+        return
+
+    def ago(t: float | None) -> str:
+        return "never" if not t else f"{_time.strftime('%Y-%m-%d %H:%M:%S', _time.localtime(t))} " \
+                                     f"({_time.time() - t:,.0f}s ago)"
+
+    t = Table(show_header=False, box=None)
+    t.add_row("repository", st["root"])
+    t.add_row("watcher", f"[green]running[/] (pid {st['pid']})" if st["running"] else
+              ("[red]crashed[/] (no clean shutdown)" if st["state"] == "crashed" else "not running"))
+    t.add_row("state", st["state"])
+    if st["running"]:
+        t.add_row("queue", str(st["queue"]))
+        cur = st["current"] or "-"
+        if st.get("progress"):
+            p = st["progress"]
+            cur += f"  [{p['stage']} {p['done']}/{p['total']}]"
+        t.add_row("current", cur)
+        t.add_row("model", "loaded" if st["model_loaded"] else "released")
+    t.add_row("last update", ago(st["last_update"]))
+    t.add_row("last change", ago(st["last_change"]))
+    stats = st.get("stats") or {}
+    if stats:
+        t.add_row("synced", f"{stats.get('files', 0)} files in {stats.get('batches', 0)} batches, "
+                  f"{stats.get('changed', 0)} changed, {stats.get('removed', 0)} removed, "
+                  f"{stats.get('compiled', 0)} cubes compiled")
+    t.add_row("errors", str(st["error_count"]))
+    for e in st["errors"][-5:]:
+        t.add_row("", f"[red]{_time.strftime('%H:%M:%S', _time.localtime(e['time']))}[/] "
+                  f"{e['path'] + ': ' if e['path'] else ''}{e['message']}")
+    t.add_row("log", st["log"])
+    console.print(t)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 1, never a traceback."""
     try:
@@ -146,3 +215,18 @@ def main() -> None:
 
 def _repo_arg(path: str | None) -> Path:
     return Path(path or ".").expanduser().resolve()
+
+
+def _register() -> None:
+    """Import the modules that add commands to `cli` (kept apart so each stays small)."""
+    from repomem.app import cli_bench, cli_memory  # noqa: F401
+
+
+_register()
+
+if __name__ == "__main__":
+    # `python -m repomem.app.cli` runs this file as __main__; the command modules register on the
+    # canonical `repomem.app.cli`, so run that one.
+    from repomem.app.cli import main as _canonical_main
+
+    _canonical_main()

@@ -1,0 +1,3 @@
+from repomem.app.cli import main
+
+main()

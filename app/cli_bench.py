@@ -1,0 +1,55 @@
+"""`repomem bench ...`: print measured numbers (JSON or a table). Benchmarks, not tests."""
+
+from __future__ import annotations
+
+import click
+from repomem.app.cli import _print_json, cli, console
+from rich.table import Table
+
+
+def _show(data: dict, as_json: bool) -> None:
+    if as_json:
+        _print_json(data)
+        return
+    t = Table(show_header=False, box=None)
+    for k, v in data.items():
+        t.add_row(k, str(v))
+    console.print(t)
+
+
+@cli.group()
+def bench() -> None:
+    """Measure splice, time to first token, compile, watch and storage."""
+
+
+@bench.command("splice")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--fragments", default=64)
+@click.option("--cells", "cells_per_fragment", default=512)
+def bench_splice_cmd(as_json: bool, fragments: int, cells_per_fragment: int) -> None:
+    """Native splice vs. a plain numpy implementation of the same splice."""
+    from repomem.native.bench import bench_splice
+
+    _show(bench_splice(fragments=fragments, cells_per_fragment=cells_per_fragment), as_json)
+
+
+@bench.command("ttft")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--model", default=None)
+@click.option("--tokens", "memory_tokens", default=4096)
+def bench_ttft_cmd(as_json: bool, model: str | None, memory_tokens: int) -> None:
+    """Time to first token: spliced KV vs. prefilling the same text (default model)."""
+    from repomem.core.bench import bench_ttft
+
+    _show(bench_ttft(model, memory_tokens), as_json)
+
+
+@bench.command("compile")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--model", default=None)
+@click.option("--tokens", "memory_tokens", default=3000)
+def bench_compile_cmd(as_json: bool, model: str | None, memory_tokens: int) -> None:
+    """Compile tokens/s vs. raw prefill tokens/s, and payload bytes per token for each policy."""
+    from repomem.core.bench import bench_compile
+
+    _show(bench_compile(model, memory_tokens), as_json)

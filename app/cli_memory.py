@@ -1,0 +1,253 @@
+"""CLI commands over a repository's memory: index, cubes, ask, chat, eval."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import click
+from repomem.app.cli import _print_json, cli, console, err
+from repomem.core.errors import RepomemError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+
+def _open(path: str | None, model: str | None):
+    from repomem.core.memory import RepoMemory
+
+    root = Path(path or ".").expanduser().resolve()
+    if not root.exists():
+        raise RepomemError(f"repository not found: {root}")
+    return RepoMemory.open(root, model=model)
+
+
+def _progress_bar(enabled: bool):
+    """A rich progress bar on a terminal; nothing when piped or --json."""
+    if not enabled:
+        return None
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, transient=True)
+
+
+def _run_index(mem, *, compile: bool, show: bool):
+    bar = _progress_bar(show and err.is_terminal)
+    tasks: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if bar is None:
+            return
+        if stage not in tasks:
+            tasks[stage] = bar.add_task({"read": "reading files", "compile": "compiling KV"}.get(stage, stage),
+                                        total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    if bar is None:
+        return mem.index(compile=compile, progress=progress)
+    with bar:
+        return mem.index(compile=compile, progress=progress)
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--plaintext-only", is_flag=True, help="Make chunks searchable now; compile KV later.")
+@click.option("--explain", is_flag=True, help="List every skipped file with its reason.")
+@click.option("--model", default=None, help="Model name or GGUF path.")
+def index(path: str | None, as_json: bool, plaintext_only: bool, explain: bool, model: str | None) -> None:
+    """Index a repository: chunks become searchable cubes, then compiled KV memory."""
+    mem = _open(path, model)
+    try:
+        summary = _run_index(mem, compile=not plaintext_only, show=not as_json)
+        data = summary.as_dict()
+        data.pop("changed_paths", None)
+        if explain:
+            data["skips"] = mem.store.skips()
+        if as_json:
+            _print_json(data)
+            return
+        t = Table(show_header=False, box=None)
+        for k in ("files", "chunks", "compiled", "reused", "tokens", "kept_tokens", "payload_bytes", "seconds"):
+            t.add_row(k, f"{data[k]:,}" if isinstance(data[k], int) else str(data[k]))
+        t.add_row("skipped", ", ".join(f"{k}: {v}" for k, v in sorted(data["skipped"].items())) or "none")
+        console.print(t)
+        if explain:
+            st = Table("path", "reason", title="skipped files")
+            for p, r in data["skips"]:
+                st.add_row(p, r)
+            console.print(st)
+    finally:
+        mem.close()
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--path", "path_glob", default=None, help="Only cubes whose path matches this glob.")
+@click.option("--kind", type=click.Choice(["plaintext", "activation", "parameter"]), default=None)
+@click.option("--status", type=click.Choice(["active", "stale", "archived"]), default=None)
+def cubes(path: str | None, as_json: bool, path_glob: str | None, kind: str | None, status: str | None) -> None:
+    """List the MemCubes of a repository."""
+    from dataclasses import asdict
+
+    from repomem.core import paths
+    from repomem.core.store import CubeStore
+
+    root = Path(path or ".").expanduser().resolve()
+    store = CubeStore.open(paths.repo_dir(root))
+    try:
+        rows = store.cubes(path_glob=path_glob, kind=kind, status=status)
+        if as_json:
+            out = []
+            for c in rows:
+                d = asdict(c)
+                d.pop("text", None)
+                d["bytes_per_token"] = round(c.payload_bytes / c.tokens, 1) if c.payload_bytes and c.tokens else None
+                out.append(d)
+            _print_json(out)
+            return
+        t = Table("path", "lines", "symbol", "kind", "status", "v", "tokens", "kept", "bytes/token", "enc")
+        for c in rows:
+            bpt = f"{c.payload_bytes / c.tokens:,.0f}" if c.payload_bytes and c.tokens else ""
+            t.add_row(c.path, f"{c.start_line}-{c.end_line}", c.symbol or "", c.kind, c.status, str(c.version),
+                      str(c.tokens or ""), str(c.kept_tokens or ""), bpt, c.encoding or "")
+        console.print(t)
+        console.print(f"{len(rows)} cubes")
+    finally:
+        store.close()
+
+
+def _ensure_indexed(mem, show: bool) -> None:
+    if not mem.store.files():
+        if show:
+            err.print("[dim]repository not indexed yet: indexing (plaintext now, KV next)…[/]")
+        mem.index(compile=False)
+
+
+@cli.command()
+@click.argument("path")
+@click.argument("question")
+@click.option("--mode", type=click.Choice(["kv", "text", "none"]), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--model", default=None, help="Model name or GGUF path.")
+@click.option("--endpoint", default=None, help="OpenAI-compatible base URL for text mode (e.g. http://127.0.0.1:8080/v1).")
+def ask(path: str, question: str, mode: str | None, as_json: bool, model: str | None, endpoint: str | None) -> None:
+    """Ask one question about a repository."""
+    mem = _open(path, model)
+    try:
+        if not question.strip():
+            raise RepomemError("the question is empty")
+        _ensure_indexed(mem, not as_json)
+        if endpoint:
+            from repomem.core.remote import ask_remote
+
+            ans = ask_remote(mem, question, endpoint, on_text=None if as_json else _stream)
+        else:
+            ans = mem.ask(question, mode=mode, on_text=None if as_json else _stream)
+        if as_json:
+            _print_json(ans.as_dict())
+            return
+        click.echo()
+        _print_sources(ans)
+    finally:
+        mem.close()
+
+
+def _stream(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _print_sources(ans) -> None:
+    for w in ans.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    srcs = ", ".join(f"{s.path}:{s.start_line}-{s.end_line}" for s in ans.sources) or "none"
+    err.print(f"[dim]sources: {srcs} · {ans.mode} · first token {ans.ttft_s:.2f}s[/]")
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option("--mode", type=click.Choice(["kv", "text", "none"]), default=None)
+@click.option("--model", default=None, help="Model name or GGUF path.")
+def chat(path: str | None, mode: str | None, model: str | None) -> None:
+    """Terminal chat with streaming answers. Commands: /sources /new /history /quit."""
+    mem = _open(path, model)
+    try:
+        _ensure_indexed(mem, True)
+        pending = mem.store.compile_queue(mem.engine.info.sha256, limit=None)
+        if pending:
+            err.print(f"[dim]{len(pending)} memories not compiled to KV yet: compiling in the background[/]")
+            threading.Thread(target=lambda: mem.compile_pending(), daemon=True).start()
+        conv = mem.conversations.create("Terminal chat")
+        last = None
+        console.print(f"[bold]repomem[/] · {mem.root} · /sources /new /history /quit")
+        while True:
+            try:
+                q = console.input("[bold cyan]> [/]")
+            except EOFError:
+                break
+            q = q.strip()
+            if not q:
+                continue
+            if q in ("/quit", "/exit"):
+                break
+            if q == "/new":
+                conv = mem.conversations.create("Terminal chat")
+                console.print("[dim]new conversation[/]")
+                continue
+            if q == "/sources":
+                if last:
+                    for s in last.sources:
+                        console.print(f"  {s.path}:{s.start_line}-{s.end_line} {s.symbol or ''}")
+                continue
+            if q == "/history":
+                for c in mem.conversations.list()[:20]:
+                    console.print(f"  {c.id}  {c.title}")
+                continue
+            cancel = threading.Event()
+            try:
+                last = mem.ask(q, mode=mode, conversation_id=conv.id, on_text=_stream, cancel=cancel)
+            except KeyboardInterrupt:
+                cancel.set()
+                console.print("\n[dim]stopped[/]")
+                continue
+            click.echo()
+            _print_sources(last)
+    finally:
+        mem.close()
+
+
+@cli.command("eval")
+@click.argument("qa_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--repo-root", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--modes", default="kv,text,none")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--limit", type=int, default=None)
+@click.option("--k", "k", type=int, default=5, help="k for recall@k.")
+@click.option("--model", default=None)
+def eval_cmd(qa_file: str, repo_root: str, modes: str, out_path: str, limit: int | None, k: int,
+             model: str | None) -> None:
+    """Answer a QA set greedily in every mode; write records and print accuracy, recall@k, median TTFT."""
+    from repomem.core.evaluate import run_eval
+
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    bar = _progress_bar(err.is_terminal)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            if not bar.tasks:
+                bar.add_task("answering", total=total)
+            bar.update(bar.tasks[0].id, completed=done, total=total)
+
+    if bar is not None:
+        with bar:
+            report = run_eval(Path(qa_file), Path(repo_root), mode_list, Path(out_path), limit=limit, k=k,
+                              model=model, progress=progress)
+    else:
+        report = run_eval(Path(qa_file), Path(repo_root), mode_list, Path(out_path), limit=limit, k=k,
+                          model=model, progress=progress)
+    t = Table("mode", "accuracy", f"recall@{k}", "median TTFT s", "n")
+    for m, r in report["modes"].items():
+        t.add_row(m, f"{r['accuracy']:.3f}", f"{r['recall']:.3f}", f"{r['median_ttft_s']:.3f}", str(r["n"]))
+    console.print(t)
+    err.print(f"[dim]records written to {out_path}[/]")

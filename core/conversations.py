@@ -1,0 +1,111 @@
+"""Persistent chat sessions per repository (their own SQLite file beside the cube store).
+
+A conversation is a list of turns; each finished exchange is also written into the cube store as a
+plaintext `conversation` cube by `RepoMemory`, which is what makes "what did we decide last week?"
+retrievable from a later session.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlite_utils
+
+
+@dataclass
+class Message:
+    id: int
+    conversation_id: str
+    role: str  # "user" | "assistant"
+    content: str
+    created: float
+    meta: dict = field(default_factory=dict)  # sources, mode, ttft_s for assistant turns
+
+
+@dataclass
+class Conversation:
+    id: str
+    title: str
+    created: float
+    updated: float
+
+
+class ConversationStore:
+    def __init__(self, db_path: Path):
+        conn = sqlite3.connect(str(db_path), timeout=10, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        with self.db.conn:
+            self.db.execute("""CREATE TABLE IF NOT EXISTS conversations (
+                id TEXT PRIMARY KEY, title TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL)""")
+            self.db.execute("""CREATE TABLE IF NOT EXISTS messages (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL
+                    REFERENCES conversations(id) ON DELETE CASCADE,
+                role TEXT NOT NULL, content TEXT NOT NULL, created REAL NOT NULL, meta TEXT NOT NULL DEFAULT '{}')""")
+            self.db.execute("CREATE INDEX IF NOT EXISTS messages_conv ON messages(conversation_id, id)")
+
+    def list(self) -> list[Conversation]:
+        rows = self.db.execute("SELECT id, title, created, updated FROM conversations ORDER BY updated DESC")
+        return [Conversation(*r) for r in rows.fetchall()]
+
+    def create(self, title: str = "New conversation") -> Conversation:
+        now = time.time()
+        c = Conversation(uuid.uuid4().hex[:12], title, now, now)
+        with self.db.conn:
+            self.db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?)", (c.id, c.title, c.created, c.updated))
+        return c
+
+    def get(self, conversation_id: str) -> Conversation | None:
+        row = self.db.execute("SELECT id, title, created, updated FROM conversations WHERE id = ?",
+                              (conversation_id,)).fetchone()
+        return Conversation(*row) if row else None
+
+    def rename(self, conversation_id: str, title: str) -> None:
+        with self.db.conn:
+            self.db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
+
+    def delete(self, conversation_id: str) -> None:
+        with self.db.conn:
+            self.db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    def add(self, conversation_id: str, role: str, content: str, meta: dict | None = None) -> Message:
+        now = time.time()
+        with self.db.conn:
+            cur = self.db.execute(
+                "INSERT INTO messages (conversation_id, role, content, created, meta) VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, role, content, now, json.dumps(meta or {})))
+            self.db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
+        return Message(cur.lastrowid, conversation_id, role, content, now, meta or {})
+
+    def messages(self, conversation_id: str) -> list[Message]:
+        rows = self.db.execute("SELECT id, conversation_id, role, content, created, meta FROM messages "
+                               "WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
+        return [Message(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    def exchanges(self, conversation_id: str) -> list[tuple[str, str]]:
+        """(question, answer) pairs in order, for multi-turn prompts."""
+        out, question = [], None
+        for m in self.messages(conversation_id):
+            if m.role == "user":
+                question = m.content
+            elif m.role == "assistant" and question is not None:
+                out.append((question, m.content))
+                question = None
+        return out
+
+    def delete_last_exchange(self, conversation_id: str) -> None:
+        """Drop the last answer and its question (for "regenerate")."""
+        msgs = self.messages(conversation_id)
+        drop = [m.id for m in msgs[-2:] if m.role in ("user", "assistant")]
+        with self.db.conn:
+            self.db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in drop])
+
+    def close(self) -> None:
+        self.db.conn.close()

@@ -1,0 +1,85 @@
+"""`repomem eval`: answer a QA set in several modes and score it (accuracy, recall@k, TTFT)."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from .engine import SamplingParams
+
+
+def accepted(answer: str, accept: list[str]) -> bool:
+    """Right when any accept string is contained, case-insensitively; alphanumeric ends sit at word boundaries."""
+    low = answer.lower()
+    for a in accept:
+        a = a.lower()
+        pat = re.escape(a)
+        if a[:1].isalnum():
+            pat = r"(?<![A-Za-z0-9])" + pat
+        if a[-1:].isalnum():
+            pat = pat + r"(?![A-Za-z0-9])"
+        if re.search(pat, low):
+            return True
+    return False
+
+
+def hit(sources: list[dict], row: dict) -> bool:
+    """A retrieved source is a hit when its path matches the gold path and the line spans overlap."""
+    return any(s["path"] == row["path"] and s["start_line"] <= row["end_line"] and s["end_line"] >= row["start_line"]
+               for s in sources)
+
+
+def load_rows(path: Path, limit: int | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, limit: int | None = None, k: int = 5,
+             model: str | None = None, progress: Callable[[int, int], None] | None = None,
+             settings_overrides: dict | None = None) -> dict:
+    from . import settings as settings_mod
+    from .memory import RepoMemory
+
+    rows = load_rows(qa_file, limit)
+    records: list[dict] = []
+    mems: dict[str, RepoMemory] = {}
+    total, done = len(rows) * len(modes), 0
+    try:
+        for row in rows:
+            mem = mems.get(row["repo"])
+            if mem is None:
+                s = settings_mod.load()
+                for key, value in (settings_overrides or {}).items():
+                    setattr(s, key, value)
+                mem = RepoMemory.open(repo_root / row["repo"], settings=s, model=model)
+                mem.index(compile="kv" in modes)
+                mems[row["repo"]] = mem
+            retrieved = [{"path": c.path, "start_line": c.start_line, "end_line": c.end_line}
+                         for c in mem.search(row["question"], k=k)]
+            for mode in modes:
+                ans = mem.ask(row["question"], mode=mode, record=False,
+                              sampling=SamplingParams(temperature=0.0, max_tokens=mem.settings.max_answer_tokens))
+                records.append({"id": row["id"], "mode": mode, "answer": ans.answer, "ttft_s": ans.ttft_s,
+                                "total_s": ans.total_s, "memory_tokens": ans.memory_tokens,
+                                "sources": [s.as_dict() for s in ans.sources],
+                                "correct": accepted(ans.answer, row["accept"]), "retrieval_hit": hit(retrieved, row)})
+                done += 1
+                if progress:
+                    progress(done, total)
+    finally:
+        for mem in mems.values():
+            mem.close()
+    report: dict = {"k": k, "n_rows": len(rows), "modes": {}}
+    for mode in modes:
+        rs = [r for r in records if r["mode"] == mode]
+        report["modes"][mode] = {
+            "n": len(rs),
+            "accuracy": sum(r["correct"] for r in rs) / max(1, len(rs)),
+            "recall": sum(r["retrieval_hit"] for r in rs) / max(1, len(rs)),
+            "median_ttft_s": statistics.median([r["ttft_s"] for r in rs]) if rs else 0.0,
+        }
+    out.write_text(json.dumps({"report": report, "records": records}, indent=1))
+    return report

@@ -1,0 +1,484 @@
+"""RepoMemory: one repository's memory, the facade the CLI, the GUI and the watcher share.
+
+files -> chunks -> cubes (store) -> retrieval -> spliced context -> answer. Indexing makes every
+chunk searchable as a plaintext cube at once (no model run); compilation to KV follows, hottest
+first, and can stop and resume at any cube. Asking retrieves cubes with BM25 and either splices
+their compiled KV (`kv`), reads their text (`text`, also the path for remote endpoints), or uses
+no memory (`none`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import engine_pool, paths
+from . import settings as settings_mod
+from .chunking import chunk_text
+from .compiler import CompileOptions, Compiler
+from .conversations import ConversationStore
+from .engine import Context, Engine, SamplingParams
+from .errors import CancelledError, ContextOverflowError, RepomemError, StoreError
+from .models import resolve_model
+from .prompt import Layout, make_layout, memory_text
+from .retrieval import BM25Index
+from .store import Cube, CubeStore
+from .walk import IgnoreRules, RepoFile, load_file, walk_repo
+
+log = logging.getLogger(__name__)
+_PAST = re.compile(r"\b(we|us|our|decid\w*|agree\w*|discuss\w*|earlier|before|last (time|week|month)|yesterday|"
+                   r"today|changed?|changes|recent\w*|said|conversation|remember)\b", re.IGNORECASE)
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class Source:
+    path: str
+    start_line: int
+    end_line: int
+    symbol: str | None
+    cube_id: str
+    kind: str = "plaintext"
+    source: str = "code"
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "start_line": self.start_line, "end_line": self.end_line,
+                "symbol": self.symbol, "cube_id": self.cube_id}
+
+
+@dataclass
+class Answer:
+    answer: str
+    mode: str
+    ttft_s: float
+    total_s: float
+    memory_tokens: int
+    sources: list[Source]
+    spliced: int = 0
+    as_text: int = 0
+    conversation_id: str | None = None
+    stop_reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"answer": self.answer, "mode": self.mode, "ttft_s": round(self.ttft_s, 4),
+                "total_s": round(self.total_s, 4), "memory_tokens": self.memory_tokens,
+                "sources": [s.as_dict() for s in self.sources], "spliced": self.spliced,
+                "as_text": self.as_text, "conversation_id": self.conversation_id,
+                "stop_reason": self.stop_reason, "warnings": self.warnings}
+
+
+@dataclass
+class IndexSummary:
+    files: int = 0
+    chunks: int = 0
+    compiled: int = 0
+    reused: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    kept_tokens: int = 0
+    payload_bytes: int = 0
+    seconds: float = 0.0
+    changed_paths: list[str] = field(default_factory=list)
+    removed_paths: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class RepoMemory:
+    """Everything repomem knows about one repository. One instance per process and repository."""
+
+    def __init__(self, root: Path, store: CubeStore, settings: settings_mod.Settings,
+                 model: str | None = None):
+        self.root = root
+        self.store = store
+        self.settings = settings
+        self.model_choice = model or settings.model or None
+        self.conversations = ConversationStore(paths.repo_dir(root) / "conversations.db")
+        self.index_ = BM25Index()
+        self._lock = threading.RLock()  # one model operation at a time per repository
+        self._engine: Engine | None = None
+        self._compiler: Compiler | None = None
+        self._answer_ctx: Context | None = None
+        self._layout: Layout | None = None
+        self._prefix_blob: bytes | None = None
+        self._rules: IgnoreRules | None = None
+        for cube in store.cubes(status="active"):
+            self._index_cube(cube)
+
+    @classmethod
+    def open(cls, root: str | Path, settings: settings_mod.Settings | None = None,
+             model: str | None = None) -> RepoMemory:
+        root = Path(root).expanduser().resolve()
+        if not root.is_dir():
+            raise RepomemError(f"not a folder: {root}")
+        store = CubeStore.open(paths.repo_dir(root))
+        return cls(root, store, settings or settings_mod.load(), model)
+
+    # -- model ----------------------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            path = resolve_model(self.model_choice)
+            self._engine = engine_pool.acquire(path, None if self.settings.n_gpu_layers < 0
+                                               else self.settings.n_gpu_layers)
+            fp = self._engine.info.sha256
+            stale = self.store.mark_stale_for_model(fp)
+            if stale:
+                log.info("%d compiled cubes belong to another model: marked stale", stale)
+        return self._engine
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = make_layout(self.engine)
+        return self._layout
+
+    def release_model(self) -> None:
+        """Free contexts and let the shared engine go (the watcher does this when idle)."""
+        with self._lock:
+            if self._compiler:
+                self._compiler.close()
+                self._compiler = None
+            if self._answer_ctx:
+                self._answer_ctx.close()
+                self._answer_ctx = None
+            self._prefix_blob = None
+            if self._engine is not None:
+                engine_pool.release(self._engine)
+                self._engine = None
+
+    def close(self) -> None:
+        self.release_model()
+        self.conversations.close()
+        self.store.close()
+
+    def compile_options(self) -> CompileOptions:
+        s = self.settings
+        return CompileOptions(policy=s.keep_policy, keep_ratio=s.keep_ratio, drop_sinks=s.drop_sinks,
+                              encoding=s.encoding, n_threads=s.n_threads or None)
+
+    # -- indexing -------------------------------------------------------------------------------
+    def _index_cube(self, cube: Cube) -> None:
+        if cube.id in self.index_:
+            self.index_.remove(cube.id)
+        self.index_.add(cube.id, cube.text, cube.path, cube.symbol or "",
+                        start_line=cube.start_line, end_line=cube.end_line)
+
+    def _unindex(self, cube_id: str) -> None:
+        if cube_id in self.index_:
+            self.index_.remove(cube_id)
+
+    def _visibility(self, rel: str) -> str:
+        return "local" if any(fnmatch.fnmatch(rel, pat) for pat in self.settings.private_paths) else "shared"
+
+    def _file_sha(self, rel: str) -> str | None:
+        rec = self.store.get_file(rel)
+        return rec.sha256 if rec else None
+
+    def _ingest(self, rel: str, text: str, language: str | None, file_sha: str, summary: IndexSummary,
+                record_change: bool) -> None:
+        old = {c.id: c for c in self.store.cubes(path_glob=rel, source="code") if c.path == rel}
+        chunks = chunk_text(rel, text, language, max_tokens=self.settings.chunk_tokens)
+        res = self.store.upsert_chunks(rel, chunks, repo=str(self.root), file_sha=file_sha,
+                                       visibility=self._visibility(rel))
+        summary.chunks += len(chunks)
+        for cid in (*res.created, *res.updated):
+            cube = self.store.get(cid)
+            if cube:
+                self._index_cube(cube)
+        for cid in res.removed:
+            self._unindex(cid)
+        if res.created or res.updated or res.removed:
+            summary.changed_paths.append(rel)
+            if record_change and old:
+                self._record_change(rel, old, res)
+
+    def _record_change(self, rel: str, old: dict[str, Cube], res) -> None:
+        """A plaintext change cube: which symbols changed and a short unified diff."""
+        lines, symbols = [], []
+        for cid in (*res.updated, *res.created, *res.removed):
+            before = old.get(cid)
+            after = self.store.get(cid)
+            sym = (after or before).symbol if (after or before) else None
+            symbols.append(sym or "(module)")
+            a = before.text.splitlines() if before else []
+            b = after.text.splitlines() if (after and cid not in res.removed) else []
+            diff = list(difflib.unified_diff(a, b, lineterm="", n=1))[2:40]
+            lines += diff
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+        text = (f"Change to {rel} at {when}: modified {', '.join(sorted(set(symbols)))}.\n"
+                + "\n".join(lines)[:3000])
+        cube = self.store.add_note_cube(text, source="change", path=f"change:{rel}",
+                                        symbol=", ".join(sorted(set(symbols)))[:200], repo=str(self.root))
+        self._index_cube(cube)
+
+    def index(self, *, compile: bool = True, progress: Progress | None = None,
+              cancel: threading.Event | None = None) -> IndexSummary:
+        """Walk the repository, refresh plaintext cubes of changed files, then compile what is pending."""
+        t0 = time.perf_counter()
+        summary = IndexSummary()
+        with self._lock:
+            result = walk_repo(self.root, extra_ignores=())
+            summary.skipped = result.counts_by_reason()
+            self.store.set_skips(result.skipped)
+            seen = set()
+            total = len(result.files)
+            for i, f in enumerate(result.files):
+                if cancel is not None and cancel.is_set():
+                    raise CancelledError("indexing cancelled")
+                seen.add(f.rel)
+                summary.files += 1
+                if self._file_sha(f.rel) == f.sha256:
+                    summary.reused += 1
+                    continue
+                self._ingest(f.rel, f.text, f.language, f.sha256, summary, record_change=False)
+                if progress:
+                    progress("read", i + 1, total)
+            for rel in list(self.store.files()):
+                if rel not in seen:
+                    for cid in self.store.remove_file(rel):
+                        self._unindex(cid)
+                    summary.removed_paths.append(rel)
+        if compile:
+            self._compile_into(summary, progress=progress, cancel=cancel)
+        summary.seconds = round(time.perf_counter() - t0, 3)
+        return summary
+
+    def sync_paths(self, rel_paths: Iterable[str], *, compile: bool = True,
+                   cancel: threading.Event | None = None, progress: Progress | None = None) -> IndexSummary:
+        """Re-read exactly these files (changed, created or deleted), as the watcher reports them."""
+        t0 = time.perf_counter()
+        summary = IndexSummary()
+        with self._lock:
+            if self._rules is None:
+                self._rules = IgnoreRules(self.root)
+            for rel in dict.fromkeys(rel_paths):
+                if cancel is not None and cancel.is_set():
+                    break
+                got = load_file(self.root, rel, rules=self._rules)
+                if not isinstance(got, RepoFile):
+                    # Deleted, now ignored, or no longer text: its cubes leave the memory.
+                    removed = self.store.remove_file(rel)
+                    for cid in removed:
+                        self._unindex(cid)
+                    if removed:
+                        summary.removed_paths.append(rel)
+                    if (self.root / rel).exists():
+                        summary.skipped[got.reason] = summary.skipped.get(got.reason, 0) + 1
+                    continue
+                summary.files += 1
+                if self._file_sha(rel) == got.sha256:
+                    continue
+                self._ingest(rel, got.text, got.language, got.sha256, summary, record_change=True)
+        if compile and summary.changed_paths:
+            self._compile_into(summary, progress=progress, cancel=cancel)
+        summary.seconds = round(time.perf_counter() - t0, 3)
+        return summary
+
+    def reload_ignores(self) -> None:
+        self._rules = None
+
+    def compile_pending(self, *, limit: int | None = None, progress: Progress | None = None,
+                        cancel: threading.Event | None = None) -> int:
+        summary = IndexSummary()
+        self._compile_into(summary, limit=limit, progress=progress, cancel=cancel)
+        return summary.compiled
+
+    def _compiler_for(self) -> Compiler:
+        if self._compiler is None:
+            self._compiler = Compiler(self.engine, self.layout, self.compile_options())
+        return self._compiler
+
+    def _compile_into(self, summary: IndexSummary, *, limit: int | None = None, progress: Progress | None = None,
+                      cancel: threading.Event | None = None) -> None:
+        with self._lock:
+            fp = self.engine.info.sha256
+            queue = self.store.compile_queue(fp, limit=limit or 1_000_000)
+            compiler = self._compiler_for()
+            for i, cube in enumerate(queue):
+                if cancel is not None and cancel.is_set():
+                    break
+                piece = compiler.compile_text(memory_text(cube.path, cube.start_line, cube.end_line,
+                                                          cube.symbol, cube.text), cancel=cancel)
+                rel, sha, nbytes = self.store.write_payload(piece.payload)
+                if self.store.attach_payload(cube.id, cube.content_hash, rel, sha, nbytes, tokens=piece.tokens,
+                                             kept_tokens=piece.kept, fingerprint=fp,
+                                             encoding=compiler.options.encoding):
+                    summary.compiled += 1
+                    summary.tokens += piece.tokens
+                    summary.kept_tokens += piece.kept
+                    summary.payload_bytes += nbytes
+                if progress:
+                    progress("compile", i + 1, len(queue))
+            budget = self.settings.disk_budget_mb * 1024 * 1024
+            for cid in self.store.enforce_budget(budget):
+                log.info("archived %s to stay within the disk budget", cid)
+
+    # -- asking ---------------------------------------------------------------------------------
+    def search(self, query: str, k: int = 5, *, allow_local: bool = True) -> list[Cube]:
+        """Top-k active cubes. Conversation and change notes rank below code unless the question asks
+        about the past ("what did we decide", "what changed"): an old answer, right or wrong, should not
+        crowd out the code it was about."""
+        hits = self.index_.search(query, k=k * 3 + 6)
+        about_past = bool(_PAST.search(query))
+        scored: list[tuple[float, Cube]] = []
+        for h in hits:
+            cube = self.store.get(h.doc_id)
+            if cube is None or cube.status != "active":
+                continue
+            if not allow_local and cube.visibility == "local":
+                continue
+            weight = 1.0 if cube.source == "code" or about_past else 0.5
+            scored.append((h.score * weight, cube))
+        scored.sort(key=lambda sc: -sc[0])
+        return [c for _, c in scored[:k]]
+
+    def _answer_context(self, need: int) -> Context:
+        """A context just big enough: llama.cpp's per-token cost grows with the cache size, not its use."""
+        size = min(self.settings.n_ctx, max(2048, -(-need // 1024) * 1024))
+        if self._answer_ctx is not None and self._answer_ctx.n_ctx != size:
+            self._answer_ctx.close()
+            self._answer_ctx = None
+        if self._answer_ctx is None:
+            self._answer_ctx = self.engine.new_context(n_ctx=size, n_threads=self.settings.n_threads or None,
+                                                       flash_attn=False)
+        return self._answer_ctx
+
+    def _prefix_state(self, ctx: Context) -> tuple[bytes, int]:
+        if self._prefix_blob is None:
+            ctx.clear()
+            toks = self.engine.tokenize(self.layout.prefix)
+            ctx.decode(toks, start_pos=0, logits="none")
+            self._prefix_blob = ctx.state_get()
+            self._prefix_len = len(toks)
+        return self._prefix_blob, self._prefix_len
+
+    def _load_payload(self, cube: Cube, warnings: list[str]) -> bytes | None:
+        from repomem import native
+
+        try:
+            buf = self.store.read_payload(cube)
+            native.payload_info(buf, verify=True)
+            return buf
+        except (StoreError, ValueError) as exc:
+            warnings.append(f"{cube.path}:{cube.start_line}: compiled memory unusable ({exc}); used its text "
+                            "and queued a recompile")
+            # Drop the payload and let the cube back into the compile queue at once.
+            self.store.archive(cube.id, reason=f"unusable payload: {exc}")
+            self.store.promote(cube.id)
+            return None
+
+    def ask(self, question: str, *, mode: str | None = None, conversation_id: str | None = None,
+            on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
+            record: bool = True, sampling: SamplingParams | None = None) -> Answer:
+        question = question.strip()
+        if not question:
+            raise RepomemError("the question is empty")
+        mode = mode or self.settings.mode
+        if mode not in settings_mod.MODES:
+            raise RepomemError(f"unknown mode {mode!r}; use kv, text or none")
+        s = self.settings
+        with self._lock:
+            engine = self.engine
+            history = self.conversations.exchanges(conversation_id)[-3:] if conversation_id else []
+            q_tokens = engine.tokenize(self.layout.question_text(question, history))
+            n_prefix = len(engine.tokenize(self.layout.prefix))
+            room = s.n_ctx - n_prefix - len(q_tokens) - s.max_answer_tokens
+            if room < 0:
+                raise ContextOverflowError(
+                    f"the question needs {len(q_tokens):,} tokens and the context holds {s.n_ctx:,}; "
+                    "shorten it or raise the context size")
+            cubes = self.search(question, k=s.top_k) if mode != "none" else []
+            budget = min(s.memory_tokens, room)
+            chosen: list[tuple[Cube, str, int]] = []
+            used = 0
+            for cube in cubes:
+                text = memory_text(cube.path, cube.start_line, cube.end_line, cube.symbol, cube.text)
+                n = cube.tokens or len(engine.tokenize(text))
+                if used + n > budget:
+                    continue
+                chosen.append((cube, text, n))
+                used += n
+            self.store.touch([c.id for c, _, _ in chosen])
+            ctx = self._answer_context(n_prefix + used + len(q_tokens) + s.max_answer_tokens)
+            warnings: list[str] = []
+            spliced = 0
+            text_parts: list[str] = []
+            ctx.clear()
+            if mode == "kv":
+                from repomem import native
+
+                prefix_blob, P = self._prefix_state(ctx)
+                payloads = []
+                for cube, text, _ in chosen:
+                    buf = None
+                    if cube.kind == "activation" and cube.model_fingerprint == engine.info.sha256:
+                        buf = self._load_payload(cube, warnings)
+                    if buf is None:
+                        text_parts.append(text)
+                    else:
+                        payloads.append(buf)
+                spliced = len(payloads)
+                t_splice = time.perf_counter()
+                # Each payload was checksummed by _load_payload; the splice need not read them twice.
+                blob, next_pos = native.splice(
+                    prefix_blob, payloads, mode=s.placement, key_scale=s.key_scale, drop_first=0,
+                    rope_base=engine.info.rope_base, rope_dims=engine.info.rope_dims,
+                    head_dim=engine.info.head_dim, rope_neox=engine.info.rope_neox, v_trans=ctx.v_trans,
+                    fingerprint=engine.info.fingerprint, verify=False)
+                ctx.state_set(blob)
+                splice_s = time.perf_counter() - t_splice
+                prompt = engine.tokenize("".join(text_parts)) + q_tokens if text_parts else q_tokens
+                start = next_pos
+            else:
+                splice_s = 0.0
+                text_parts = [t for _, t, _ in chosen]
+                prompt = engine.tokenize(self.layout.prefix + "".join(text_parts)) + q_tokens
+                start = 0
+            params = sampling or SamplingParams(temperature=s.temperature, max_tokens=s.max_answer_tokens)
+            gen = ctx.generate(prompt, start_pos=start, params=params, on_text=on_text, cancel=cancel)
+            sources = [Source(c.path, c.start_line, c.end_line, c.symbol, c.id, c.kind, c.source)
+                       for c, _, _ in chosen]
+            ans = Answer(answer=gen.text.strip(), mode=mode, ttft_s=gen.ttft_s + splice_s,
+                         total_s=gen.total_s + splice_s, memory_tokens=used, sources=sources, spliced=spliced,
+                         as_text=len(text_parts), conversation_id=conversation_id, stop_reason=gen.stop_reason,
+                         warnings=warnings)
+            if mode == "kv" and text_parts and spliced:
+                ans.warnings.append(f"{len(text_parts)} of {len(chosen)} memories are not compiled yet: "
+                                    "placed as text (mixed)")
+            if record and gen.stop_reason != "cancelled":
+                self._remember_exchange(question, ans)
+            self._promote_hot()
+            return ans
+
+    def _remember_exchange(self, question: str, ans: Answer) -> None:
+        """Conversation memory: the exchange becomes a plaintext cube a later session can retrieve."""
+        if ans.conversation_id is None:
+            ans.conversation_id = self.conversations.create(question[:60]).id
+        cid = ans.conversation_id
+        self.conversations.add(cid, "user", question)
+        self.conversations.add(cid, "assistant", ans.answer,
+                               {"sources": [s.as_dict() for s in ans.sources], "mode": ans.mode,
+                                "ttft_s": ans.ttft_s})
+        files = sorted({s.path for s in ans.sources if s.source == "code"})
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+        text = f"Conversation on {when}.\nQuestion: {question}\nAnswer: {ans.answer}\n"
+        if files:
+            text += "Files: " + ", ".join(files) + "\n"
+        cube = self.store.add_note_cube(text, source="conversation", path=f"conversation:{cid}",
+                                        symbol=question[:80], repo=str(self.root))
+        self._index_cube(cube)
+
+    def _promote_hot(self) -> None:
+        """MemOS lifecycle: plaintext memories recalled often are queued for compilation (hot -> KV)."""
+        for cube in self.store.promote_candidates(self.settings.promote_after):
+            self.store.promote(cube.id)

@@ -1,0 +1,59 @@
+"""The prompt layout shared by compile time and question time.
+
+KV mode and text mode see the same token stream: prefix, memory pieces, then the question turn.
+Only where the memory comes from differs (spliced KV vs. decoded text), which keeps the two modes
+comparable and lets a compiled payload stand in exactly for its text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .engine import Engine
+
+SYSTEM = (
+    "You are repomem, an assistant that answers questions about a code repository. "
+    "Excerpts of the repository and of earlier conversations follow, each starting with its file path "
+    "and lines. Answer from them, quote exact names and values, and name the file you used."
+)
+_MEM = "@@REPOMEM_MEMORY@@"
+_Q = "@@REPOMEM_QUESTION@@"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Chat-template pieces around the memory and the question, rendered by the model's own template."""
+
+    prefix: str  # everything before the memory (system turn opening + instructions)
+    between: str  # closes the system turn and opens the user turn
+    suffix: str  # closes the user turn and opens the assistant turn
+    turn_sep: str  # closes an assistant turn and opens the next user turn
+
+    def question_text(self, question: str, history: Sequence[tuple[str, str]] = ()) -> str:
+        """The text decoded after the memory: prior turns of this conversation, then the question."""
+        if not history:
+            return self.between + question + self.suffix
+        parts = [self.between + history[0][0] + self.suffix + history[0][1]]
+        for q, a in history[1:]:
+            parts.append(self.turn_sep + q + self.suffix + a)
+        parts.append(self.turn_sep + question + self.suffix)
+        return "".join(parts)
+
+
+def make_layout(engine: Engine) -> Layout:
+    """The prefix is the same for every repository, so one compiled payload fits any question."""
+    system = SYSTEM + "\n\n" + _MEM
+    rendered = engine.apply_chat([{"role": "system", "content": system}, {"role": "user", "content": _Q}])
+    i, j = rendered.index(_MEM), rendered.index(_Q)
+    two = engine.apply_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+                             {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}])
+    turn_sep = two[two.index("A1") + 2: two.index("U2")]
+    return Layout(prefix=rendered[:i], between=rendered[i + len(_MEM): j], suffix=rendered[j + len(_Q):],
+                  turn_sep=turn_sep)
+
+
+def memory_text(path: str, start_line: int, end_line: int, symbol: str | None, text: str) -> str:
+    """How one memory piece reads to the model, in KV and text mode alike."""
+    head = f"# {path}:{start_line}-{end_line}" + (f" ({symbol})" if symbol else "")
+    return f"{head}\n{text.rstrip()}\n\n"
