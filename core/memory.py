@@ -111,8 +111,9 @@ class RepoMemory:
         self._layout: Layout | None = None
         self._prefix_blob: bytes | None = None
         self._rules: IgnoreRules | None = None
-        for cube in store.cubes(status="active"):
-            self._index_cube(cube)
+        for cube in store.cubes():
+            if cube.status != "archived":
+                self._index_cube(cube)
 
     @classmethod
     def open(cls, root: str | Path, settings: settings_mod.Settings | None = None,
@@ -186,7 +187,7 @@ class RepoMemory:
 
     def _ingest(self, rel: str, text: str, language: str | None, file_sha: str, summary: IndexSummary,
                 record_change: bool) -> None:
-        old = {c.id: c for c in self.store.cubes(path_glob=rel, source="code") if c.path == rel}
+        old = {c.id: c for c in self.store.cubes(path=rel, source="code")}
         chunks = chunk_text(rel, text, language, max_tokens=self.settings.chunk_tokens)
         res = self.store.upsert_chunks(rel, chunks, repo=str(self.root), file_sha=file_sha,
                                        visibility=self._visibility(rel))
@@ -333,7 +334,7 @@ class RepoMemory:
         scored: list[tuple[float, Cube]] = []
         for h in hits:
             cube = self.store.get(h.doc_id)
-            if cube is None or cube.status != "active":
+            if cube is None or cube.status == "archived":
                 continue
             if not allow_local and cube.visibility == "local":
                 continue
@@ -452,7 +453,7 @@ class RepoMemory:
                          total_s=gen.total_s + splice_s, memory_tokens=used, sources=sources, spliced=spliced,
                          as_text=len(text_parts), conversation_id=conversation_id, stop_reason=gen.stop_reason,
                          warnings=warnings)
-            if mode == "kv" and text_parts and spliced:
+            if mode == "kv" and text_parts:
                 ans.warnings.append(f"{len(text_parts)} of {len(chosen)} memories are not compiled yet: "
                                     "placed as text (mixed)")
             if record and gen.stop_reason != "cancelled":

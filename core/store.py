@@ -1,0 +1,1270 @@
+"""The MemCube store of one repository: SQLite rows (what each memory is) + payload files (its KV).
+
+Why this shape (MemOS): every memory is a *cube* with a type (`plaintext` text only,
+`activation` text plus a compiled KV payload, `parameter` reserved), provenance (`source`:
+code / conversation / change), lifecycle (`status`: active / stale / archived), usage (access
+counts, last access, importance, pinned) and a version history. Payloads live outside the
+database as content-addressed files so the database stays small and a payload is written once.
+
+Crash safety: every change is one short SQLite transaction (WAL); a payload file is complete
+(temp file, fsync, rename, directory fsync) before any row points at it. `kill -9` at any moment
+leaves a store that opens, where no cube points at a missing payload; orphan and temp files are
+removed by `gc_payloads()`.
+
+Concurrency: one database per repository may be opened by several processes (watcher, CLI,
+GUI). `busy_timeout` is 5 s and writes start with `BEGIN IMMEDIATE` and are retried when the
+database stays locked. One `CubeStore` object is safe to share between threads.
+
+Identity: a code cube's id is derived from (repo, path, symbol, chunk kind, ordinal), so
+re-indexing the same definition updates the same cube (and bumps its version) instead of making
+a new one; a definition that comes back after being removed reactivates its old cube.
+
+Lifecycle words used in `history.event`: created, updated (text changed: version+1, payload
+dropped), moved (same text, new lines), removed (gone from its file: status archived), reactivated,
+compiled (payload attached), archived (payload dropped for the budget; text stays retrievable),
+promoted (an archived cube may be compiled again), stale / fresh (payload belongs to another
+model / to the current one again), demoted (payload file missing or corrupt), pinned, unpinned,
+forgotten (row deleted by the user), note (a conversation/change note was added).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+from repomem.core.errors import StoreError
+
+DB_NAME = "cubes.db"
+PAYLOAD_DIR = "payloads"
+PAYLOAD_SUFFIX = ".kv"
+TEMP_SUFFIX = ".tmp"
+BUSY_TIMEOUT_MS = 5000
+LOCK_RETRIES = 8
+# A payload file is only garbage once it is older than this: a compiler in another process may
+# have written it and not attached it yet.
+GC_GRACE_S = 600.0
+# compile_queue: a cube edited within this many seconds counts as hot.
+RECENT_EDIT_S = 3600.0
+
+CUBE_KINDS = ("plaintext", "activation", "parameter")
+SOURCES = ("code", "conversation", "change")
+VISIBILITIES = ("shared", "local")
+STATUSES = ("active", "stale", "archived")
+
+T = TypeVar("T")
+
+
+class PayloadMissing(StoreError):
+    """A cube's payload file is gone."""
+
+
+class PayloadCorrupt(StoreError):
+    """A cube's payload file has the wrong size or checksum."""
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cube:
+    """One memory: a row of `cubes`. Times are Unix seconds (float)."""
+
+    id: str
+    kind: str = "plaintext"
+    repo: str = ""
+    path: str = ""
+    symbol: str | None = None
+    language: str | None = None
+    chunk_kind: str | None = None
+    start_line: int = 1
+    end_line: int = 1
+    text: str = ""
+    content_hash: str = ""
+    version: int = 1
+    created: float = 0.0
+    updated: float = 0.0
+    last_access: float | None = None
+    access_count: int = 0
+    importance: float = 0.5
+    pinned: bool = False
+    owner: str | None = None
+    source: str = "code"
+    visibility: str = "shared"
+    status: str = "active"
+    model_fingerprint: str | None = None
+    payload_path: str | None = None
+    payload_bytes: int | None = None
+    payload_sha256: str | None = None
+    encoding: str | None = None
+    tokens: int | None = None
+    kept_tokens: int | None = None
+    archived_at: float | None = None
+
+    @property
+    def has_payload(self) -> bool:
+        return self.kind == "activation" and self.payload_path is not None
+
+    @property
+    def location(self) -> str:
+        """`path:start-end`, the way answers cite memory."""
+        return f"{self.path}:{self.start_line}-{self.end_line}"
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Cube:
+        data = {f.name: row[f.name] for f in fields(cls) if f.name in row}
+        data["pinned"] = bool(data.get("pinned"))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    id: int
+    cube_id: str
+    version: int | None
+    event: str
+    at: float
+    detail: dict[str, Any]
+    content_hash: str | None
+    start_line: int | None
+    end_line: int | None
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    sha256: str
+    mtime: float | None
+    size: int | None
+    indexed_at: float
+
+
+@dataclass
+class UpsertResult:
+    """What one file's re-index did, by cube id. `moved`: same text at new lines (payload kept)."""
+
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    reactivated: list[str] = field(default_factory=list)
+
+    @property
+    def needs_compile(self) -> list[str]:
+        """Cubes whose text is new or changed."""
+        return self.created + self.updated + self.reactivated
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+def _m1_initial(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+    conn.execute(
+        """
+        CREATE TABLE cubes (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL DEFAULT 'plaintext',
+            repo TEXT NOT NULL DEFAULT '',
+            path TEXT NOT NULL,
+            symbol TEXT,
+            language TEXT,
+            chunk_kind TEXT,
+            start_line INTEGER NOT NULL DEFAULT 1,
+            end_line INTEGER NOT NULL DEFAULT 1,
+            text TEXT NOT NULL,
+            content_hash TEXT NOT NULL,
+            version INTEGER NOT NULL DEFAULT 1,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            last_access REAL,
+            access_count INTEGER NOT NULL DEFAULT 0,
+            importance REAL NOT NULL DEFAULT 0.5,
+            pinned INTEGER NOT NULL DEFAULT 0,
+            owner TEXT,
+            source TEXT NOT NULL DEFAULT 'code',
+            visibility TEXT NOT NULL DEFAULT 'shared',
+            status TEXT NOT NULL DEFAULT 'active',
+            model_fingerprint TEXT,
+            payload_path TEXT,
+            payload_bytes INTEGER,
+            payload_sha256 TEXT,
+            encoding TEXT,
+            tokens INTEGER,
+            kept_tokens INTEGER,
+            archived_at REAL
+        )
+        """
+    )
+    conn.execute("CREATE INDEX cubes_path ON cubes(path, source)")
+    conn.execute("CREATE INDEX cubes_status_kind ON cubes(status, kind)")
+    conn.execute("CREATE INDEX cubes_payload ON cubes(payload_path)")
+    conn.execute("CREATE INDEX cubes_hash ON cubes(content_hash)")
+    conn.execute(
+        """
+        CREATE TABLE history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            cube_id TEXT NOT NULL,
+            version INTEGER,
+            event TEXT NOT NULL,
+            at REAL NOT NULL,
+            detail TEXT,
+            content_hash TEXT,
+            start_line INTEGER,
+            end_line INTEGER
+        )
+        """
+    )
+    conn.execute("CREATE INDEX history_cube ON history(cube_id, id)")
+    conn.execute(
+        """
+        CREATE TABLE files (
+            path TEXT PRIMARY KEY,
+            sha256 TEXT NOT NULL,
+            mtime REAL,
+            size INTEGER,
+            indexed_at REAL NOT NULL
+        )
+        """
+    )
+    conn.execute("CREATE TABLE skips (path TEXT PRIMARY KEY, reason TEXT NOT NULL)")
+    conn.execute("CREATE TABLE settings_kv (key TEXT PRIMARY KEY, value TEXT)")
+
+
+# Applied in order, each in its own transaction; `meta.schema_version` = how many have run.
+# Append only: never edit a migration that has shipped.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_CUBE_COLUMNS = [f.name for f in fields(Cube)]
+_PAYLOAD_CLEAR = (
+    "kind = 'plaintext', model_fingerprint = NULL, payload_path = NULL, payload_bytes = NULL, "
+    "payload_sha256 = NULL, encoding = NULL, kept_tokens = NULL"
+)
+
+
+def cube_id_for(repo: str, path: str, symbol: str | None, chunk_kind: str | None, ordinal: int) -> str:
+    """Stable id of a code cube: same definition in the same file -> same id across re-indexes."""
+    key = "\0".join([repo, path, symbol or "", chunk_kind or "", str(ordinal)])
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _is_locked(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return "locked" in msg or "busy" in msg
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX); Windows cannot open directories and does not need it."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------
+
+
+class CubeStore:
+    """One repository's cubes. Create with `CubeStore.open(store_dir)`; close with `close()`."""
+
+    def __init__(self, store_dir: Path, conn: sqlite3.Connection) -> None:
+        self.dir = Path(store_dir)
+        self.payload_dir = self.dir / PAYLOAD_DIR
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
+        self._lock = threading.RLock()
+
+    # ---- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, store_dir: str | os.PathLike[str]) -> CubeStore:
+        """Open (creating if needed) `store_dir/cubes.db` and `store_dir/payloads/`, migrating the schema."""
+        store_dir = Path(store_dir)
+        try:
+            store_dir.mkdir(parents=True, exist_ok=True)
+            (store_dir / PAYLOAD_DIR).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store folder {store_dir}: {exc}") from exc
+        db_path = store_dir / DB_NAME
+        try:
+            conn = sqlite3.connect(
+                str(db_path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {db_path}: {exc}") from exc
+        store = cls(store_dir, conn)
+        try:
+            store._configure()
+            store._migrate()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"{db_path} is not a usable repomem store ({exc})") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def _configure(self) -> None:
+        self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        for attempt in range(LOCK_RETRIES):
+            try:
+                if self.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self.db.enable_wal()
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_locked(exc) or attempt == LOCK_RETRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        # NORMAL in WAL mode: a killed process loses nothing; only a power cut may lose the last commits.
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+
+    def _schema_version(self, conn: sqlite3.Connection) -> int:
+        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        if not has_meta:
+            return 0
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _migrate(self) -> None:
+        current = self._read(lambda c: self._schema_version(c))
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"the store in {self.dir} was written by a newer repomem (schema {current} > {SCHEMA_VERSION})"
+            )
+        for target in range(current + 1, SCHEMA_VERSION + 1):
+
+            def step(conn: sqlite3.Connection, target: int = target) -> None:
+                if self._schema_version(conn) >= target:  # another process got there first
+                    return
+                MIGRATIONS[target - 1](conn)
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (str(target),),
+                )
+
+            self._write(step)
+
+    @property
+    def schema_version(self) -> int:
+        return self._read(lambda c: self._schema_version(c))
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self.conn.close()
+            except sqlite3.Error:
+                pass
+
+    def __enter__(self) -> CubeStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- transactions ---------------------------------------------------------------------
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in one `BEGIN IMMEDIATE` transaction, retrying while the database is locked."""
+        last: BaseException | None = None
+        for attempt in range(LOCK_RETRIES):
+            with self._lock:
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if not _is_locked(exc):
+                        raise StoreError(f"store write failed: {exc}") from exc
+                    last = exc
+                else:
+                    try:
+                        result = fn(self.conn)
+                        self.conn.execute("COMMIT")
+                        return result
+                    except BaseException as exc:
+                        if self.conn.in_transaction:
+                            self.conn.execute("ROLLBACK")
+                        if isinstance(exc, sqlite3.OperationalError) and _is_locked(exc):
+                            last = exc
+                        elif isinstance(exc, sqlite3.Error):
+                            raise StoreError(f"store write failed: {exc}") from exc
+                        else:
+                            raise
+            time.sleep(min(0.05 * 2**attempt, 1.0))
+        raise StoreError(f"the store in {self.dir} stayed locked by another process ({last})")
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        last: BaseException | None = None
+        for attempt in range(LOCK_RETRIES):
+            with self._lock:
+                try:
+                    return fn(self.conn)
+                except sqlite3.OperationalError as exc:
+                    if not _is_locked(exc):
+                        raise StoreError(f"store read failed: {exc}") from exc
+                    last = exc
+            time.sleep(min(0.05 * 2**attempt, 1.0))
+        raise StoreError(f"the store in {self.dir} stayed locked by another process ({last})")
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return self._read(lambda c: list(self.db.query(sql, list(params))))
+
+    @staticmethod
+    def _history(
+        conn: sqlite3.Connection,
+        cube: Cube | dict[str, Any],
+        event: str,
+        at: float,
+        detail: dict[str, Any] | None = None,
+        **override: Any,
+    ) -> None:
+        get = (lambda k: getattr(cube, k)) if isinstance(cube, Cube) else cube.get
+        vals = {k: override.get(k, get(k)) for k in ("id", "version", "content_hash", "start_line", "end_line")}
+        conn.execute(
+            "INSERT INTO history(cube_id, version, event, at, detail, content_hash, start_line, end_line) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                vals["id"],
+                vals["version"],
+                event,
+                at,
+                json.dumps(detail or {}, sort_keys=True),
+                vals["content_hash"],
+                vals["start_line"],
+                vals["end_line"],
+            ),
+        )
+
+    @staticmethod
+    def _get(conn: sqlite3.Connection, cube_id: str) -> Cube | None:
+        cur = conn.execute("SELECT * FROM cubes WHERE id = ?", (cube_id,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return Cube.from_row(dict(zip([d[0] for d in cur.description], row, strict=True)))
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, cube: Cube) -> None:
+        values = [getattr(cube, c) for c in _CUBE_COLUMNS]
+        values[_CUBE_COLUMNS.index("pinned")] = int(cube.pinned)
+        conn.execute(
+            f"INSERT INTO cubes({', '.join(_CUBE_COLUMNS)}) VALUES ({', '.join('?' * len(_CUBE_COLUMNS))})",
+            values,
+        )
+
+    # ---- code cubes ---------------------------------------------------------------------------
+
+    def upsert_chunks(
+        self,
+        path: str,
+        chunks: Sequence[Any],
+        repo: str = "",
+        file_sha: str | None = None,
+        source: str = "code",
+        visibility: str = "shared",
+        *,
+        mtime: float | None = None,
+        size: int | None = None,
+        owner: str | None = None,
+    ) -> UpsertResult:
+        """Make the cubes of `path` match `chunks` (objects with the `chunking.Chunk` fields).
+
+        Matching, in order: same (symbol, kind, text) -> unchanged (or moved: line numbers
+        updated, payload kept); same (symbol, kind) -> updated (version+1, back to plaintext,
+        payload unlinked for GC); else a new cube, or the reactivation of an archived one with
+        the same identity. Cubes with no chunk left are archived (`removed`). With `file_sha`
+        the `files` row is written in the same transaction, so a crash never records a file as
+        indexed without its cubes.
+        """
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}")
+        if visibility not in VISIBILITIES:
+            raise ValueError(f"visibility must be one of {VISIBILITIES}")
+        chunks = list(chunks)
+
+        def run(conn: sqlite3.Connection) -> UpsertResult:
+            now = time.time()
+            res = UpsertResult()
+            cur = conn.execute("SELECT * FROM cubes WHERE path = ? AND source = ?", (path, source))
+            cols = [d[0] for d in cur.description]
+            existing = [Cube.from_row(dict(zip(cols, r, strict=True))) for r in cur.fetchall()]
+            by_id = {c.id: c for c in existing}
+            live = [c for c in existing if c.status != "archived"]
+            matched: dict[int, Cube] = {}
+            free = list(live)
+
+            def take(pred: Callable[[Cube], bool], chunk: Any) -> Cube | None:
+                cands = [c for c in free if pred(c)]
+                if not cands:
+                    return None
+                best = min(cands, key=lambda c: abs(c.start_line - chunk.start_line))
+                free.remove(best)
+                return best
+
+            for i, ch in enumerate(chunks):
+                h = ch.content_hash
+                got = take(
+                    lambda c, ch=ch, h=h: c.symbol == ch.symbol and c.chunk_kind == ch.kind and c.content_hash == h, ch
+                )
+                if got is not None:
+                    matched[i] = got
+            for i, ch in enumerate(chunks):
+                if i in matched:
+                    continue
+                got = take(lambda c, ch=ch: c.symbol == ch.symbol and c.chunk_kind == ch.kind, ch)
+                if got is not None:
+                    matched[i] = got
+
+            taken_ids = {c.id for c in live}
+            for i, ch in enumerate(chunks):
+                h = ch.content_hash
+                old = matched.get(i)
+                if old is not None and old.content_hash == h:
+                    if (old.start_line, old.end_line) != (ch.start_line, ch.end_line):
+                        conn.execute(
+                            "UPDATE cubes SET start_line = ?, end_line = ?, language = ?, visibility = ? WHERE id = ?",
+                            (ch.start_line, ch.end_line, ch.language, visibility, old.id),
+                        )
+                        self._history(
+                            conn,
+                            old,
+                            "moved",
+                            now,
+                            {"from": [old.start_line, old.end_line]},
+                            start_line=ch.start_line,
+                            end_line=ch.end_line,
+                        )
+                        res.moved.append(old.id)
+                    else:
+                        res.unchanged.append(old.id)
+                    continue
+                if old is not None:
+                    self._replace_text(conn, old, ch, now, visibility, "updated", {"old_hash": old.content_hash})
+                    res.updated.append(old.id)
+                    continue
+                ordinal = 0
+                while True:
+                    cid = cube_id_for(repo, path, ch.symbol, ch.kind, ordinal)
+                    if cid not in taken_ids:
+                        break
+                    ordinal += 1
+                taken_ids.add(cid)
+                prior = by_id.get(cid)
+                if prior is not None:  # archived earlier: the same definition is back
+                    self._replace_text(
+                        conn,
+                        prior,
+                        ch,
+                        now,
+                        visibility,
+                        "reactivated",
+                        {"old_hash": prior.content_hash},
+                        bump=prior.content_hash != h,
+                    )
+                    res.reactivated.append(cid)
+                    continue
+                cube = Cube(
+                    id=cid,
+                    kind="plaintext",
+                    repo=repo,
+                    path=path,
+                    symbol=ch.symbol,
+                    language=ch.language,
+                    chunk_kind=ch.kind,
+                    start_line=ch.start_line,
+                    end_line=ch.end_line,
+                    text=ch.text,
+                    content_hash=h,
+                    version=1,
+                    created=now,
+                    updated=now,
+                    owner=owner,
+                    source=source,
+                    visibility=visibility,
+                    status="active",
+                )
+                self._insert(conn, cube)
+                self._history(conn, cube, "created", now)
+                res.created.append(cid)
+
+            for old in free:
+                conn.execute(
+                    f"UPDATE cubes SET status = 'archived', {_PAYLOAD_CLEAR}, updated = ? WHERE id = ?",
+                    (now, old.id),
+                )
+                self._history(conn, old, "removed", now, {"reason": "gone from file"})
+                res.removed.append(old.id)
+
+            if file_sha is not None:
+                self._set_file(conn, path, file_sha, mtime, size, now)
+            return res
+
+        return self._write(run)
+
+    def _replace_text(
+        self,
+        conn: sqlite3.Connection,
+        old: Cube,
+        ch: Any,
+        now: float,
+        visibility: str,
+        event: str,
+        detail: dict[str, Any],
+        bump: bool = True,
+    ) -> None:
+        version = old.version + 1 if bump else old.version
+        conn.execute(
+            f"UPDATE cubes SET text = ?, content_hash = ?, start_line = ?, end_line = ?, language = ?, "
+            f"symbol = ?, chunk_kind = ?, version = ?, updated = ?, status = 'active', visibility = ?, "
+            f"archived_at = NULL, tokens = NULL, {_PAYLOAD_CLEAR} WHERE id = ?",
+            (
+                ch.text,
+                ch.content_hash,
+                ch.start_line,
+                ch.end_line,
+                ch.language,
+                ch.symbol,
+                ch.kind,
+                version,
+                now,
+                visibility,
+                old.id,
+            ),
+        )
+        self._history(
+            conn,
+            old,
+            event,
+            now,
+            detail,
+            version=version,
+            content_hash=ch.content_hash,
+            start_line=ch.start_line,
+            end_line=ch.end_line,
+        )
+
+    def remove_file(self, path: str, source: str = "code") -> list[str]:
+        """A file was deleted or became ignored: archive its cubes and forget its `files` row."""
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            now = time.time()
+            cur = conn.execute(
+                "SELECT * FROM cubes WHERE path = ? AND source = ? AND status != 'archived'", (path, source)
+            )
+            cols = [d[0] for d in cur.description]
+            gone = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            for row in gone:
+                conn.execute(
+                    f"UPDATE cubes SET status = 'archived', {_PAYLOAD_CLEAR}, updated = ? WHERE id = ?",
+                    (now, row["id"]),
+                )
+                self._history(conn, row, "removed", now, {"reason": "file removed"})
+            conn.execute("DELETE FROM files WHERE path = ?", (path,))
+            return [r["id"] for r in gone]
+
+        return self._write(run)
+
+    # ---- notes ----------------------------------------------------------------------------------
+
+    def add_note_cube(
+        self,
+        text: str,
+        source: str,
+        *,
+        path: str | None = None,
+        symbol: str | None = None,
+        repo: str = "",
+        owner: str | None = None,
+        visibility: str = "local",
+        importance: float = 0.5,
+        pinned: bool = False,
+        language: str | None = None,
+    ) -> Cube:
+        """A plaintext memory not tied to a file's lines: a conversation takeaway or a change note.
+
+        `path` defaults to `<source>:<id>` (e.g. `conversation:3f2a...`); a change note would use
+        `change:<file path>` so it can be found with the file.
+        """
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}")
+        if not text.strip():
+            raise ValueError("a note needs text")
+        cid = uuid.uuid4().hex
+        now = time.time()
+        cube = Cube(
+            id=cid,
+            kind="plaintext",
+            repo=repo,
+            path=path or f"{source}:{cid}",
+            symbol=symbol,
+            language=language,
+            chunk_kind="note",
+            start_line=1,
+            end_line=max(1, len(text.splitlines())),
+            text=text,
+            content_hash=hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+            version=1,
+            created=now,
+            updated=now,
+            importance=float(importance),
+            pinned=bool(pinned),
+            owner=owner,
+            source=source,
+            visibility=visibility,
+            status="active",
+        )
+
+        def run(conn: sqlite3.Connection) -> Cube:
+            self._insert(conn, cube)
+            self._history(conn, cube, "note", now, {"source": source})
+            return cube
+
+        return self._write(run)
+
+    # ---- payloads ---------------------------------------------------------------------------
+
+    def write_payload(self, data: bytes | bytearray | memoryview) -> tuple[str, str, int]:
+        """Store payload bytes content-addressed; returns (path relative to the store dir, sha256, size).
+
+        Complete on disk before it returns (temp file, fsync, atomic rename, directory fsync), so
+        a row may point at it right after. Writing the same bytes twice writes one file.
+        """
+        view = memoryview(data).cast("B")
+        sha = hashlib.sha256(view).hexdigest()
+        nbytes = view.nbytes
+        rel = f"{PAYLOAD_DIR}/{sha[:2]}/{sha}{PAYLOAD_SUFFIX}"
+        final = self.dir / rel
+        try:
+            if final.exists() and final.stat().st_size == nbytes:
+                os.utime(final)  # restart the GC grace period: a new reference is coming
+                return rel, sha, nbytes
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{sha[:16]}.", suffix=TEMP_SUFFIX, dir=final.parent)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(view)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot write a payload in {self.payload_dir}: {exc}") from exc
+        return rel, sha, nbytes
+
+    def payload_file(self, cube: Cube) -> Path:
+        if not cube.payload_path:
+            raise PayloadMissing(f"cube {cube.id} ({cube.location}) has no payload")
+        return self.dir / cube.payload_path
+
+    def read_payload(self, cube: Cube, *, verify: bool = False) -> memoryview:
+        """The payload bytes as a read-only memoryview over an mmap (no copy).
+
+        The size is always checked; `verify=True` also checks the sha256 (reads every byte).
+        """
+        path = self.payload_file(cube)
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if cube.payload_bytes is not None and size != cube.payload_bytes:
+                    raise PayloadCorrupt(f"payload of {cube.location} has {size} bytes, expected {cube.payload_bytes}")
+                if size == 0:
+                    view = memoryview(b"")
+                else:
+                    view = memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+        except FileNotFoundError as exc:
+            raise PayloadMissing(f"payload of {cube.location} is missing ({cube.payload_path})") from exc
+        except OSError as exc:
+            raise PayloadMissing(f"payload of {cube.location} cannot be read: {exc}") from exc
+        if verify and cube.payload_sha256 and hashlib.sha256(view).hexdigest() != cube.payload_sha256:
+            raise PayloadCorrupt(f"payload of {cube.location} fails its checksum")
+        return view
+
+    def attach_payload(
+        self,
+        cube_id: str,
+        expected_content_hash: str,
+        rel_path: str,
+        sha: str,
+        nbytes: int,
+        tokens: int | None,
+        kept_tokens: int | None,
+        fingerprint: str,
+        encoding: str | None,
+    ) -> bool:
+        """Make a cube `activation` with this payload, if its text is still what was compiled.
+
+        Returns False (and changes nothing) when the cube changed, was archived or deleted since
+        the compile started: the caller just drops the work and GC takes the file.
+        """
+        target = self.dir / rel_path
+        try:
+            size = target.stat().st_size
+        except OSError as exc:
+            raise PayloadMissing(f"payload {rel_path} is not on disk") from exc
+        if size != nbytes:
+            raise PayloadCorrupt(f"payload {rel_path} has {size} bytes, expected {nbytes}")
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cube = self._get(conn, cube_id)
+            if cube is None or cube.content_hash != expected_content_hash or cube.status == "archived":
+                return False
+            now = time.time()
+            conn.execute(
+                "UPDATE cubes SET kind = 'activation', status = 'active', payload_path = ?, payload_bytes = ?, "
+                "payload_sha256 = ?, tokens = ?, kept_tokens = ?, model_fingerprint = ?, encoding = ?, "
+                "archived_at = NULL WHERE id = ?",
+                (rel_path, nbytes, sha, tokens, kept_tokens, fingerprint, encoding, cube_id),
+            )
+            self._history(
+                conn,
+                cube,
+                "compiled",
+                now,
+                {
+                    "fingerprint": fingerprint,
+                    "encoding": encoding,
+                    "bytes": nbytes,
+                    "tokens": tokens,
+                    "kept_tokens": kept_tokens,
+                },
+            )
+            return True
+
+        return self._write(run)
+
+    def archive(self, cube_id: str, reason: str = "budget") -> bool:
+        """Drop a cube's payload (activation -> plaintext); its text stays retrievable.
+
+        The cube then stays out of `compile_queue` until `promote()` (see `promote_candidates`),
+        so the budget does not compile and archive the same cube over and over.
+        """
+
+        def run(conn: sqlite3.Connection) -> bool:
+            return self._archive(conn, cube_id, time.time(), reason)
+
+        return self._write(run)
+
+    def _archive(self, conn: sqlite3.Connection, cube_id: str, now: float, reason: str) -> bool:
+        cube = self._get(conn, cube_id)
+        if cube is None or (cube.payload_path is None and cube.kind != "activation"):
+            return False
+        status = "active" if cube.status == "stale" else cube.status
+        conn.execute(
+            f"UPDATE cubes SET {_PAYLOAD_CLEAR}, status = ?, archived_at = ? WHERE id = ?",
+            (status, now, cube_id),
+        )
+        self._history(conn, cube, "archived", now, {"reason": reason, "bytes": cube.payload_bytes})
+        return True
+
+    def promote(self, cube_id: str) -> bool:
+        """Let an archived-for-budget cube back into the compile queue."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cube = self._get(conn, cube_id)
+            if cube is None or cube.archived_at is None:
+                return False
+            conn.execute("UPDATE cubes SET archived_at = NULL WHERE id = ?", (cube_id,))
+            self._history(conn, cube, "promoted", time.time(), {"access_count": cube.access_count})
+            return True
+
+        return self._write(run)
+
+    def mark_stale_for_model(self, fingerprint: str) -> int:
+        """The current model is `fingerprint`: payloads of other models become `stale` (never
+        spliced, kept on disk in case that model comes back); this model's stale payloads become
+        active again. Returns how many cubes went stale.
+        """
+
+        def run(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            cur = conn.execute(
+                "SELECT * FROM cubes WHERE kind = 'activation' AND status = 'active' "
+                "AND (model_fingerprint IS NULL OR model_fingerprint != ?)",
+                (fingerprint,),
+            )
+            cols = [d[0] for d in cur.description]
+            stale = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            for row in stale:
+                conn.execute("UPDATE cubes SET status = 'stale' WHERE id = ?", (row["id"],))
+                self._history(conn, row, "stale", now, {"fingerprint": row["model_fingerprint"], "now": fingerprint})
+            cur = conn.execute(
+                "SELECT * FROM cubes WHERE kind = 'activation' AND status = 'stale' AND model_fingerprint = ?",
+                (fingerprint,),
+            )
+            cols = [d[0] for d in cur.description]
+            for r in cur.fetchall():
+                row = dict(zip(cols, r, strict=True))
+                conn.execute("UPDATE cubes SET status = 'active' WHERE id = ?", (row["id"],))
+                self._history(conn, row, "fresh", now, {"fingerprint": fingerprint})
+            return len(stale)
+
+        return self._write(run)
+
+    # ---- usage ------------------------------------------------------------------------------
+
+    def touch(self, cube_ids: Iterable[str], at: float | None = None) -> None:
+        """Record that these cubes were retrieved (no history row: this happens on every question)."""
+        ids = list(dict.fromkeys(cube_ids))
+        if not ids:
+            return
+        when = time.time() if at is None else at
+
+        def run(conn: sqlite3.Connection) -> None:
+            for i in range(0, len(ids), 500):
+                part = ids[i : i + 500]
+                conn.execute(
+                    f"UPDATE cubes SET last_access = ?, access_count = access_count + 1 "
+                    f"WHERE id IN ({', '.join('?' * len(part))})",
+                    [when, *part],
+                )
+
+        self._write(run)
+
+    def pin(self, cube_id: str, pinned: bool = True) -> bool:
+        """Pinned cubes are compiled first and never archived by the budget."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cube = self._get(conn, cube_id)
+            if cube is None:
+                return False
+            if cube.pinned != pinned:
+                conn.execute("UPDATE cubes SET pinned = ? WHERE id = ?", (int(pinned), cube_id))
+                self._history(conn, cube, "pinned" if pinned else "unpinned", time.time())
+            return True
+
+        return self._write(run)
+
+    def set_importance(self, cube_id: str, importance: float) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("UPDATE cubes SET importance = ? WHERE id = ?", (float(importance), cube_id))
+            return cur.rowcount > 0
+
+        return self._write(run)
+
+    def forget(self, cube_id: str) -> bool:
+        """Delete a cube now (the user asked); its history keeps a `forgotten` event, GC takes the payload."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cube = self._get(conn, cube_id)
+            if cube is None:
+                return False
+            conn.execute("DELETE FROM cubes WHERE id = ?", (cube_id,))
+            self._history(conn, cube, "forgotten", time.time(), {"path": cube.path, "symbol": cube.symbol})
+            return True
+
+        return self._write(run)
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    def get(self, cube_id: str) -> Cube | None:
+        return self._read(lambda c: self._get(c, cube_id))
+
+    def cubes(
+        self,
+        path_glob: str | None = None,
+        kind: str | None = None,
+        status: str | None = None,
+        source: str | None = None,
+        *,
+        path: str | None = None,
+        limit: int | None = None,
+    ) -> list[Cube]:
+        """Cubes filtered by path (`path_glob` is SQLite GLOB: `src/*.py`; `path` is exact, safe for
+        names with `[` or `*`), kind, status, source; ordered by path, line."""
+        where, params = [], []
+        for col, val in (("kind", kind), ("status", status), ("source", source), ("path", path)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                params.append(val)
+        if path_glob is not None:
+            where.append("path GLOB ?")
+            params.append(path_glob)
+        sql = "SELECT * FROM cubes"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY path, start_line, id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [Cube.from_row(r) for r in self._rows(sql, params)]
+
+    def compile_queue(self, fingerprint: str, limit: int | None = 64) -> list[Cube]:
+        """Cubes to compile for model `fingerprint`, hottest first.
+
+        Live cubes without a payload of this model, except those archived for the budget (they
+        come back through `promote`). Order: pinned, edited in the last hour, most accessed,
+        most important, most recently updated.
+        """
+        sql = (
+            "SELECT * FROM cubes WHERE status IN ('active', 'stale') AND archived_at IS NULL "
+            "AND NOT (kind = 'activation' AND status = 'active' AND payload_path IS NOT NULL "
+            "         AND model_fingerprint = ?) "
+            "ORDER BY pinned DESC, (updated >= ?) DESC, access_count DESC, importance DESC, updated DESC, "
+            "path, start_line LIMIT ?"
+        )
+        lim = -1 if limit is None else int(limit)  # SQLite: a negative LIMIT means no limit
+        return [Cube.from_row(r) for r in self._rows(sql, (fingerprint, time.time() - RECENT_EDIT_S, lim))]
+
+    def promote_candidates(self, min_access: int, limit: int = 64) -> list[Cube]:
+        """Archived-for-budget cubes that keep being retrieved: worth compiling again."""
+        sql = (
+            "SELECT * FROM cubes WHERE status = 'active' AND kind = 'plaintext' AND archived_at IS NOT NULL "
+            "AND access_count >= ? ORDER BY access_count DESC, last_access DESC LIMIT ?"
+        )
+        return [Cube.from_row(r) for r in self._rows(sql, (int(min_access), int(limit)))]
+
+    def payload_bytes(self) -> int:
+        """Bytes of payload files that cubes point at (each file counted once)."""
+        rows = self._rows(
+            "SELECT COALESCE(SUM(b), 0) AS n FROM (SELECT MAX(payload_bytes) AS b FROM cubes "
+            "WHERE payload_path IS NOT NULL GROUP BY payload_path)"
+        )
+        return int(rows[0]["n"])
+
+    def enforce_budget(self, max_bytes: int) -> list[str]:
+        """Archive cubes, coldest first, until referenced payloads fit `max_bytes`; never pinned ones.
+
+        Coldest: stale payloads first, then least recently accessed, least accessed, least
+        important. Returns the archived ids; run `gc_payloads()` to free the disk space.
+        """
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            refs: dict[str, int] = {}
+            sizes: dict[str, int] = {}
+            for path, nbytes in conn.execute(
+                "SELECT payload_path, payload_bytes FROM cubes WHERE payload_path IS NOT NULL"
+            ):
+                refs[path] = refs.get(path, 0) + 1
+                sizes[path] = max(sizes.get(path, 0), nbytes or 0)
+            total = sum(sizes.values())
+            if total <= max_bytes:
+                return []
+            now = time.time()
+            out: list[str] = []
+            cands = conn.execute(
+                "SELECT id, payload_path FROM cubes WHERE payload_path IS NOT NULL AND pinned = 0 "
+                "ORDER BY (status = 'stale') DESC, COALESCE(last_access, 0) ASC, access_count ASC, "
+                "importance ASC, updated ASC"
+            ).fetchall()
+            for cid, path in cands:
+                if total <= max_bytes:
+                    break
+                if self._archive(conn, cid, now, "budget"):
+                    out.append(cid)
+                    refs[path] -= 1
+                    if refs[path] == 0:
+                        total -= sizes[path]
+            return out
+
+        return self._write(run)
+
+    def history(self, cube_id: str) -> list[HistoryEvent]:
+        rows = self._rows("SELECT * FROM history WHERE cube_id = ? ORDER BY id", (cube_id,))
+        return [
+            HistoryEvent(
+                id=r["id"],
+                cube_id=r["cube_id"],
+                version=r["version"],
+                event=r["event"],
+                at=r["at"],
+                detail=json.loads(r["detail"] or "{}"),
+                content_hash=r["content_hash"],
+                start_line=r["start_line"],
+                end_line=r["end_line"],
+            )
+            for r in rows
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for `status` / `doctor` / the GUI (plain JSON types)."""
+
+        def counts(col: str) -> dict[str, int]:
+            return {r["k"]: r["n"] for r in self._rows(f"SELECT {col} AS k, COUNT(*) AS n FROM cubes GROUP BY {col}")}
+
+        totals = self._rows(
+            "SELECT COUNT(*) AS cubes, COALESCE(SUM(tokens), 0) AS tokens, "
+            "COALESCE(SUM(kept_tokens), 0) AS kept_tokens, COALESCE(SUM(pinned), 0) AS pinned FROM cubes"
+        )[0]
+        on_disk = 0
+        n_files = 0
+        for p in self._payload_files():
+            try:
+                on_disk += p.stat().st_size
+                n_files += 1
+            except OSError:
+                continue
+        return {
+            "schema_version": self.schema_version,
+            "cubes": totals["cubes"],
+            "by_kind": counts("kind"),
+            "by_status": counts("status"),
+            "by_source": counts("source"),
+            "pinned": totals["pinned"],
+            "tokens": totals["tokens"],
+            "kept_tokens": totals["kept_tokens"],
+            "payload_bytes": self.payload_bytes(),
+            "payload_files": n_files,
+            "payload_bytes_on_disk": on_disk,
+            "files": self._rows("SELECT COUNT(*) AS n FROM files")[0]["n"],
+            "skips": {
+                r["reason"]: r["n"] for r in self._rows("SELECT reason, COUNT(*) AS n FROM skips GROUP BY reason")
+            },
+        }
+
+    # ---- maintenance ------------------------------------------------------------------------
+
+    def _payload_files(self) -> list[Path]:
+        out: list[Path] = []
+        try:
+            subdirs = list(os.scandir(self.payload_dir))
+        except OSError:
+            return out
+        for sub in subdirs:
+            try:
+                if not sub.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(sub.path) as it:
+                    out.extend(Path(e.path) for e in it if e.is_file(follow_symlinks=False))
+            except OSError:
+                continue
+        return out
+
+    def gc_payloads(self, grace_s: float = GC_GRACE_S) -> int:
+        """Delete payload files no cube points at, and leftover temp files; returns how many.
+
+        Files younger than `grace_s` are kept: another process may be about to attach them.
+        """
+        referenced = {
+            r["payload_path"]
+            for r in self._rows("SELECT DISTINCT payload_path FROM cubes WHERE payload_path IS NOT NULL")
+        }
+        cutoff = time.time() - grace_s
+        removed = 0
+        for path in self._payload_files():
+            rel = path.relative_to(self.dir).as_posix()
+            if rel in referenced:
+                continue
+            try:
+                if path.stat().st_mtime > cutoff:
+                    continue
+                path.unlink()
+                removed += 1
+            except OSError:  # vanished, or mapped by a reader on Windows: next time
+                continue
+        return removed
+
+    def check(self, *, verify: bool = False) -> dict[str, int]:
+        """Find cubes whose payload is missing or damaged and demote them to plaintext.
+
+        Returns counts: checked, missing, corrupt, fixed. `verify=True` also hashes every payload.
+        """
+        rows = self._rows("SELECT * FROM cubes WHERE payload_path IS NOT NULL")
+        bad: list[tuple[str, str]] = []
+        missing = corrupt = 0
+        for r in rows:
+            cube = Cube.from_row(r)
+            try:
+                self.read_payload(cube, verify=verify).release()
+            except PayloadMissing:
+                missing += 1
+                bad.append((cube.id, "payload_missing"))
+            except PayloadCorrupt:
+                corrupt += 1
+                bad.append((cube.id, "payload_corrupt"))
+
+        def run(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            fixed = 0
+            for cid, reason in bad:
+                cube = self._get(conn, cid)
+                if cube is None or cube.payload_path is None:
+                    continue
+                status = "active" if cube.status == "stale" else cube.status
+                conn.execute(f"UPDATE cubes SET {_PAYLOAD_CLEAR}, status = ? WHERE id = ?", (status, cid))
+                self._history(conn, cube, "demoted", now, {"reason": reason, "payload": cube.payload_path})
+                fixed += 1
+            return fixed
+
+        fixed = self._write(run) if bad else 0
+        return {"checked": len(rows), "missing": missing, "corrupt": corrupt, "fixed": fixed}
+
+    # ---- files, skips, settings ---------------------------------------------------------------
+
+    @staticmethod
+    def _set_file(
+        conn: sqlite3.Connection, path: str, sha: str, mtime: float | None, size: int | None, now: float
+    ) -> None:
+        conn.execute(
+            "INSERT INTO files(path, sha256, mtime, size, indexed_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET sha256 = excluded.sha256, mtime = excluded.mtime, "
+            "size = excluded.size, indexed_at = excluded.indexed_at",
+            (path, sha, mtime, size, now),
+        )
+
+    def set_file(self, path: str, sha256: str, mtime: float | None = None, size: int | None = None) -> None:
+        self._write(lambda c: self._set_file(c, path, sha256, mtime, size, time.time()))
+
+    def get_file(self, path: str) -> FileRecord | None:
+        rows = self._rows("SELECT * FROM files WHERE path = ?", (path,))
+        return FileRecord(**rows[0]) if rows else None
+
+    def files(self) -> dict[str, FileRecord]:
+        return {r["path"]: FileRecord(**r) for r in self._rows("SELECT * FROM files ORDER BY path")}
+
+    def set_skips(self, skips: Iterable[Any]) -> None:
+        """Replace the skip list with the latest walk's (`walk.Skip` objects or (path, reason) pairs)."""
+        pairs = [(s.rel, s.reason) if hasattr(s, "rel") else (s[0], s[1]) for s in skips]
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM skips")
+            conn.executemany("INSERT OR REPLACE INTO skips(path, reason) VALUES (?, ?)", pairs)
+
+        self._write(run)
+
+    def skips(self) -> list[tuple[str, str]]:
+        return [(r["path"], r["reason"]) for r in self._rows("SELECT path, reason FROM skips ORDER BY path")]
+
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        rows = self._rows("SELECT value FROM settings_kv WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        data = json.dumps(value)
+        self._write(
+            lambda c: c.execute(
+                "INSERT INTO settings_kv(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, data),
+            )
+        )

@@ -1,0 +1,203 @@
+"""RepoMemory end to end on real files, a real SQLite store and the real small model."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from repomem.core import settings as settings_mod
+from repomem.core.errors import ContextOverflowError, RepomemError
+from repomem.core.memory import RepoMemory
+
+CALC = '''"""A tiny calculator module."""
+
+DEFAULT_PRECISION = 7
+
+
+def add(a, b):
+    """Add two numbers."""
+    return a + b
+
+
+def scale(x, factor=3):
+    """Multiply x by factor."""
+    return x * factor
+
+
+class Retry:
+    """Retry policy with exponential backoff."""
+
+    max_retries = 5
+
+    def backoff(self, attempt):
+        return 0.5 * (2 ** attempt)
+'''
+
+NOTES = "# Notes\n\nThe calculator keeps seven digits of precision.\n"
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "calc.py").write_text(CALC)
+    (root / "NOTES.md").write_text(NOTES)
+    (root / ".env").write_text("API_TOKEN=abc123\n")
+    return root
+
+
+@pytest.fixture
+def mem(repo: Path, home: Path, test_model_path: Path):
+    s = settings_mod.Settings(model=str(test_model_path), max_answer_tokens=24, encoding="f16")
+    m = RepoMemory.open(repo, settings=s)
+    yield m
+    m.close()
+
+
+def test_index_compiles_once_then_only_the_edited_chunk(mem: RepoMemory, repo: Path) -> None:
+    first = mem.index()
+    assert first.files == 2 and first.chunks >= 5
+    assert first.compiled == len(mem.store.cubes(kind="activation")) >= 5
+    assert first.skipped.get("secret_name") == 1  # .env never becomes memory
+    assert mem.index().compiled == 0
+    (repo / "calc.py").write_text(CALC.replace("return x * factor", "return x * factor * 2"))
+    third = mem.index()
+    assert third.compiled == 1
+    scale = [c for c in mem.store.cubes() if c.symbol == "scale"]
+    assert len(scale) == 1 and scale[0].version == 2 and scale[0].kind == "activation"
+    assert "factor * 2" in scale[0].text
+
+
+def test_deleted_file_archives_its_cubes(mem: RepoMemory, repo: Path) -> None:
+    mem.index()
+    (repo / "NOTES.md").unlink()
+    mem.index()
+    notes = [c for c in mem.store.cubes() if c.path == "NOTES.md"]
+    assert notes and all(c.status == "archived" for c in notes)
+    assert all(c.path != "NOTES.md" for c in mem.search("seven digits precision"))
+
+
+@pytest.mark.parametrize("mode", ["kv", "text", "none"])
+def test_ask_each_mode_streams_and_cites(mem: RepoMemory, mode: str) -> None:
+    mem.index()
+    pieces: list[str] = []
+    ans = mem.ask("What does the backoff method of Retry return?", mode=mode, on_text=pieces.append)
+    assert ans.mode == mode and ans.answer and "".join(pieces).strip() == ans.answer
+    assert ans.ttft_s > 0
+    if mode == "none":
+        assert ans.sources == [] and ans.memory_tokens == 0
+    else:
+        assert any(s.symbol and "backoff" in s.symbol or s.symbol == "Retry" for s in ans.sources)
+        assert ans.memory_tokens > 0
+    if mode == "kv":
+        assert ans.spliced == len(ans.sources) and ans.as_text == 0
+
+
+def test_kv_mode_mixes_in_text_for_uncompiled_cubes(mem: RepoMemory) -> None:
+    mem.index(compile=False)
+    assert not mem.store.cubes(kind="activation")
+    mem.compile_pending(limit=1)
+    ans = mem.ask("What does the backoff method of Retry return? add scale", mode="kv")
+    assert ans.as_text >= 1
+    assert any("placed as text (mixed)" in w for w in ans.warnings)
+
+
+def test_corrupt_and_missing_payloads_are_detected(mem: RepoMemory) -> None:
+    mem.index()
+    target = [c for c in mem.store.cubes(kind="activation") if c.symbol == "Retry"][0]
+    path = mem.store.payload_file(target)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    ans = mem.ask("What does the backoff method of Retry return?", mode="kv")
+    assert ans.answer
+    assert any("unusable" in w for w in ans.warnings)
+    assert mem.store.get(target.id).kind == "plaintext"
+    assert target.id in {c.id for c in mem.store.compile_queue(mem.engine.info.sha256, limit=100)}
+    assert mem.compile_pending() >= 1
+    assert mem.store.get(target.id).kind == "activation"
+
+
+def test_bad_questions(mem: RepoMemory) -> None:
+    mem.index(compile=False)
+    with pytest.raises(RepomemError, match="empty"):
+        mem.ask("   ")
+    mem.settings.n_ctx = 1024
+    with pytest.raises(ContextOverflowError, match="context holds"):
+        mem.ask("why " * 2000, mode="text")
+
+
+def test_conversation_memory_reaches_a_later_session(repo: Path, home: Path, test_model_path: Path) -> None:
+    s = settings_mod.Settings(model=str(test_model_path), max_answer_tokens=8)
+    first = RepoMemory.open(repo, settings=s)
+    first.index(compile=False)
+    ans = first.ask("We decided the retry logic uses a jittered backoff capped at 42 seconds, right?")
+    conv_id = ans.conversation_id
+    first.close()
+
+    second = RepoMemory.open(repo, settings=s)
+    try:
+        found = second.search("what did we decide about the retry logic?", k=3)
+        notes = [c for c in found if c.source == "conversation"]
+        assert notes and "capped at 42 seconds" in notes[0].text
+        assert notes[0].visibility == "local"  # conversations never go to a remote endpoint
+        assert second.conversations.exchanges(conv_id)[0][0].startswith("We decided")
+    finally:
+        second.close()
+
+
+def test_model_change_marks_payloads_stale(repo: Path, home: Path, test_model_path: Path,
+                                           default_model_path: Path) -> None:
+    small = RepoMemory.open(repo, settings=settings_mod.Settings(model=str(test_model_path)))
+    small.index()
+    small.close()
+    big = RepoMemory.open(repo, settings=settings_mod.Settings(model=str(default_model_path), max_answer_tokens=4))
+    try:
+        ans = big.ask("What does add return?", mode="kv")
+        assert ans.spliced == 0 and ans.as_text == len(ans.sources) > 0
+        assert {c.status for c in big.store.cubes(kind="activation")} == {"stale"}
+    finally:
+        big.close()
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("repomem")
+    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_9_during_indexing_leaves_a_usable_store(repo: Path, home: Path, test_model_path: Path) -> None:
+    for i in range(12):
+        (repo / f"mod{i}.py").write_text("\n\n".join(
+            f"def f{i}_{j}(x):\n    return x + {i * 100 + j}\n" for j in range(6)))
+    env = dict(os.environ, REPOMEM_MODEL=str(test_model_path))
+    rng = random.Random(7)
+    for _ in range(3):
+        proc = _cli("index", str(repo), "--json", env=env)
+        time.sleep(rng.uniform(1.0, 4.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        m = RepoMemory.open(repo, settings=settings_mod.Settings(model=str(test_model_path)))
+        try:
+            report = m.store.check()
+            assert report.get("missing", 0) == 0
+            m.store.gc_payloads(grace_s=0)
+            for c in m.store.cubes(kind="activation"):
+                assert m.store.payload_file(c).exists()
+        finally:
+            m.close()
+    done = _cli("index", str(repo), "--json", env=env)
+    out, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err
+    m = RepoMemory.open(repo, settings=settings_mod.Settings(model=str(test_model_path)))
+    try:
+        assert not m.store.compile_queue(m.engine.info.sha256, limit=10)
+    finally:
+        m.close()

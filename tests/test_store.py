@@ -1,0 +1,438 @@
+"""MemCube store: identity across re-indexes, payload files, budget, GC, crash safety."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from repomem.core.chunking import Chunk, chunk_text
+from repomem.core.errors import StoreError
+from repomem.core.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    CubeStore,
+    PayloadCorrupt,
+    PayloadMissing,
+    cube_id_for,
+)
+
+SRC_V1 = """
+import os
+
+LIMIT = 3
+
+
+def alpha(x):
+    return x + 1
+
+
+def beta(y):
+    return y * 2
+
+
+class Gamma:
+    def run(self):
+        return alpha(1)
+"""
+
+
+def chunks(src: str, path: str = "pkg/mod.py") -> list[Chunk]:
+    return chunk_text(path, textwrap.dedent(src).lstrip("\n"), "python")
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = CubeStore.open(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def by_symbol(store: CubeStore, path: str = "pkg/mod.py", status: str | None = "active") -> dict:
+    return {c.symbol: c for c in store.cubes(path_glob=path, status=status)}
+
+
+def compile_fake(store: CubeStore, cube, data: bytes | None = None, fp: str = "model-a") -> str:
+    rel, sha, n = store.write_payload(data if data is not None else f"kv:{cube.id}:{cube.version}".encode())
+    assert store.attach_payload(cube.id, cube.content_hash, rel, sha, n, 40, 20, fp, "f16")
+    return rel
+
+
+# ---- opening and schema ----------------------------------------------------------------------
+
+
+def test_open_creates_layout_wal_and_schema(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    with CubeStore.open(d) as s:
+        assert (d / "cubes.db").is_file() and (d / "payloads").is_dir()
+        assert s.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
+        assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert s.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+        tables = {r[0] for r in s.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"meta", "cubes", "history", "files", "skips", "settings_kv"} <= tables
+    with CubeStore.open(d) as s:  # reopening migrates nothing
+        assert s.schema_version == SCHEMA_VERSION
+
+
+def test_newer_schema_and_garbage_are_store_errors(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    CubeStore.open(d).close()
+    conn = sqlite3.connect(d / "cubes.db")
+    conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        CubeStore.open(d)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cubes.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError):
+        CubeStore.open(bad)
+
+
+# ---- upsert identity ---------------------------------------------------------------------------
+
+
+def test_upsert_create_unchanged_moved_updated_removed(store: CubeStore) -> None:
+    r1 = store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "sha1", mtime=1.5, size=10)
+    assert len(r1.created) == 4 and not (r1.updated or r1.unchanged or r1.removed)
+    cubes1 = by_symbol(store)
+    assert set(cubes1) == {"LIMIT", "alpha", "beta", "Gamma"}  # `import os` groups with LIMIT
+    assert store.get_file("pkg/mod.py").sha256 == "sha1"
+    assert store.get_file("pkg/mod.py").size == 10
+
+    same = store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "sha1")
+    assert sorted(same.unchanged) == sorted(r1.created) and not same.created
+
+    # lines added at the top: everything moves, nothing is rewritten
+    moved_src = "\n\n" + textwrap.dedent(SRC_V1).lstrip("\n")
+    r2 = store.upsert_chunks("pkg/mod.py", chunk_text("pkg/mod.py", moved_src, "python"), "repo", "sha2")
+    assert not r2.created and not r2.updated
+    assert sorted(r2.moved) == sorted(r1.created)
+    alpha = store.get(cubes1["alpha"].id)
+    assert alpha.start_line == cubes1["alpha"].start_line + 2 and alpha.version == 1
+    assert [e.event for e in store.history(alpha.id)] == ["created", "moved"]
+
+    # alpha changes, beta disappears, delta appears
+    src3 = SRC_V1.replace("return x + 1", "return x + 100").replace(
+        "def beta(y):\n    return y * 2", "def delta(z):\n    return z"
+    )
+    r3 = store.upsert_chunks("pkg/mod.py", chunks(src3), "repo", "sha3")
+    assert r3.updated == [cubes1["alpha"].id]
+    assert r3.removed == [cubes1["beta"].id]
+    assert len(r3.created) == 1
+    alpha = store.get(cubes1["alpha"].id)
+    assert alpha.version == 2 and "x + 100" in alpha.text and alpha.status == "active"
+    beta = store.get(cubes1["beta"].id)
+    assert beta.status == "archived"
+    assert store.history(beta.id)[-1].event == "removed"
+    assert store.get_file("pkg/mod.py").sha256 == "sha3"
+
+    # beta comes back: same identity, reactivated
+    r4 = store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "sha1")
+    assert r4.reactivated == [cubes1["beta"].id]
+    assert store.get(cubes1["beta"].id).status == "active"
+    assert store.get(r3.created[0]).status == "archived"
+
+
+def test_ids_are_stable_across_fresh_stores(tmp_path: Path) -> None:
+    ids = []
+    for name in ("a", "b"):
+        with CubeStore.open(tmp_path / name) as s:
+            ids.append(sorted(s.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "x").created))
+    assert ids[0] == ids[1]
+    ch = chunks(SRC_V1)[1]
+    assert cube_id_for("repo", "pkg/mod.py", ch.symbol, ch.kind, 0) in ids[0]
+
+
+def test_duplicate_identities_get_ordinals(store: CubeStore) -> None:
+    src = "def f():\n    return 1\n\n\ndef f():\n    return 2\n"
+    r = store.upsert_chunks("dup.py", chunk_text("dup.py", src, "python"), "repo", "s")
+    assert len(set(r.created)) == 2
+    # the second one changes: the first keeps its cube untouched
+    r2 = store.upsert_chunks(
+        "dup.py", chunk_text("dup.py", src.replace("return 2", "return 3"), "python"), "repo", "s2"
+    )
+    assert len(r2.unchanged) == 1 and len(r2.updated) == 1
+
+
+def test_update_drops_payload_and_remove_file(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "sha1")
+    alpha = by_symbol(store)["alpha"]
+    compile_fake(store, alpha)
+    assert store.get(alpha.id).kind == "activation"
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1.replace("x + 1", "x + 2")), "repo", "sha2")
+    got = store.get(alpha.id)
+    assert got.kind == "plaintext" and got.payload_path is None and got.version == 2
+    archived = store.remove_file("pkg/mod.py")
+    assert len(archived) == 4
+    assert store.cubes(status="active") == []
+    assert store.get_file("pkg/mod.py") is None
+
+
+# ---- payloads ----------------------------------------------------------------------------------
+
+
+def test_payload_roundtrip_dedupe_and_errors(store: CubeStore) -> None:
+    data = os.urandom(10_000)
+    rel, sha, n = store.write_payload(data)
+    assert rel == f"payloads/{sha[:2]}/{sha}.kv" and n == 10_000
+    assert (store.dir / rel).read_bytes() == data
+    assert store.write_payload(bytearray(data)) == (rel, sha, n)  # content-addressed: one file
+    assert not list((store.dir / "payloads").rglob("*.tmp"))
+
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    cube = by_symbol(store)["alpha"]
+    assert store.attach_payload(cube.id, cube.content_hash, rel, sha, n, 100, 50, "fp", "q8")
+    cube = store.get(cube.id)
+    assert cube.kind == "activation" and cube.has_payload and cube.tokens == 100 and cube.kept_tokens == 50
+    view = store.read_payload(cube, verify=True)
+    assert isinstance(view, memoryview) and bytes(view) == data
+    view.release()
+
+    # corrupt: same size, other bytes
+    (store.dir / rel).write_bytes(b"\0" * n)
+    assert bytes(store.read_payload(cube)) == b"\0" * n  # not verified: cheap path
+    with pytest.raises(PayloadCorrupt):
+        store.read_payload(cube, verify=True)
+    (store.dir / rel).write_bytes(b"short")
+    with pytest.raises(PayloadCorrupt):
+        store.read_payload(cube)
+    (store.dir / rel).unlink()
+    with pytest.raises(PayloadMissing):
+        store.read_payload(cube)
+    assert issubclass(PayloadMissing, StoreError) and issubclass(PayloadCorrupt, StoreError)
+
+
+def test_attach_refuses_changed_text_and_missing_file(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    cube = by_symbol(store)["alpha"]
+    rel, sha, n = store.write_payload(b"payload")
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1.replace("x + 1", "x - 1")), "repo", "s2")
+    assert not store.attach_payload(cube.id, cube.content_hash, rel, sha, n, 1, 1, "fp", None)
+    assert store.get(cube.id).kind == "plaintext"
+    with pytest.raises(PayloadMissing):
+        store.attach_payload(cube.id, store.get(cube.id).content_hash, "payloads/no/such.kv", sha, n, 1, 1, "fp", None)
+    assert not store.attach_payload("nope", "x", rel, sha, n, 1, 1, "fp", None)
+
+
+def test_gc_and_check(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    cubes = by_symbol(store)
+    keep = compile_fake(store, cubes["alpha"])
+    lost = compile_fake(store, cubes["beta"])
+    orphan, _, _ = store.write_payload(b"nobody points here")
+    tmp = store.dir / "payloads" / "ab" / ".deadbeef.123.tmp"
+    tmp.parent.mkdir(exist_ok=True)
+    tmp.write_bytes(b"half a payl")
+    assert store.gc_payloads() == 0  # everything is younger than the grace period
+    assert store.gc_payloads(grace_s=0) == 2
+    assert (store.dir / keep).exists() and (store.dir / lost).exists()
+    assert not (store.dir / orphan).exists() and not tmp.exists()
+
+    (store.dir / lost).unlink()
+    report = store.check()
+    assert report == {"checked": 2, "missing": 1, "corrupt": 0, "fixed": 1}
+    beta = store.get(cubes["beta"].id)
+    assert beta.kind == "plaintext" and beta.payload_path is None
+    assert store.history(beta.id)[-1].event == "demoted"
+    assert store.check() == {"checked": 1, "missing": 0, "corrupt": 0, "fixed": 0}
+    (store.dir / keep).write_bytes(b"x" * store.get(cubes["alpha"].id).payload_bytes)
+    assert store.check(verify=True)["corrupt"] == 1
+
+
+# ---- lifecycle -----------------------------------------------------------------------------------
+
+
+def test_archive_promote_and_compile_queue(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    c = by_symbol(store)
+    queue = store.compile_queue("model-a", limit=100)
+    assert {q.id for q in queue} == {x.id for x in c.values()}
+    assert store.compile_queue("model-a", limit=None) == queue
+    assert len(store.compile_queue("model-a", limit=2)) == 2
+    assert [x.symbol for x in store.cubes(path="pkg/mod.py")] == ["LIMIT", "alpha", "beta", "Gamma"]
+    store.pin(c["beta"].id)
+    store.touch([c["Gamma"].id, c["Gamma"].id])  # counted once per call
+    store.touch([c["Gamma"].id])
+    queue = store.compile_queue("model-a", limit=100)
+    assert queue[0].id == c["beta"].id and queue[1].id == c["Gamma"].id
+    assert store.get(c["Gamma"].id).access_count == 2
+
+    compile_fake(store, c["alpha"])
+    assert c["alpha"].id not in {q.id for q in store.compile_queue("model-a", 100)}
+    assert c["alpha"].id in {q.id for q in store.compile_queue("model-b", 100)}
+
+    assert store.archive(c["alpha"].id)
+    a = store.get(c["alpha"].id)
+    assert a.kind == "plaintext" and a.status == "active" and a.text and a.archived_at is not None
+    assert not store.archive(c["alpha"].id)  # nothing left to drop
+    assert c["alpha"].id not in {q.id for q in store.compile_queue("model-a", 100)}
+    assert store.promote_candidates(min_access=1) == []
+    store.touch([c["alpha"].id])
+    assert [x.id for x in store.promote_candidates(min_access=1)] == [c["alpha"].id]
+    assert store.promote(c["alpha"].id)
+    assert c["alpha"].id in {q.id for q in store.compile_queue("model-a", 100)}
+    assert [e.event for e in store.history(c["alpha"].id)] == ["created", "compiled", "archived", "promoted"]
+
+
+def test_mark_stale_for_model(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    c = by_symbol(store)
+    compile_fake(store, c["alpha"], fp="model-a")
+    compile_fake(store, c["beta"], fp="model-b")
+    assert store.mark_stale_for_model("model-a") == 1
+    assert store.get(c["beta"].id).status == "stale" and store.get(c["alpha"].id).status == "active"
+    assert store.get(c["beta"].id).payload_path is not None  # kept in case model-b comes back
+    assert c["beta"].id in {q.id for q in store.compile_queue("model-a", 100)}
+    assert store.mark_stale_for_model("model-b") == 1
+    assert store.get(c["beta"].id).status == "active" and store.get(c["alpha"].id).status == "stale"
+
+
+def test_enforce_budget_coldest_first_pinned_never(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    c = by_symbol(store)
+    for i, name in enumerate(["LIMIT", "alpha", "beta", "Gamma"]):
+        compile_fake(store, c[name], data=bytes([i]) * 1000)
+    assert store.payload_bytes() == 4000
+    store.pin(c["LIMIT"].id)  # the coldest, but pinned
+    now = time.time()
+    store.touch([c["Gamma"].id], at=now)
+    store.touch([c["beta"].id], at=now - 100)
+    store.touch([c["alpha"].id], at=now - 200)
+    assert store.enforce_budget(10_000) == []
+    archived = store.enforce_budget(2500)
+    assert archived == [c["alpha"].id, c["beta"].id]
+    assert store.payload_bytes() == 2000
+    assert store.enforce_budget(0) == [c["Gamma"].id]
+    assert store.get(c["LIMIT"].id).has_payload
+    assert store.gc_payloads(grace_s=0) == 3
+
+
+def test_pin_forget_notes_settings_skips_stats(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    c = by_symbol(store)
+    assert store.pin(c["alpha"].id) and store.get(c["alpha"].id).pinned
+    assert store.pin(c["alpha"].id, False) and not store.get(c["alpha"].id).pinned
+    assert store.forget(c["beta"].id) and store.get(c["beta"].id) is None
+    assert [e.event for e in store.history(c["beta"].id)] == ["created", "forgotten"]
+    assert not store.forget(c["beta"].id)
+
+    note = store.add_note_cube("The user prefers tabs.\nAlways.", "conversation", owner="me")
+    assert note.path == f"conversation:{note.id}" and note.end_line == 2 and note.visibility == "local"
+    change = store.add_note_cube("alpha now adds 100", "change", path="change:pkg/mod.py", symbol="alpha")
+    assert store.cubes(source="change")[0].id == change.id
+    assert store.cubes(path_glob="conversation:*")[0].text.startswith("The user")
+    with pytest.raises(ValueError):
+        store.add_note_cube("x", "gossip")
+
+    store.set_setting("budget", {"bytes": 123})
+    assert store.get_setting("budget") == {"bytes": 123} and store.get_setting("nope", 7) == 7
+    from repomem.core.walk import Skip
+
+    store.set_skips([Skip(".env", "secret_name"), ("dist/", "vendored")])
+    assert store.skips() == [(".env", "secret_name"), ("dist/", "vendored")]
+
+    compile_fake(store, c["alpha"])
+    st = store.stats()
+    assert st["cubes"] == 5
+    assert st["by_kind"] == {"activation": 1, "plaintext": 4}
+    assert st["by_source"] == {"code": 3, "conversation": 1, "change": 1}
+    assert st["payload_bytes"] == st["payload_bytes_on_disk"] > 0 and st["payload_files"] == 1
+    assert st["skips"] == {"secret_name": 1, "vendored": 1} and st["files"] == 1
+    assert st["tokens"] == 40 and st["kept_tokens"] == 20
+
+
+def test_two_connections_write_concurrently(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    CubeStore.open(d).close()
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            with CubeStore.open(d) as s:
+                for j in range(15):
+                    src = f"def f{i}_{j}():\n    return {j}\n"
+                    s.upsert_chunks(f"w{i}/{j}.py", chunk_text("x.py", src, "python"), "repo", str(j))
+                    rel, sha, n = s.write_payload(f"{i}-{j}".encode())
+                    cube = s.cubes(path_glob=f"w{i}/{j}.py")[0]
+                    s.attach_payload(cube.id, cube.content_hash, rel, sha, n, 1, 1, "fp", None)
+                    s.touch([cube.id])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with CubeStore.open(d) as s:
+        assert s.stats()["by_kind"] == {"activation": 45}
+
+
+# ---- crash safety --------------------------------------------------------------------------------
+
+CHILD = r"""
+import os, random, sys
+from repomem.core.store import CubeStore
+from repomem.core.chunking import chunk_text
+store = CubeStore.open(sys.argv[1])
+rng = random.Random(int(sys.argv[2]))
+print("ready", flush=True)
+i = 0
+while True:
+    i += 1
+    path = f"f{rng.randrange(6)}.py"
+    src = "".join(f"def g{k}():\n    return {rng.randrange(3)}\n\n\n" for k in range(rng.randrange(1, 5)))
+    store.upsert_chunks(path, chunk_text(path, src, "python"), "repo", str(i))
+    for cube in store.compile_queue("fp", 3):
+        rel, sha, n = store.write_payload(os.urandom(rng.randrange(1, 20000)))
+        store.attach_payload(cube.id, cube.content_hash, rel, sha, n, 5, 3, "fp", "f16")
+    if i % 7 == 0:
+        store.enforce_budget(60000)
+    if i % 11 == 0:
+        store.gc_payloads(grace_s=0)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_kill_9_leaves_a_consistent_store(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    rng = random.Random(1234)
+    for it in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(d), str(it)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()
+            time.sleep(rng.uniform(0.05, 0.6))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+
+    with CubeStore.open(d) as s:
+        assert s.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        st = s.stats()
+        assert st["cubes"] > 0
+        report = s.check(verify=True)
+        assert report["missing"] == 0 and report["corrupt"] == 0
+        s.gc_payloads(grace_s=0)
+        assert not list((d / "payloads").rglob("*.tmp"))
+        referenced = {c.payload_path for c in s.cubes() if c.payload_path}
+        on_disk = {p.relative_to(d).as_posix() for p in (d / "payloads").rglob("*.kv")}
+        assert on_disk == referenced
+        assert s.check()["missing"] == 0
+        # and it is still writable
+        s.upsert_chunks("after.py", chunk_text("after.py", "x = 1\n", "python"), "repo", "z")
