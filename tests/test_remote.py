@@ -1,0 +1,84 @@
+"""Text mode through an OpenAI-compatible endpoint: llama-cpp-python's own server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from repomem.core import settings as settings_mod
+from repomem.core.memory import RepoMemory
+from repomem.core.remote import ask_remote
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(test_model_path: Path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("llama_server_safe.py")), "--model", str(test_model_path),
+         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("server did not start in 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_text_mode_through_endpoint_streams_and_keeps_local_cubes_home(server: str, tmp_path: Path, home: Path,
+                                                                       test_model_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "private").mkdir(parents=True)
+    (repo / "calc.py").write_text("def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n    return a + b\n")
+    (repo / "private" / "plan.py").write_text("def add_secret_plan():\n    return 'launch add on friday'\n")
+    s = settings_mod.Settings(model=str(test_model_path), private_paths=["private/*"], max_answer_tokens=16)
+    mem = RepoMemory.open(repo, settings=s)
+    try:
+        mem.index(compile=False)
+        assert {c.path: c.visibility for c in mem.store.cubes()}["private/plan.py"] == "local"
+        pieces: list[str] = []
+        ans = ask_remote(mem, "What does add do?", server, on_text=pieces.append)
+        assert ans.mode == "text" and ans.answer and "".join(pieces).strip() == ans.answer
+        paths = {src.path for src in ans.sources}
+        assert "calc.py" in paths and "private/plan.py" not in paths
+        # The same question answered locally may use the private cube.
+        assert "private/plan.py" in {c.path for c in mem.search("add secret plan", k=5)}
+    finally:
+        mem.close()
+
+
+def test_unreachable_endpoint_is_a_clear_error(tmp_path: Path, home: Path, test_model_path: Path) -> None:
+    from repomem.core.errors import RepomemError
+
+    repo = tmp_path / "r"
+    repo.mkdir()
+    (repo / "a.py").write_text("x = 1\n")
+    mem = RepoMemory.open(repo, settings=settings_mod.Settings(model=str(test_model_path)))
+    try:
+        mem.index(compile=False)
+        with pytest.raises(RepomemError, match="unreachable"):
+            ask_remote(mem, "what is x?", f"http://127.0.0.1:{_free_port()}/v1", timeout_s=5)
+    finally:
+        mem.close()
