@@ -288,6 +288,18 @@ class RepoMemory:
     def reload_ignores(self) -> None:
         self._rules = None
 
+    def compile_ids(self, cube_ids: Iterable[str], *, cancel: threading.Event | None = None) -> int:
+        """Compile these cubes now if they lack a payload for the current model (e.g. the ones a set
+        of questions will retrieve), ahead of the rest of the queue."""
+        with self._lock:
+            fp = self.engine.info.sha256
+            cubes = [c for c in (self.store.get(i) for i in dict.fromkeys(cube_ids)) if c is not None]
+            todo = [c for c in cubes if c.status != "archived"
+                    and not (c.has_payload and c.status == "active" and c.model_fingerprint == fp)]
+            summary = IndexSummary()
+            self._compile_cubes(todo, summary, cancel=cancel)
+            return summary.compiled
+
     def compile_pending(self, *, limit: int | None = None, progress: Progress | None = None,
                         cancel: threading.Event | None = None) -> int:
         summary = IndexSummary()
@@ -302,14 +314,25 @@ class RepoMemory:
     def _compile_into(self, summary: IndexSummary, *, limit: int | None = None, progress: Progress | None = None,
                       cancel: threading.Event | None = None) -> None:
         with self._lock:
+            queue = self.store.compile_queue(self.engine.info.sha256, limit=limit or 1_000_000)
+            self._compile_cubes(queue, summary, progress=progress, cancel=cancel)
+            budget = self.settings.disk_budget_mb * 1024 * 1024
+            for cid in self.store.enforce_budget(budget):
+                log.info("archived %s to stay within the disk budget", cid)
+
+    def _compile_cubes(self, queue: list[Cube], summary: IndexSummary, *, progress: Progress | None = None,
+                       cancel: threading.Event | None = None) -> None:
+        with self._lock:
             fp = self.engine.info.sha256
-            queue = self.store.compile_queue(fp, limit=limit or 1_000_000)
             compiler = self._compiler_for()
             for i, cube in enumerate(queue):
                 if cancel is not None and cancel.is_set():
                     break
-                piece = compiler.compile_text(memory_text(cube.path, cube.start_line, cube.end_line,
-                                                          cube.symbol, cube.text), cancel=cancel)
+                try:
+                    piece = compiler.compile_text(memory_text(cube.path, cube.start_line, cube.end_line,
+                                                              cube.symbol, cube.text), cancel=cancel)
+                except CancelledError:
+                    break  # nothing of this cube was written; it stays in the queue
                 rel, sha, nbytes = self.store.write_payload(piece.payload)
                 if self.store.attach_payload(cube.id, cube.content_hash, rel, sha, nbytes, tokens=piece.tokens,
                                              kept_tokens=piece.kept, fingerprint=fp,
@@ -320,9 +343,6 @@ class RepoMemory:
                     summary.payload_bytes += nbytes
                 if progress:
                     progress("compile", i + 1, len(queue))
-            budget = self.settings.disk_budget_mb * 1024 * 1024
-            for cid in self.store.enforce_budget(budget):
-                log.info("archived %s to stay within the disk budget", cid)
 
     # -- asking ---------------------------------------------------------------------------------
     def search(self, query: str, k: int = 5, *, allow_local: bool = True) -> list[Cube]:
