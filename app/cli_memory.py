@@ -7,10 +7,11 @@ import threading
 from pathlib import Path
 
 import click
-from repomem.app.cli import _print_json, cli, console, err
-from repomem.core.errors import RepomemError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
+
+from repomem.app.cli import _print_json, cli, console, err
+from repomem.core.errors import RepomemError
 
 
 def _open(path: str | None, model: str | None):
@@ -174,7 +175,7 @@ def chat(path: str | None, mode: str | None, model: str | None) -> None:
     mem = _open(path, model)
     try:
         _ensure_indexed(mem, True)
-        pending = mem.store.compile_queue(mem.engine.info.sha256, limit=None)
+        pending = mem.store.compile_queue(mem.fingerprint, limit=None)
         if pending:
             err.print(f"[dim]{len(pending)} memories not compiled to KV yet: compiling in the background[/]")
             threading.Thread(target=lambda: mem.compile_pending(), daemon=True).start()

@@ -14,13 +14,14 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
 from repomem import native
 
 from .engine import Context, Engine
-from .errors import CancelledError, ContextOverflowError
+from .errors import CancelledError, ContextOverflowError, ModelError
 from .prompt import Layout
 
 _STRUCTURAL_DROP = re.compile(r"^[\s\W_]*$", re.UNICODE)  # whitespace- or punctuation-only pieces
@@ -32,6 +33,7 @@ class CompileOptions:
     keep_ratio: float = 1.0  # for uniform / attention
     drop_sinks: int = 0  # drop the first k cells of each piece (attention sinks)
     encoding: str = "f16"  # payload encoding of K/V rows (repomem.native)
+    cache_type: str = "f16"  # KV cache type; q8_0 needs flash attention and stores rows raw
     n_ctx: int = 2048  # pieces are <= chunk_tokens; a bigger cache only slows every decode
     n_threads: int | None = None
     n_batch: int = 512
@@ -47,18 +49,27 @@ class CompiledPiece:
 class Compiler:
     """Owns one compile context with the system prefix decoded once at positions 0..P-1."""
 
-    def __init__(self, engine: Engine, layout: Layout, options: CompileOptions | None = None):
+    def __init__(self, engine: Engine, layout: Layout, options: CompileOptions | None = None,
+                 fingerprint: bytes | None = None):
         self.engine, self.layout = engine, layout
+        self.fingerprint = fingerprint or engine.info.fingerprint
         self.options = options or CompileOptions()
         info = engine.info
         self._capture = None
         cb = ud = None
+        if self.options.policy == "attention" and self.options.cache_type != "f16":
+            raise ModelError("the attention policy reads attention weights, which flash attention (needed by a "
+                             "quantized cache) never materializes: use an f16 cache or another policy")
         if self.options.policy == "attention":
             self._capture = native.AttentionCapture(self.options.n_ctx, info.n_layer)
             cb, ud = self._capture.callback_address, self._capture.user_data_address
+        quantized_cache = self.options.cache_type != "f16"
+        if quantized_cache:
+            # Encodings quantize from f16 rows; a quantized cache's rows are kept as they are.
+            self.options = replace(self.options, encoding="raw")
         self.ctx: Context = engine.new_context(n_ctx=self.options.n_ctx, n_threads=self.options.n_threads,
-                                               n_batch=self.options.n_batch, flash_attn=False,
-                                               cb_eval=cb, cb_eval_user_data=ud)
+                                               n_batch=self.options.n_batch, flash_attn=quantized_cache,
+                                               cache_type=self.options.cache_type, cb_eval=cb, cb_eval_user_data=ud)
         self.prefix_tokens = engine.tokenize(layout.prefix, add_special=False, parse_special=True)
         self.P = len(self.prefix_tokens)
         self.ctx.decode(self.prefix_tokens, start_pos=0, logits="none")
@@ -109,7 +120,7 @@ class Compiler:
             scores = np.asarray(self._capture.scores[self.P:self.P + len(tokens)], dtype=np.float32)
         keep = self._select(tokens, scores)
         payload = native.extract_fragment(blob, (keep + self.P).astype(np.int32),
-                                          fingerprint=self.engine.info.fingerprint,
+                                          fingerprint=self.fingerprint,
                                           encoding=self.options.encoding)
         self._reset_to_prefix()
         return CompiledPiece(payload=payload, tokens=len(tokens), kept=int(len(keep)))
@@ -134,7 +145,7 @@ class Compiler:
                 scores = np.asarray(self._capture.scores[start:start + len(toks)], dtype=np.float32)
             keep = self._select(toks, scores)
             payload = native.extract_fragment(blob, (keep + start).astype(np.int32),
-                                              fingerprint=self.engine.info.fingerprint,
+                                              fingerprint=self.fingerprint,
                                               encoding=self.options.encoding)
             out.append(CompiledPiece(payload=payload, tokens=len(toks), kept=int(len(keep))))
             start += len(toks)

@@ -10,6 +10,7 @@ no memory (`none`).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import fnmatch
 import logging
 import re
@@ -131,11 +132,22 @@ class RepoMemory:
             path = resolve_model(self.model_choice)
             self._engine = engine_pool.acquire(path, None if self.settings.n_gpu_layers < 0
                                                else self.settings.n_gpu_layers)
-            fp = self._engine.info.sha256
-            stale = self.store.mark_stale_for_model(fp)
+            stale = self.store.mark_stale_for_model(self.fingerprint)
             if stale:
                 log.info("%d compiled cubes belong to another model: marked stale", stale)
         return self._engine
+
+    @property
+    def fingerprint(self) -> str:
+        """What a payload must have been compiled with to be spliced here: the model, and the cache type
+        when it is not f16 (a q8_0 payload does not fit an f16 cache)."""
+        sha = self.engine.info.sha256
+        return sha if self.settings.cache_type == "f16" else f"{sha}+{self.settings.cache_type}"
+
+    @property
+    def fingerprint_bytes(self) -> bytes:
+        fp = self.fingerprint
+        return bytes.fromhex(fp) if len(fp) == 64 else hashlib.sha256(fp.encode()).digest()
 
     @property
     def layout(self) -> Layout:
@@ -165,7 +177,7 @@ class RepoMemory:
     def compile_options(self) -> CompileOptions:
         s = self.settings
         return CompileOptions(policy=s.keep_policy, keep_ratio=s.keep_ratio, drop_sinks=s.drop_sinks,
-                              encoding=s.encoding, n_threads=s.n_threads or None)
+                              encoding=s.encoding, cache_type=s.cache_type, n_threads=s.n_threads or None)
 
     # -- indexing -------------------------------------------------------------------------------
     def _index_cube(self, cube: Cube) -> None:
@@ -292,13 +304,40 @@ class RepoMemory:
         """Compile these cubes now if they lack a payload for the current model (e.g. the ones a set
         of questions will retrieve), ahead of the rest of the queue."""
         with self._lock:
-            fp = self.engine.info.sha256
+            fp = self.fingerprint
             cubes = [c for c in (self.store.get(i) for i in dict.fromkeys(cube_ids)) if c is not None]
             todo = [c for c in cubes if c.status != "archived"
                     and not (c.has_payload and c.status == "active" and c.model_fingerprint == fp)]
             summary = IndexSummary()
             self._compile_cubes(todo, summary, cancel=cancel)
             return summary.compiled
+
+    def reencode(self, encoding: str | None = None, *, cancel: threading.Event | None = None) -> dict[str, int]:
+        """Bring every payload to the configured encoding: f16 sources are re-encoded in C (no model run);
+        lossy ones go back to the compile queue to be compiled from text."""
+        from .recode import recode_payload
+
+        target = encoding or self.settings.encoding
+        done = {"recoded": 0, "requeued": 0}
+        with self._lock:
+            for cube in self.store.cubes(kind="activation", status="active"):
+                if cancel is not None and cancel.is_set():
+                    break
+                if cube.encoding == target:
+                    continue
+                try:
+                    data = recode_payload(self.store.read_payload(cube, verify=False), target)
+                except (StoreError, ValueError):
+                    # Lossy or unreadable source: compile it again from its text.
+                    self.store.archive(cube.id, reason=f"re-encode {cube.encoding} -> {target}")
+                    self.store.promote(cube.id)
+                    done["requeued"] += 1
+                    continue
+                rel, sha, nbytes = self.store.write_payload(data)
+                if self.store.attach_payload(cube.id, cube.content_hash, rel, sha, nbytes, cube.tokens,
+                                             cube.kept_tokens, cube.model_fingerprint or "", target):
+                    done["recoded"] += 1
+        return done
 
     def compile_pending(self, *, limit: int | None = None, progress: Progress | None = None,
                         cancel: threading.Event | None = None) -> int:
@@ -308,13 +347,14 @@ class RepoMemory:
 
     def _compiler_for(self) -> Compiler:
         if self._compiler is None:
-            self._compiler = Compiler(self.engine, self.layout, self.compile_options())
+            self._compiler = Compiler(self.engine, self.layout, self.compile_options(),
+                                      fingerprint=self.fingerprint_bytes)
         return self._compiler
 
     def _compile_into(self, summary: IndexSummary, *, limit: int | None = None, progress: Progress | None = None,
                       cancel: threading.Event | None = None) -> None:
         with self._lock:
-            queue = self.store.compile_queue(self.engine.info.sha256, limit=limit or 1_000_000)
+            queue = self.store.compile_queue(self.fingerprint, limit=limit or 1_000_000)
             self._compile_cubes(queue, summary, progress=progress, cancel=cancel)
             budget = self.settings.disk_budget_mb * 1024 * 1024
             for cid in self.store.enforce_budget(budget):
@@ -323,7 +363,7 @@ class RepoMemory:
     def _compile_cubes(self, queue: list[Cube], summary: IndexSummary, *, progress: Progress | None = None,
                        cancel: threading.Event | None = None) -> None:
         with self._lock:
-            fp = self.engine.info.sha256
+            fp = self.fingerprint
             compiler = self._compiler_for()
             for i, cube in enumerate(queue):
                 if cancel is not None and cancel.is_set():
@@ -370,8 +410,9 @@ class RepoMemory:
             self._answer_ctx.close()
             self._answer_ctx = None
         if self._answer_ctx is None:
+            cache = self.settings.cache_type
             self._answer_ctx = self.engine.new_context(n_ctx=size, n_threads=self.settings.n_threads or None,
-                                                       flash_attn=False)
+                                                       flash_attn=cache != "f16", cache_type=cache)
         return self._answer_ctx
 
     def _prefix_state(self, ctx: Context) -> tuple[bytes, int]:
@@ -442,7 +483,7 @@ class RepoMemory:
                 payloads = []
                 for cube, text, _ in chosen:
                     buf = None
-                    if cube.kind == "activation" and cube.model_fingerprint == engine.info.sha256:
+                    if cube.kind == "activation" and cube.model_fingerprint == self.fingerprint:
                         buf = self._load_payload(cube, warnings)
                     if buf is None:
                         text_parts.append(text)
@@ -455,7 +496,7 @@ class RepoMemory:
                     prefix_blob, payloads, mode=s.placement, key_scale=s.key_scale, drop_first=0,
                     rope_base=engine.info.rope_base, rope_dims=engine.info.rope_dims,
                     head_dim=engine.info.head_dim, rope_neox=engine.info.rope_neox, v_trans=ctx.v_trans,
-                    fingerprint=engine.info.fingerprint, verify=False)
+                    fingerprint=self.fingerprint_bytes, verify=False)
                 ctx.state_set(blob)
                 splice_s = time.perf_counter() - t_splice
                 prompt = engine.tokenize("".join(text_parts)) + q_tokens if text_parts else q_tokens

@@ -121,7 +121,7 @@ def test_corrupt_and_missing_payloads_are_detected(mem: RepoMemory) -> None:
     assert ans.answer
     assert any("unusable" in w for w in ans.warnings)
     assert mem.store.get(target.id).kind == "plaintext"
-    assert target.id in {c.id for c in mem.store.compile_queue(mem.engine.info.sha256, limit=100)}
+    assert target.id in {c.id for c in mem.store.compile_queue(mem.fingerprint, limit=100)}
     assert mem.compile_pending() >= 1
     assert mem.store.get(target.id).kind == "activation"
 
@@ -198,6 +198,18 @@ def test_kill_9_during_indexing_leaves_a_usable_store(repo: Path, home: Path, te
     assert done.returncode == 0, err
     m = RepoMemory.open(repo, settings=settings_mod.Settings(model=str(test_model_path)))
     try:
-        assert not m.store.compile_queue(m.engine.info.sha256, limit=10)
+        assert not m.store.compile_queue(m.fingerprint, limit=10)
     finally:
         m.close()
+
+
+def test_reencode_without_model_run_then_splice(mem: RepoMemory) -> None:
+    mem.index()  # compiled as f16 (fixture setting)
+    before = {c.id: c.payload_bytes for c in mem.store.cubes(kind="activation")}
+    assert mem.reencode("q4") == {"recoded": len(before), "requeued": 0}
+    after = mem.store.cubes(kind="activation")
+    assert all(c.encoding == "q4" and c.payload_bytes < before[c.id] / 3 for c in after)
+    assert mem.reencode("q8") == {"recoded": 0, "requeued": len(before)}  # lossy source: back to the queue
+    assert mem.compile_pending() == len(before)
+    ans = mem.ask("What does the backoff method of Retry return?", mode="kv")
+    assert ans.spliced >= 1 and ans.answer
