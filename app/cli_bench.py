@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import click
-from repomem.app.cli import _print_json, cli, console
 from rich.table import Table
+
+from repomem.app.cli import _print_json, cli, console
 
 
 def _show(data: dict, as_json: bool) -> None:

@@ -10,8 +10,8 @@ no memory (`none`).
 from __future__ import annotations
 
 import difflib
-import hashlib
 import fnmatch
+import hashlib
 import logging
 import re
 import threading

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlite_utils
+
 from repomem.core.errors import StoreError
 
 DB_NAME = "cubes.db"
