@@ -54,3 +54,30 @@ def bench_compile_cmd(as_json: bool, model: str | None, memory_tokens: int) -> N
     from repomem.core.bench import bench_compile
 
     _show(bench_compile(model, memory_tokens), as_json)
+
+
+@bench.command("watch")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--model", default=None)
+@click.option("--edits", "n_edits", default=10, help="One-function edits to time.")
+def bench_watch_cmd(as_json: bool, model: str | None, n_edits: int) -> None:
+    """Save-to-searchable latency for a one-function edit, and a 500-file touch burst."""
+    from repomem.core.bench_watch import bench_watch
+
+    _show(bench_watch(model=model, n_edits=n_edits), as_json)
+
+
+@bench.command("storage")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--qa", "qa_file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--repo-root", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--limit", type=int, default=None)
+@click.option("--model", default=None)
+def bench_storage_cmd(as_json: bool, qa_file: str, repo_root: str, limit: int | None, model: str | None) -> None:
+    """Bytes per token, encode/decode speed and kv accuracy per payload encoding, next to text mode."""
+    from pathlib import Path
+
+    from repomem.core.bench_storage import bench_storage
+
+    _show(bench_storage(Path(qa_file), Path(repo_root), limit=limit, model=model,
+                        progress=lambda m: console.print(f"[dim]{m}[/]") if not as_json else None), as_json)

@@ -1,0 +1,82 @@
+"""`repomem bench storage`: what each KV payload encoding costs in bytes and buys in accuracy.
+
+One run: the cubes the QA set retrieves are compiled once in f16; every other encoding is made from
+those exact rows in C (no model run), then the same questions are answered in kv mode per encoding,
+and once in text mode, so all accuracies come from the same retrieval and the same model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import settings as settings_mod
+from .engine import SamplingParams
+from .evaluate import accepted, load_rows
+from .memory import RepoMemory
+from .recode import recode_payload
+
+ENCODINGS = ("f16", "q8", "q4", "q2")
+
+
+def bench_storage(qa_file: Path, repo_root: Path, *, limit: int | None = None, model: str | None = None,
+                  encodings: tuple[str, ...] = ENCODINGS, max_tokens: int = 96,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    from repomem import native
+
+    rows = load_rows(qa_file, limit)
+    s = settings_mod.load()
+    s.encoding, s.max_answer_tokens = "f16", max_tokens
+    say = progress or (lambda msg: None)
+    out: dict = {"rows": len(rows), "encodings": {}}
+    mem = RepoMemory.open(repo_root / rows[0]["repo"], settings=s, model=model)
+    try:
+        mem.index(compile=False)
+        retrieved = {r["id"]: [c.id for c in mem.search(r["question"], k=s.top_k)] for r in rows}
+        ids = list(dict.fromkeys(i for v in retrieved.values() for i in v))
+        say(f"compiling {len(ids)} cubes in f16")
+        mem.reencode("f16")
+        mem.compile_ids(ids)
+        cubes = [c for c in (mem.store.get(i) for i in ids) if c is not None and c.has_payload]
+        f16 = {c.id: bytes(mem.store.read_payload(c)) for c in cubes}
+        tokens = sum(c.tokens or 0 for c in cubes)
+        f16_bytes = sum(len(b) for b in f16.values())
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+        def accuracy(mode: str) -> float:
+            right = 0
+            for r in rows:
+                ans = mem.ask(r["question"], mode=mode, record=False, sampling=params)
+                right += accepted(ans.answer, r["accept"])
+            return right / len(rows)
+
+        say("text mode")
+        out["text_accuracy"] = round(accuracy("text"), 3)
+        for enc in encodings:
+            t0 = time.perf_counter()
+            encoded = {cid: (data if enc == "f16" else recode_payload(data, enc)) for cid, data in f16.items()}
+            encode_s = time.perf_counter() - t0
+            for c in cubes:
+                rel, sha, n = mem.store.write_payload(encoded[c.id])
+                mem.store.attach_payload(c.id, c.content_hash, rel, sha, n, c.tokens, c.kept_tokens,
+                                         mem.fingerprint, enc)
+            payloads = list(encoded.values())
+            t0 = time.perf_counter()
+            native.splice(None, payloads, mode="parallel", v_trans=True, k_type="f16", v_type="f16", verify=False)
+            splice_s = time.perf_counter() - t0
+            say(f"kv mode, {enc}")
+            out["encodings"][enc] = {
+                "bytes_per_token": round(sum(len(p) for p in payloads) / max(1, tokens), 1),
+                "encode_gb_per_s": round(f16_bytes / 1e9 / encode_s, 2) if enc != "f16" else None,
+                "splice_s": round(splice_s, 4),
+                "decode_gb_per_s": round(f16_bytes / 1e9 / splice_s, 2),
+                "kv_accuracy": round(accuracy("kv"), 3),
+            }
+        out["cubes"], out["source_tokens"] = len(cubes), tokens
+        base = out["encodings"].get("f16", {}).get("splice_s")
+        for v in out["encodings"].values():
+            v["splice_vs_f16"] = round(v["splice_s"] / base, 2) if base else None
+    finally:
+        mem.close()
+    return out
