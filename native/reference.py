@@ -1,0 +1,305 @@
+"""Pure-numpy reference of the native splice (and of payload decoding and RoPE re-rotation).
+
+Why it exists: (1) tests compare the C code against an independent, readable implementation of the same
+byte formats; (2) ``repomem bench splice`` reports how much the C extension buys over the obvious numpy
+code (see native/bench.py). It is not used on the answer path. Minimal validation: inputs are assumed to
+come from :mod:`repomem.native` (which validates them).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+STATE_MAGIC = 0xAF143CD8
+PAYLOAD_MAGIC = b"RMKVFRAG"
+GROUP = 32
+
+_TYPE_INFO = {0: (1, 4), 1: (1, 2), 30: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+              20: (32, 18)}
+
+
+def row_size(t: int, n: int) -> int:
+    blck, tsize = _TYPE_INFO[t]
+    return n // blck * tsize
+
+
+@dataclass
+class NpState:
+    seq_id: int
+    n_stream: int
+    positions: np.ndarray
+    v_trans: int
+    k_type: int
+    v_type: int
+    k: list[np.ndarray]  # per layer: uint8 [n_cells, k_row]
+    v: list[np.ndarray]  # per layer: uint8 [n_cells, v_row] or, when v_trans, [n_embd_v, n_cells * el]
+    v_el: int
+    n_embd_v: list[int]
+
+
+def parse_state(blob: bytes) -> NpState:
+    b = memoryview(blob)
+    magic, seq_id, n_stream = struct.unpack_from("<Iii", b, 0)
+    assert magic == STATE_MAGIC
+    off = 12
+    n_cells = 0
+    st = NpState(seq_id, n_stream, np.zeros(0, np.int32), 0, -1, -1, [], [], 0, [])
+    for _ in range(n_stream):
+        (cc,) = struct.unpack_from("<I", b, off)
+        off += 4
+        if cc == 0:
+            continue
+        n_cells = cc
+        meta = np.frombuffer(b, dtype=np.int32, count=3 * cc, offset=off).reshape(cc, 3)
+        st.positions = meta[:, 0].copy()
+        off += 12 * cc
+        st.v_trans, n_layer = struct.unpack_from("<II", b, off)
+        off += 8
+        for _l in range(n_layer):
+            kt, krow = struct.unpack_from("<iQ", b, off)
+            off += 12
+            st.k_type = kt
+            st.k.append(np.frombuffer(b, np.uint8, count=krow * cc, offset=off).reshape(cc, krow))
+            off += krow * cc
+        for _l in range(n_layer):
+            if not st.v_trans:
+                vt, vrow = struct.unpack_from("<iQ", b, off)
+                off += 12
+                st.v.append(np.frombuffer(b, np.uint8, count=vrow * cc, offset=off).reshape(cc, vrow))
+                st.n_embd_v.append(vrow // _TYPE_INFO[vt][1] * _TYPE_INFO[vt][0])
+                off += vrow * cc
+            else:
+                vt, el, ne = struct.unpack_from("<iII", b, off)
+                off += 12
+                st.v_el = el
+                st.v.append(np.frombuffer(b, np.uint8, count=el * ne * cc, offset=off).reshape(ne, cc * el))
+                st.n_embd_v.append(ne)
+                off += el * ne * cc
+            st.v_type = vt
+    assert off == len(b)
+    del n_cells
+    return st
+
+
+@dataclass
+class NpPayload:
+    n_layer: int
+    n_cells: int
+    k_type: int
+    v_type: int
+    encoding: int
+    positions: np.ndarray
+    n_embd_k: list[int]
+    n_embd_v: list[int]
+    k: list[np.ndarray]  # per layer, decoded: uint8 [n_cells, row] (f16 rows, or raw rows)
+    v: list[np.ndarray]
+
+
+def _dequant_q8(raw: np.ndarray, n: int, e: int) -> np.ndarray:
+    nb = (e + GROUP - 1) // GROUP
+    blk = raw.reshape(n, nb, 34)
+    d = blk[:, :, :2].copy().view(np.float16).astype(np.float32)  # [n, nb, 1]
+    q = blk[:, :, 2:].view(np.int8).astype(np.float32)  # [n, nb, 32]
+    return (d * q).reshape(n, nb * GROUP)[:, :e]
+
+
+def _unpack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """[..., 32*bits/8] bytes -> [..., 32] codes (little-end first)."""
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    q = (codes[..., :, None] >> shifts) & ((1 << bits) - 1)
+    return q.reshape(*codes.shape[:-1], GROUP)
+
+
+def _dequant_kivi_v(raw: np.ndarray, n: int, e: int, bits: int) -> np.ndarray:
+    nb = (e + GROUP - 1) // GROUP
+    blk = raw.reshape(n, nb, 4 + GROUP * bits // 8)
+    s = blk[:, :, 0:2].copy().view(np.float16).astype(np.float32)
+    m = blk[:, :, 2:4].copy().view(np.float16).astype(np.float32)
+    q = _unpack(blk[:, :, 4:], bits).astype(np.float32)
+    return (m + s * q).reshape(n, nb * GROUP)[:, :e]
+
+
+def _dequant_kivi_k(raw: np.ndarray, n: int, e: int, bits: int) -> np.ndarray:
+    ng = (n + GROUP - 1) // GROUP
+    blk = raw.reshape(ng, e, 4 + GROUP * bits // 8)
+    s = blk[:, :, 0:2].copy().view(np.float16).astype(np.float32)
+    m = blk[:, :, 2:4].copy().view(np.float16).astype(np.float32)
+    q = _unpack(blk[:, :, 4:], bits).astype(np.float32)  # [ng, e, 32]
+    x = m + s * q  # [ng, e, 32]
+    return x.transpose(0, 2, 1).reshape(ng * GROUP, e)[:n]
+
+
+def decode_block(raw: np.ndarray, enc: int, n: int, e: int, is_v: bool, t: int) -> np.ndarray:
+    """Decode one layer's K or V block to uint8 rows (f16 for encodings, the cache type for raw)."""
+    if enc in (0, 1):
+        rs = row_size(t, e) if enc == 0 else 2 * e
+        return raw.reshape(n, rs)
+    if enc == 2:
+        f = _dequant_q8(raw, n, e)
+    else:
+        bits = 4 if enc == 3 else 2
+        f = _dequant_kivi_v(raw, n, e, bits) if is_v else _dequant_kivi_k(raw, n, e, bits)
+    return np.ascontiguousarray(f.astype(np.float16)).view(np.uint8).reshape(n, 2 * e)
+
+
+def _enc_bytes(enc: int, t: int, n: int, e: int, is_v: bool) -> int:
+    if enc == 0:
+        return n * row_size(t, e)
+    if enc == 1:
+        return n * 2 * e
+    nb = (e + GROUP - 1) // GROUP
+    if enc == 2:
+        return n * nb * 34
+    blk = 4 + GROUP * (4 if enc == 3 else 2) // 8
+    if is_v:
+        return n * nb * blk
+    return (n + GROUP - 1) // GROUP * e * blk
+
+
+def parse_payload(buf: bytes | memoryview) -> NpPayload:
+    b = memoryview(buf)
+    assert bytes(b[:8]) == PAYLOAD_MAGIC
+    header_bytes, = struct.unpack_from("<I", b, 12)
+    n_layer, n_cells, k_type, v_type, enc = struct.unpack_from("<IIiiI", b, 48)
+    table = np.frombuffer(b, np.uint32, count=2 * n_layer, offset=128).reshape(n_layer, 2)
+    positions = np.frombuffer(b, np.int32, count=n_cells, offset=header_bytes)
+    off = header_bytes + (n_cells * 4 + 7) // 8 * 8
+    ks, vs = [], []
+    for il in range(n_layer):
+        ek, ev = int(table[il, 0]), int(table[il, 1])
+        kb = _enc_bytes(enc, k_type, n_cells, ek, False)
+        ks.append(decode_block(np.frombuffer(b, np.uint8, count=kb, offset=off), enc, n_cells, ek, False, k_type))
+        off += kb
+        vb = _enc_bytes(enc, v_type, n_cells, ev, True)
+        vs.append(decode_block(np.frombuffer(b, np.uint8, count=vb, offset=off), enc, n_cells, ev, True, v_type))
+        off += vb
+    return NpPayload(n_layer, n_cells, k_type, v_type, enc, positions, [int(x) for x in table[:, 0]],
+                     [int(x) for x in table[:, 1]], ks, vs)
+
+
+def rope_table(delta: int, rope_dims: int, base: float, freq_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin per rotated pair, with ggml's float32 arithmetic (theta *= theta_scale, step by step)."""
+    # powf is correctly rounded in glibc; numpy's float32 power is not always (1 ulp off for base 1e4), and
+    # an ulp in theta_scale is ~1e-2 rad at position 3e4: compute in float64 and round once
+    theta_scale = np.float32(float(np.float32(base)) ** float(np.float32(-2.0) / np.float32(rope_dims)))
+    steps = np.full(rope_dims // 2, theta_scale, dtype=np.float32)
+    steps[0] = np.float32(delta)
+    theta = np.cumprod(steps, dtype=np.float32) * np.float32(freq_scale)
+    return np.cos(theta.astype(np.float64)).astype(np.float32), np.sin(theta.astype(np.float64)).astype(np.float32)
+
+
+def rope_shift(k: np.ndarray, delta: int, head_dim: int, rope_dims: int, base: float, neox: bool,
+               freq_scale: float = 1.0, scale: float = 1.0) -> np.ndarray:
+    """Rotate f16 key rows [n, n_embd] by delta positions (numpy, float32 math); returns f16."""
+    n, e = k.shape
+    x = k.astype(np.float32).reshape(n, e // head_dim, head_dim)
+    c, s = rope_table(delta, rope_dims, base, freq_scale)
+    if neox:
+        half = rope_dims // 2
+        x0 = x[..., :half].copy()
+        x1 = x[..., half:rope_dims].copy()
+        x[..., :half] = x0 * c - x1 * s
+        x[..., half:rope_dims] = x0 * s + x1 * c
+    else:
+        x0 = x[..., 0:rope_dims:2].copy()
+        x1 = x[..., 1:rope_dims:2].copy()
+        x[..., 0:rope_dims:2] = x0 * c - x1 * s
+        x[..., 1:rope_dims:2] = x0 * s + x1 * c
+    if scale != 1.0:
+        x *= np.float32(scale)
+    return x.reshape(n, e).astype(np.float16)
+
+
+def splice(
+    prefix_blob: bytes | None,
+    payloads: Sequence[bytes | memoryview],
+    *,
+    mode: str = "parallel",
+    start_pos: int | None = None,
+    key_scale: float | Sequence[float] = 1.0,
+    drop_first: int = 0,
+    rope_base: float = 10000.0,
+    rope_dims: int = 0,
+    head_dim: int | None = None,
+    rope_neox: bool = False,
+    v_trans: bool | None = None,
+    seq_id: int = 0,
+) -> tuple[bytes, int]:
+    """numpy version of :func:`repomem.native.splice` (same output bytes; f16 rounding of RoPE may differ by
+    one f16 ulp because numpy's float32 cos/sin are not libm's)."""
+    pre = parse_state(prefix_blob) if prefix_blob is not None else None
+    pls = [parse_payload(p) for p in payloads]
+    scales = [float(key_scale)] * len(pls) if isinstance(key_scale, int | float) else [float(x) for x in key_scale]
+    hd = head_dim or rope_dims
+    n_stream = pre.n_stream if pre else 1
+    have_pre = pre is not None and len(pre.positions) > 0
+    vt = int(pre.v_trans) if have_pre else int(bool(v_trans))
+    n_layer = len(pre.k) if have_pre else (pls[0].n_layer if pls else 0)
+    k_type = pre.k_type if have_pre else (pls[0].k_type if pls and pls[0].encoding == 0 else 1)
+    v_type = pre.v_type if have_pre else (pls[0].v_type if pls and pls[0].encoding == 0 else 1)
+
+    pos_parts = [pre.positions] if have_pre else []
+    pmax = int(pre.positions.max()) if have_pre else -1
+    cursor = (start_pos if start_pos is not None and start_pos >= 0 else pmax + 1)
+    deltas = []
+    for p in pls:
+        kept = p.positions[drop_first:]
+        d = 0
+        if len(kept) and mode == "sequential":
+            d = cursor - int(kept[0])
+        deltas.append(d)
+        if len(kept):
+            pos_parts.append(kept + d)
+            pmax = max(pmax, int(kept.max()) + d)
+            cursor = int(kept.max()) + d + 1
+    positions = np.concatenate(pos_parts) if pos_parts else np.zeros(0, np.int32)
+    n = len(positions)
+
+    out = [struct.pack("<Iii", STATE_MAGIC, seq_id, n_stream)]
+    if n == 0:
+        out.append(b"\0\0\0\0" * n_stream)
+        return b"".join(out), pmax + 1
+    out.append(struct.pack("<I", n))
+    meta = np.empty((n, 3), np.int32)
+    meta[:, 0] = positions
+    meta[:, 1] = 1
+    meta[:, 2] = seq_id
+    out.append(meta.tobytes())
+    out.append(struct.pack("<II", vt, n_layer))
+    for il in range(n_layer):
+        parts = [pre.k[il]] if have_pre else []
+        for p, d, s in zip(pls, deltas, scales, strict=True):
+            rows = p.k[il][drop_first:]
+            if len(rows) and ((mode == "sequential" and d != 0) or s != 1.0):
+                k16 = rows.view(np.float16)
+                if mode == "sequential" and d != 0:
+                    k16 = rope_shift(k16, d, hd, rope_dims, rope_base, rope_neox, scale=s)
+                else:
+                    k16 = (k16.astype(np.float32) * np.float32(s)).astype(np.float16)
+                rows = k16.view(np.uint8)
+            parts.append(rows)
+        k = np.concatenate(parts, axis=0)
+        out.append(struct.pack("<iQ", k_type, k.shape[1]))
+        out.append(k.tobytes())
+    for il in range(n_layer):
+        if not vt:
+            parts = [pre.v[il]] if have_pre else []
+            parts += [p.v[il][drop_first:] for p in pls]
+            v = np.concatenate(parts, axis=0)
+            out.append(struct.pack("<iQ", v_type, v.shape[1]))
+            out.append(v.tobytes())
+        else:
+            el = _TYPE_INFO[v_type][1]
+            dt = {2: np.uint16, 4: np.uint32}[el]
+            ne = pls[0].n_embd_v[il] if pls else pre.n_embd_v[il]
+            cols = [pre.v[il].view(dt)] if have_pre else []  # [ne, n_pre]
+            cols += [p.v[il][drop_first:].view(dt).T for p in pls]  # [ne, n_frag]
+            v = np.concatenate(cols, axis=1)
+            out.append(struct.pack("<iII", v_type, el, ne))
+            out.append(np.ascontiguousarray(v).tobytes())
+    return b"".join(out), pmax + 1
