@@ -105,7 +105,7 @@ class ConversationStore:
         msgs = self.messages(conversation_id)
         drop = [m.id for m in msgs[-2:] if m.role in ("user", "assistant")]
         with self.db.conn:
-            self.db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in drop])
+            self.db.conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in drop])
 
     def close(self) -> None:
         self.db.conn.close()

@@ -432,10 +432,13 @@ class Context:
         n = ll.llama_state_seq_get_data(self._ctx, buf, size, seq_id)
         return bytes(memoryview(buf)[:n])
 
-    def state_set(self, blob: bytes, seq_id: int = 0) -> None:
-        """Replace the sequence's cells with those in the blob (positions as stored in it)."""
+    def state_set(self, blob: bytes | bytearray, seq_id: int = 0) -> None:
+        """Replace the sequence's cells with those in the blob (positions as stored in it). No copy."""
         ll = llama()
-        ptr = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
+        if isinstance(blob, bytes):
+            ptr = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
+        else:
+            ptr = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
         n = ll.llama_state_seq_set_data(self._ctx, ptr, len(blob), seq_id)
         if n != len(blob):
             raise ModelError("llama.cpp rejected the spliced state (not enough free cells or a format mismatch)")

@@ -111,10 +111,38 @@ class RepoMemory:
         self._answer_ctx: Context | None = None
         self._layout: Layout | None = None
         self._prefix_blob: bytes | None = None
+        self._splice_buf = bytearray()  # reused: a fresh few-hundred-MB buffer per question costs ~0.1 s
         self._rules: IgnoreRules | None = None
-        for cube in store.cubes():
-            if cube.status != "archived":
+        self._stamps: dict[str, tuple[float, str, int]] = {}
+        self._data_version = -1
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Bring the search index up to date with cubes other processes (the watcher) changed.
+
+        A no-op unless the database changed under another connection; then only changed cubes are
+        re-indexed. Returns how many were.
+        """
+        version = self.store.data_version()
+        if version == self._data_version:
+            return 0
+        self._data_version = version
+        stamps = self.store.cube_stamps()
+        changed = 0
+        for cid in set(self._stamps) - set(stamps):
+            self._unindex(cid)
+            changed += 1
+        for cid, stamp in stamps.items():
+            if self._stamps.get(cid) == stamp:
+                continue
+            changed += 1
+            cube = self.store.get(cid)
+            if cube is None or cube.status == "archived":
+                self._unindex(cid)
+            else:
                 self._index_cube(cube)
+        self._stamps = stamps
+        return changed
 
     @classmethod
     def open(cls, root: str | Path, settings: settings_mod.Settings | None = None,
@@ -373,6 +401,11 @@ class RepoMemory:
                                                               cube.symbol, cube.text), cancel=cancel)
                 except CancelledError:
                     break  # nothing of this cube was written; it stays in the queue
+                except RepomemError as exc:
+                    # Keep one bad cube from stalling the queue: it stays searchable as text.
+                    log.warning("cannot compile %s: %s", cube.location, exc)
+                    self.store.archive(cube.id, reason=f"compile failed: {exc}")
+                    continue
                 rel, sha, nbytes = self.store.write_payload(piece.payload)
                 if self.store.attach_payload(cube.id, cube.content_hash, rel, sha, nbytes, tokens=piece.tokens,
                                              kept_tokens=piece.kept, fingerprint=fp,
@@ -389,6 +422,7 @@ class RepoMemory:
         """Top-k active cubes. Conversation and change notes rank below code unless the question asks
         about the past ("what did we decide", "what changed"): an old answer, right or wrong, should not
         crowd out the code it was about."""
+        self.refresh()
         hits = self.index_.search(query, k=k * 3 + 6)
         about_past = bool(_PAST.search(query))
         scored: list[tuple[float, Cube]] = []
@@ -496,7 +530,7 @@ class RepoMemory:
                     prefix_blob, payloads, mode=s.placement, key_scale=s.key_scale, drop_first=0,
                     rope_base=engine.info.rope_base, rope_dims=engine.info.rope_dims,
                     head_dim=engine.info.head_dim, rope_neox=engine.info.rope_neox, v_trans=ctx.v_trans,
-                    fingerprint=self.fingerprint_bytes, verify=False)
+                    fingerprint=self.fingerprint_bytes, verify=False, out=self._splice_buf)
                 ctx.state_set(blob)
                 splice_s = time.perf_counter() - t_splice
                 prompt = engine.tokenize("".join(text_parts)) + q_tokens if text_parts else q_tokens

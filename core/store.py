@@ -1020,18 +1020,28 @@ class CubeStore:
             sql += f" LIMIT {int(limit)}"
         return [Cube.from_row(r) for r in self._rows(sql, params)]
 
+    def data_version(self) -> int:
+        """Changes whenever another connection (the watcher, the GUI) commits to this database."""
+        return int(self._read(lambda c: c.execute("PRAGMA data_version").fetchone()[0]))
+
+    def cube_stamps(self) -> dict[str, tuple[float, str, int]]:
+        """(updated, status, version) of every cube: cheap enough to diff against an index."""
+        rows = self._read(lambda c: c.execute("SELECT id, updated, status, version FROM cubes").fetchall())
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
     def compile_queue(self, fingerprint: str, limit: int | None = 64) -> list[Cube]:
         """Cubes to compile for model `fingerprint`, hottest first.
 
         Live cubes without a payload of this model, except those archived for the budget (they
-        come back through `promote`). Order: pinned, edited in the last hour, most accessed,
-        most important, most recently updated.
+        come back through `promote`). Order: pinned, edited in the last hour, code before notes,
+        most accessed, most important, most recently updated.
         """
         sql = (
             "SELECT * FROM cubes WHERE status IN ('active', 'stale') AND archived_at IS NULL "
             "AND NOT (kind = 'activation' AND status = 'active' AND payload_path IS NOT NULL "
             "         AND model_fingerprint = ?) "
-            "ORDER BY pinned DESC, (updated >= ?) DESC, access_count DESC, importance DESC, updated DESC, "
+            "ORDER BY pinned DESC, (updated >= ?) DESC, (source = 'code') DESC, access_count DESC, importance DESC, "
+            "updated DESC, "
             "path, start_line LIMIT ?"
         )
         lim = -1 if limit is None else int(limit)  # SQLite: a negative LIMIT means no limit

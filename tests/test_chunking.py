@@ -6,9 +6,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import repomem.core.chunking as chunking
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import repomem.core.chunking as chunking
 from repomem.core.chunking import Chunk, chunk_text, estimate_tokens, has_grammar, source_lines
 from repomem.core.walk import language_for, walk_repo
 

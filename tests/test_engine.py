@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from repomem.core import amx_guard
 from repomem.core.engine import Engine, SamplingParams
 from repomem.core.errors import ContextOverflowError, ModelError

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from repomem.core import models
 from repomem.core.errors import ModelError
 from repomem.core.gguf import read_gguf_info

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from repomem.core.chunking import Chunk, chunk_text
 from repomem.core.errors import StoreError
 from repomem.core.store import (
