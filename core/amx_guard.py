@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import paths
+from . import atomic, paths
 
 VERDICT_FILE = "extra-bufts.json"
 PROBE_TIMEOUT_S = 120
@@ -65,10 +65,7 @@ def _load() -> dict:
 
 
 def _save(data: dict) -> None:
-    path = _verdict_path()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic.write_text(_verdict_path(), json.dumps(data, indent=1))
 
 
 def verdict(model_sha256: str) -> dict | None:

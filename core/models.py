@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from . import atomic, paths
 from .errors import ModelError
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -117,17 +117,8 @@ def cached_sha256(path: Path) -> str:
         cache = {}
     if key not in cache:
         cache[key] = sha256_file(path)
-        _atomic_write_text(cache_file, json.dumps(cache, indent=1))
+        atomic.write_text(cache_file, json.dumps(cache, indent=1))
     return cache[key]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def installed() -> list[dict]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from . import paths
+from . import atomic, paths
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +94,4 @@ def save(s: Settings) -> None:
     except (OSError, ValueError):
         existing = {}
     existing.update(asdict(s))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".settings", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(existing, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(existing, indent=2))

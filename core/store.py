@@ -34,7 +34,6 @@ import json
 import mmap
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 import uuid
@@ -45,6 +44,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from repomem.core import atomic
 from repomem.core.errors import StoreError
 
 DB_NAME = "cubes.db"
@@ -269,22 +269,6 @@ def cube_id_for(repo: str, path: str, symbol: str | None, chunk_kind: str | None
 def _is_locked(exc: BaseException) -> bool:
     msg = str(exc).lower()
     return "locked" in msg or "busy" in msg
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (POSIX); Windows cannot open directories and does not need it."""
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,20 +750,7 @@ class CubeStore:
                 os.utime(final)  # restart the GC grace period: a new reference is coming
                 return rel, sha, nbytes
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{sha[:16]}.", suffix=TEMP_SUFFIX, dir=final.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(view)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, final)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-            _fsync_dir(final.parent)
+            atomic.write_bytes(final, view, temp_suffix=TEMP_SUFFIX)
         except OSError as exc:
             raise StoreError(f"cannot write a payload in {self.payload_dir}: {exc}") from exc
         return rel, sha, nbytes

@@ -13,12 +13,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from . import paths
+from . import atomic, paths
 from .errors import RepomemError
 from .locks import holder
 
@@ -49,17 +48,7 @@ def write_status(root: Path, data: dict[str, Any]) -> None:
     """Atomic replace: a reader sees the old snapshot or the new one, never half of one."""
     path = status_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".watch-status", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic.write_text(path, json.dumps(data, indent=1, default=str), durable=False)
 
 
 def read_status(root: Path) -> dict[str, Any] | None:
