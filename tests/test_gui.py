@@ -79,9 +79,11 @@ def ask_and_wait(qtbot, win: MainWindow, question: str, mode: str = ""):
 
 def test_add_repository_indexes_and_is_remembered(qtbot, window: MainWindow, repo: Path):
     root = add_and_wait(qtbot, window, repo)
-    state = window.sidebar.states[root]
     assert window.sidebar.roots() == [root]
-    assert state.files == 2 and state.cubes >= 2 and not state.error
+    # The sidebar counters refresh as indexing reports progress: wait for the final numbers.
+    qtbot.waitUntil(lambda: window.sidebar.states[root].files == 2 and window.sidebar.states[root].cubes >= 2,
+                    timeout=20_000)
+    assert not window.sidebar.states[root].error
     item_text = window.sidebar.list.item(0).text()
     assert "calc" in item_text and "2 files" in item_text
     assert window.chat.input.isEnabled()
