@@ -27,11 +27,15 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--fragments", default=64)
 @click.option("--cells", "cells_per_fragment", default=512)
-def bench_splice_cmd(as_json: bool, fragments: int, cells_per_fragment: int) -> None:
-    """Native splice vs. a plain numpy implementation of the same splice."""
-    from repomem.native.bench import bench_splice
+@click.option("--fuzz", "fuzz_cases", default=10_000, help="Random/truncated blobs and payloads fed to the parsers.")
+def bench_splice_cmd(as_json: bool, fragments: int, cells_per_fragment: int, fuzz_cases: int) -> None:
+    """Native splice vs. a plain numpy implementation of the same splice, plus a fuzzing run."""
+    from repomem.native.bench import bench_splice, fuzz
 
-    _show(bench_splice(fragments=fragments, cells_per_fragment=cells_per_fragment), as_json)
+    out = bench_splice(fragments=fragments, cells_per_fragment=cells_per_fragment)
+    if fuzz_cases:
+        out["fuzz"] = fuzz(fuzz_cases)
+    _show(out, as_json)
 
 
 @bench.command("ttft")
