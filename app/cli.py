@@ -21,6 +21,17 @@ def _print_json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def show_mapping(data: dict, as_json: bool) -> None:
+    """A flat result as JSON, or as a two-column table on a terminal."""
+    if as_json:
+        _print_json(data)
+        return
+    t = Table(show_header=False, box=None)
+    for k, v in data.items():
+        t.add_row(k, str(v))
+    console.print(t)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="repomem")
 def cli() -> None:
@@ -108,13 +119,7 @@ def models_info(model: str, as_json: bool) -> None:
     engine = Engine(resolve_model(model))
     info = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(engine.info).items()}
     info["use_extra_bufts"] = engine.use_extra_bufts
-    if as_json:
-        _print_json(info)
-        return
-    t = Table(show_header=False, box=None)
-    for k, v in info.items():
-        t.add_row(k, str(v))
-    console.print(t)
+    show_mapping(info, as_json)
 
 
 @models.command("path")

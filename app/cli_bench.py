@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
-from repomem.app.cli import _print_json, cli, console
-
-
-def _show(data: dict, as_json: bool) -> None:
-    if as_json:
-        _print_json(data)
-        return
-    t = Table(show_header=False, box=None)
-    for k, v in data.items():
-        t.add_row(k, str(v))
-    console.print(t)
+from repomem.app.cli import cli, console
+from repomem.app.cli import show_mapping as _show
 
 
 @cli.group()
