@@ -209,10 +209,8 @@ class RepoMemory:
 
     # -- indexing -------------------------------------------------------------------------------
     def _index_cube(self, cube: Cube) -> None:
-        if cube.id in self.index_:
-            self.index_.remove(cube.id)
-        self.index_.add(cube.id, cube.text, cube.path, cube.symbol or "",
-                        start_line=cube.start_line, end_line=cube.end_line)
+        self.index_.update(cube.id, cube.text, cube.path, cube.symbol or "",
+                           start_line=cube.start_line, end_line=cube.end_line)
 
     def _unindex(self, cube_id: str) -> None:
         if cube_id in self.index_:
@@ -227,7 +225,7 @@ class RepoMemory:
 
     def _ingest(self, rel: str, text: str, language: str | None, file_sha: str, summary: IndexSummary,
                 record_change: bool) -> None:
-        old = {c.id: c for c in self.store.cubes(path=rel, source="code")}
+        old = {c.id: c for c in self.store.cubes(path=rel, source="code")} if record_change else {}
         chunks = chunk_text(rel, text, language, max_tokens=self.settings.chunk_tokens)
         res = self.store.upsert_chunks(rel, chunks, repo=str(self.root), file_sha=file_sha,
                                        visibility=self._visibility(rel))
