@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from . import engine_pool, paths
 from . import settings as settings_mod
 from .chunking import chunk_text
@@ -74,6 +76,31 @@ class Answer:
                 "sources": [s.as_dict() for s in self.sources], "spliced": self.spliced,
                 "as_text": self.as_text, "conversation_id": self.conversation_id,
                 "stop_reason": self.stop_reason, "warnings": self.warnings}
+
+
+@dataclass
+class AnswerScore:
+    """Teacher-forced view of one answer: log-probability of each of its tokens, and whether it was the top one."""
+
+    logprobs: list[float]
+    top1: list[bool]
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs)
+
+
+@dataclass
+class _Prepared:
+    ctx: Context
+    prompt: list[int]
+    start: int
+    chosen: list[Cube]
+    memory_tokens: int
+    spliced: int = 0
+    text_parts: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    splice_s: float = 0.0
 
 
 @dataclass
@@ -471,88 +498,123 @@ class RepoMemory:
             self.store.promote(cube.id)
             return None
 
+    def _prepare(self, question: str, mode: str, history: list[tuple[str, str]], extra_tokens: int) -> _Prepared:
+        """Retrieve, then lay out the memory in the answer context: spliced KV (kv) or decoded text (text).
+
+        Returns the context and the tokens still to decode at `start`. `extra_tokens`: room to leave after
+        them (the answer). Caller holds self._lock."""
+        s = self.settings
+        engine = self.engine
+        q_tokens = engine.tokenize(self.layout.question_text(question, history))
+        n_prefix = len(engine.tokenize(self.layout.prefix))
+        room = s.n_ctx - n_prefix - len(q_tokens) - extra_tokens
+        if room < 0:
+            raise ContextOverflowError(
+                f"the question needs {len(q_tokens):,} tokens and the context holds {s.n_ctx:,}; "
+                "shorten it or raise the context size")
+        cubes = self.search(question, k=s.top_k) if mode != "none" else []
+        budget = min(s.memory_tokens, room)
+        chosen: list[tuple[Cube, str, int]] = []
+        used = 0
+        for cube in cubes:
+            text = memory_text(cube.path, cube.start_line, cube.end_line, cube.symbol, cube.text)
+            n = cube.tokens or len(engine.tokenize(text))
+            if used + n > budget:
+                continue
+            chosen.append((cube, text, n))
+            used += n
+        self.store.touch([c.id for c, _, _ in chosen])
+        ctx = self._answer_context(n_prefix + used + len(q_tokens) + extra_tokens)
+        prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _ in chosen], memory_tokens=used)
+        ctx.clear()
+        if mode == "kv":
+            from repomem import native
+
+            prefix_blob, _ = self._prefix_state(ctx)
+            payloads = []
+            for cube, text, _ in chosen:
+                buf = None
+                if cube.kind == "activation" and cube.model_fingerprint == self.fingerprint:
+                    buf = self._load_payload(cube, prep.warnings)
+                if buf is None:
+                    prep.text_parts.append(text)
+                else:
+                    payloads.append(buf)
+            prep.spliced = len(payloads)
+            t_splice = time.perf_counter()
+            # Each payload was checksummed by _load_payload; the splice need not read them twice.
+            blob, next_pos = native.splice(
+                prefix_blob, payloads, mode=s.placement, key_scale=s.key_scale, drop_first=0,
+                rope_base=engine.info.rope_base, rope_dims=engine.info.rope_dims,
+                head_dim=engine.info.head_dim, rope_neox=engine.info.rope_neox, v_trans=ctx.v_trans,
+                fingerprint=self.fingerprint_bytes, verify=False, out=self._splice_buf)
+            ctx.state_set(blob)
+            prep.splice_s = time.perf_counter() - t_splice
+            prep.prompt = (engine.tokenize("".join(prep.text_parts)) + q_tokens) if prep.text_parts else q_tokens
+            prep.start = next_pos
+            if prep.text_parts:
+                prep.warnings.append(f"{len(prep.text_parts)} of {len(chosen)} memories are not compiled yet: "
+                                     "placed as text (mixed)")
+        else:
+            prep.text_parts = [t for _, t, _ in chosen]
+            prep.prompt = engine.tokenize(self.layout.prefix + "".join(prep.text_parts)) + q_tokens
+        return prep
+
     def ask(self, question: str, *, mode: str | None = None, conversation_id: str | None = None,
             on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
             record: bool = True, sampling: SamplingParams | None = None) -> Answer:
+        question, mode = self._check_question(question, mode)
+        s = self.settings
+        with self._lock:
+            history = self.conversations.exchanges(conversation_id)[-3:] if conversation_id else []
+            prep = self._prepare(question, mode, history, s.max_answer_tokens)
+            params = sampling or SamplingParams(temperature=s.temperature, max_tokens=s.max_answer_tokens)
+            gen = prep.ctx.generate(prep.prompt, start_pos=prep.start, params=params, on_text=on_text,
+                                    cancel=cancel)
+            sources = [Source(c.path, c.start_line, c.end_line, c.symbol, c.id, c.kind, c.source)
+                       for c in prep.chosen]
+            ans = Answer(answer=gen.text.strip(), mode=mode, ttft_s=gen.ttft_s + prep.splice_s,
+                         total_s=gen.total_s + prep.splice_s, memory_tokens=prep.memory_tokens, sources=sources,
+                         spliced=prep.spliced, as_text=len(prep.text_parts), conversation_id=conversation_id,
+                         stop_reason=gen.stop_reason, warnings=prep.warnings)
+            if record and gen.stop_reason != "cancelled":
+                self._remember_exchange(question, ans)
+            self._promote_hot()
+            return ans
+
+    def score_answer(self, question: str, answer: str, *, mode: str | None = None) -> AnswerScore:
+        """How the model, given this question's memory, predicts a known answer token by token (teacher forcing).
+
+        Benchmarks use it to compare memory representations (payload encodings, placements) on the same
+        answer: greedy answers flip on tiny perturbations, the per-token log-probabilities move smoothly."""
+        question, mode = self._check_question(question, mode)
+        with self._lock:
+            targets = self.engine.tokenize(answer) if answer.strip() else []
+            if not targets:
+                raise RepomemError("the answer to score is empty")
+            prep = self._prepare(question, mode, [], len(targets))
+            ctx, prompt = prep.ctx, prep.prompt
+            if len(targets) > ctx.n_batch:
+                raise RepomemError(f"answers longer than {ctx.n_batch} tokens cannot be scored")
+            ctx.decode(prompt[:-1], start_pos=prep.start, logits="none")
+            # one batch from the last prompt token: output row j predicts answer token j
+            ctx.decode(prompt[-1:] + targets[:-1], start_pos=prep.start + len(prompt) - 1, logits="all")
+            logprobs, top1 = [], []
+            for j, tok in enumerate(targets):
+                z = ctx.logits(j).astype(np.float64)
+                z -= z.max()
+                logprobs.append(float(z[tok] - np.log(np.exp(z).sum())))
+                top1.append(int(np.argmax(z)) == tok)
+            return AnswerScore(logprobs=logprobs, top1=top1)
+
+    def _check_question(self, question: str, mode: str | None) -> tuple[str, str]:
         question = question.strip()
         if not question:
             raise RepomemError("the question is empty")
         mode = mode or self.settings.mode
         if mode not in settings_mod.MODES:
             raise RepomemError(f"unknown mode {mode!r}; use kv, text or none")
-        s = self.settings
-        with self._lock:
-            engine = self.engine
-            history = self.conversations.exchanges(conversation_id)[-3:] if conversation_id else []
-            q_tokens = engine.tokenize(self.layout.question_text(question, history))
-            n_prefix = len(engine.tokenize(self.layout.prefix))
-            room = s.n_ctx - n_prefix - len(q_tokens) - s.max_answer_tokens
-            if room < 0:
-                raise ContextOverflowError(
-                    f"the question needs {len(q_tokens):,} tokens and the context holds {s.n_ctx:,}; "
-                    "shorten it or raise the context size")
-            cubes = self.search(question, k=s.top_k) if mode != "none" else []
-            budget = min(s.memory_tokens, room)
-            chosen: list[tuple[Cube, str, int]] = []
-            used = 0
-            for cube in cubes:
-                text = memory_text(cube.path, cube.start_line, cube.end_line, cube.symbol, cube.text)
-                n = cube.tokens or len(engine.tokenize(text))
-                if used + n > budget:
-                    continue
-                chosen.append((cube, text, n))
-                used += n
-            self.store.touch([c.id for c, _, _ in chosen])
-            ctx = self._answer_context(n_prefix + used + len(q_tokens) + s.max_answer_tokens)
-            warnings: list[str] = []
-            spliced = 0
-            text_parts: list[str] = []
-            ctx.clear()
-            if mode == "kv":
-                from repomem import native
-
-                prefix_blob, P = self._prefix_state(ctx)
-                payloads = []
-                for cube, text, _ in chosen:
-                    buf = None
-                    if cube.kind == "activation" and cube.model_fingerprint == self.fingerprint:
-                        buf = self._load_payload(cube, warnings)
-                    if buf is None:
-                        text_parts.append(text)
-                    else:
-                        payloads.append(buf)
-                spliced = len(payloads)
-                t_splice = time.perf_counter()
-                # Each payload was checksummed by _load_payload; the splice need not read them twice.
-                blob, next_pos = native.splice(
-                    prefix_blob, payloads, mode=s.placement, key_scale=s.key_scale, drop_first=0,
-                    rope_base=engine.info.rope_base, rope_dims=engine.info.rope_dims,
-                    head_dim=engine.info.head_dim, rope_neox=engine.info.rope_neox, v_trans=ctx.v_trans,
-                    fingerprint=self.fingerprint_bytes, verify=False, out=self._splice_buf)
-                ctx.state_set(blob)
-                splice_s = time.perf_counter() - t_splice
-                prompt = engine.tokenize("".join(text_parts)) + q_tokens if text_parts else q_tokens
-                start = next_pos
-            else:
-                splice_s = 0.0
-                text_parts = [t for _, t, _ in chosen]
-                prompt = engine.tokenize(self.layout.prefix + "".join(text_parts)) + q_tokens
-                start = 0
-            params = sampling or SamplingParams(temperature=s.temperature, max_tokens=s.max_answer_tokens)
-            gen = ctx.generate(prompt, start_pos=start, params=params, on_text=on_text, cancel=cancel)
-            sources = [Source(c.path, c.start_line, c.end_line, c.symbol, c.id, c.kind, c.source)
-                       for c, _, _ in chosen]
-            ans = Answer(answer=gen.text.strip(), mode=mode, ttft_s=gen.ttft_s + splice_s,
-                         total_s=gen.total_s + splice_s, memory_tokens=used, sources=sources, spliced=spliced,
-                         as_text=len(text_parts), conversation_id=conversation_id, stop_reason=gen.stop_reason,
-                         warnings=warnings)
-            if mode == "kv" and text_parts:
-                ans.warnings.append(f"{len(text_parts)} of {len(chosen)} memories are not compiled yet: "
-                                    "placed as text (mixed)")
-            if record and gen.stop_reason != "cancelled":
-                self._remember_exchange(question, ans)
-            self._promote_hot()
-            return ans
+        return question, mode
 
     def _remember_exchange(self, question: str, ans: Answer) -> None:
         """Conversation memory: the exchange becomes a plaintext cube a later session can retrieve."""

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from . import empty_state, extract_fragment, parse_state, payload_info, splice
+from . import ENCODINGS, empty_state, extract_fragment, parse_state, payload_info, splice
 from . import reference as ref
 
 STATE_MAGIC = 0xAF143CD8
@@ -136,7 +136,7 @@ def fuzz(n: int = 10_000, seed: int = 0) -> dict:
     fp = bytes(range(32))
     blob = make_state_blob(6, n_layer=2, n_embd_k=64, n_embd_v=64, v_trans=True, rng=rng)
     blob_nt = make_state_blob(5, n_layer=2, n_embd_k=64, n_embd_v=64, v_trans=False, rng=rng)
-    payloads = [extract_fragment(blob, [0, 2, 3], fingerprint=fp, encoding=e) for e in ("f16", "q8", "q4", "q2")]
+    payloads = [extract_fragment(blob, [0, 2, 3], fingerprint=fp, encoding=e) for e in ENCODINGS if e != "raw"]
     seeds = [blob, blob_nt, *payloads]
     ok = rejected = 0
     for i in range(n):

@@ -28,17 +28,42 @@
 #define RM_Q8_BLOCK   34u // f16 scale + 32 x int8
 #define RM_Q4_BLOCK   20u // f16 scale + f16 min + 16 bytes of 4-bit codes
 #define RM_Q2_BLOCK   12u // f16 scale + f16 min + 8 bytes of 2-bit codes
+#define RM_NF2_BLOCK  20u // f16 mean + f16 std + 16 bytes of 2-bit codes (64 values)
 
 static size_t rm_pad8(size_t n) {
     return (n + 7u) & ~(size_t) 7u;
 }
 
+// uniform KIVI blocks (Q4, Q2, and the keys of K4V2)
 static uint32_t rm_kivi_block(uint32_t enc) {
-    return enc == RM_ENC_Q4 ? RM_Q4_BLOCK : RM_Q2_BLOCK;
+    return enc == RM_ENC_Q2 ? RM_Q2_BLOCK : RM_Q4_BLOCK;
 }
 
 static uint32_t rm_kivi_bits(uint32_t enc) {
-    return enc == RM_ENC_Q4 ? 4u : 2u;
+    return enc == RM_ENC_Q2 ? 2u : 4u;
+}
+
+// bytes of one key block (one channel of one group of cells). K4V2 stores the last, partial group of cells
+// tight (codes for the cells it has); Q4/Q2 keep the padded block of their first format.
+static uint32_t rm_kivi_k_block(uint32_t enc, uint32_t cells_in_group) {
+    if (enc == RM_ENC_K4V2 && cells_in_group < RM_GROUP) {
+        return 4u + (cells_in_group * rm_kivi_bits(enc) + 7u) / 8u;
+    }
+    return rm_kivi_block(enc);
+}
+
+// the header's group field: 32 for the one-group encodings, K group | V group << 16 for K4V2
+static uint32_t rm_enc_group(uint32_t enc) {
+    switch (enc) {
+        case RM_ENC_Q8:
+        case RM_ENC_Q4:
+        case RM_ENC_Q2:
+            return RM_GROUP;
+        case RM_ENC_K4V2:
+            return RM_GROUP | (RM_NF_GROUP << 16);
+        default:
+            return 0u;
+    }
 }
 
 bool rm_enc_k_bytes(uint32_t enc, int32_t type, uint32_t n_cells, uint32_t n_embd, size_t * out) {
@@ -58,9 +83,16 @@ bool rm_enc_k_bytes(uint32_t enc, int32_t type, uint32_t n_cells, uint32_t n_emb
             return rm_mul(row, n_cells, out);
         case RM_ENC_Q4:
         case RM_ENC_Q2:
+        case RM_ENC_K4V2: {
             // keys: per channel, groups of 32 cells along the token axis
-            groups = ((size_t) n_cells + RM_GROUP - 1) / RM_GROUP;
-            return rm_mul(groups, (size_t) n_embd * rm_kivi_block(enc), out);
+            size_t full;
+            size_t last = 0;
+            groups = (size_t) n_cells / RM_GROUP;
+            if (n_cells % RM_GROUP != 0) {
+                last = (size_t) n_embd * rm_kivi_k_block(enc, n_cells % RM_GROUP);
+            }
+            return rm_mul(groups, (size_t) n_embd * rm_kivi_block(enc), &full) && rm_add(full, last, out);
+        }
         default:
             return false;
     }
@@ -77,6 +109,13 @@ bool rm_enc_v_bytes(uint32_t enc, int32_t type, uint32_t n_cells, uint32_t n_emb
         case RM_ENC_Q2:
             // values: per cell, groups of 32 channels
             row = (size_t) ((n_embd + RM_GROUP - 1) / RM_GROUP) * rm_kivi_block(enc);
+            return rm_mul(row, n_cells, out);
+        case RM_ENC_K4V2:
+            // values: per cell, whole Hadamard blocks of 64 channels (no partial block)
+            if (n_embd % RM_NF_GROUP != 0) {
+                return false;
+            }
+            row = (size_t) (n_embd / RM_NF_GROUP) * RM_NF2_BLOCK;
             return rm_mul(row, n_cells, out);
         default:
             return false;
@@ -143,8 +182,7 @@ rm_status rm_payload_open(const uint8_t * buf, size_t n, bool verify, rm_payload
     if (pl->encoding >= RM_ENC_COUNT) {
         return rm_fail(err, RM_ERR_PAYLOAD, "payload has unknown encoding %u", pl->encoding);
     }
-    const bool quant = pl->encoding == RM_ENC_Q8 || pl->encoding == RM_ENC_Q4 || pl->encoding == RM_ENC_Q2;
-    if (pl->group != (quant ? RM_GROUP : 0u)) {
+    if (pl->group != rm_enc_group(pl->encoding)) {
         return rm_fail(err, RM_ERR_PAYLOAD, "payload group size %u is wrong for encoding %u", pl->group,
                        pl->encoding);
     }
@@ -285,7 +323,7 @@ static void rm_enc_q8_rows(const uint16_t * rows, uint32_t n, uint32_t E, uint8_
 }
 
 // asymmetric block: codes for vals[0..cnt) (cnt <= 32), rest zero
-static void rm_enc_kivi_block(const float * vals, uint32_t cnt, uint32_t bits, uint8_t * blk) {
+static void rm_enc_kivi_block(const float * vals, uint32_t cnt, uint32_t bits, uint32_t blk_bytes, uint8_t * blk) {
     float mn = vals[0];
     float mx = vals[0];
     for (uint32_t k = 1; k < cnt; ++k) {
@@ -301,7 +339,7 @@ static void rm_enc_kivi_block(const float * vals, uint32_t cnt, uint32_t bits, u
     memcpy(blk, &s16, 2);
     memcpy(blk + 2, &m16, 2);
     uint8_t * codes = blk + 4;
-    memset(codes, 0, RM_GROUP * bits / 8u);
+    memset(codes, 0, blk_bytes - 4u);
     for (uint32_t k = 0; k < cnt; ++k) {
         int q = (int) floorf((vals[k] - m) * is + 0.5f);
         q = q < 0 ? 0 : (q > (int) levels ? (int) levels : q);
@@ -324,6 +362,7 @@ static void rm_enc_kivi_k(const uint16_t * rows, uint32_t n, uint32_t E, uint32_
     for (uint32_t g = 0; g < ngroups; ++g) {
         const uint32_t i0  = g * RM_GROUP;
         const uint32_t cnt = n - i0 < RM_GROUP ? n - i0 : RM_GROUP;
+        const uint32_t kb  = rm_kivi_k_block(enc, cnt);
         for (uint32_t k = 0; k < cnt; ++k) {
             rm_f16_to_f32_row(rows + (size_t) (i0 + k) * E, tmp + (size_t) k * E, E);
         }
@@ -331,7 +370,7 @@ static void rm_enc_kivi_k(const uint16_t * rows, uint32_t n, uint32_t E, uint32_
             for (uint32_t k = 0; k < cnt; ++k) {
                 vals[k] = tmp[(size_t) k * E + c];
             }
-            rm_enc_kivi_block(vals, cnt, bits, out + ((size_t) g * E + c) * blk);
+            rm_enc_kivi_block(vals, cnt, bits, kb, out + (size_t) g * E * blk + (size_t) c * kb);
         }
     }
 }
@@ -346,7 +385,81 @@ static void rm_enc_kivi_v(const uint16_t * rows, uint32_t n, uint32_t E, uint32_
         for (uint32_t b = 0; b < nb; ++b) {
             const uint32_t c0  = b * RM_GROUP;
             const uint32_t cnt = E - c0 < RM_GROUP ? E - c0 : RM_GROUP;
-            rm_enc_kivi_block(tmp + c0, cnt, bits, out + ((size_t) i * nb + b) * blk);
+            rm_enc_kivi_block(tmp + c0, cnt, bits, blk, out + ((size_t) i * nb + b) * blk);
+        }
+    }
+}
+
+// K4V2 values. A normalized Walsh-Hadamard transform over 64 channels spreads outlier channels across the
+// block, so the rotated values are close to Gaussian; 2-bit codes then take the Lloyd-Max levels of a normal
+// distribution (scaled by the block's std around its mean), which halves the error of uniform 2-bit codes on
+// real values. The transform is its own inverse (H = H^T, H H = I), applied again after decoding.
+static const float rm_nf2_level[4] = { -1.5104f, -0.4528f, 0.4528f, 1.5104f };
+#define RM_NF2_EDGE 0.9816f // midpoint between the two positive levels
+
+static void rm_fwht64(float * x) {
+    for (uint32_t h = 1; h < RM_NF_GROUP; h <<= 1) {
+        for (uint32_t i = 0; i < RM_NF_GROUP; i += h << 1) {
+            for (uint32_t j = i; j < i + h; ++j) {
+                const float a = x[j];
+                const float b = x[j + h];
+                x[j]     = a + b;
+                x[j + h] = a - b;
+            }
+        }
+    }
+    for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
+        x[i] *= 0.125f; // 1 / sqrt(64)
+    }
+}
+
+static void rm_enc_nf2_block(const float * in, uint8_t * blk) {
+    float x[RM_NF_GROUP];
+    memcpy(x, in, sizeof(x));
+    rm_fwht64(x);
+    float mean = 0.0f;
+    for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
+        mean += x[i];
+    }
+    const uint16_t mu16 = rm_f32_to_f16(mean / (float) RM_NF_GROUP);
+    const float    mu   = rm_f16_to_f32(mu16);
+    float var = 0.0f;
+    for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
+        var += (x[i] - mu) * (x[i] - mu);
+    }
+    const uint16_t sd16 = rm_f32_to_f16(sqrtf(var / (float) RM_NF_GROUP));
+    const float    sd   = rm_f16_to_f32(sd16);
+    const float    edge = RM_NF2_EDGE * sd;
+    memcpy(blk, &mu16, 2);
+    memcpy(blk + 2, &sd16, 2);
+    uint8_t * codes = blk + 4;
+    memset(codes, 0, RM_NF_GROUP * 2u / 8u);
+    for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
+        const float    d = x[i] - mu;
+        const uint32_t q = d >= 0.0f ? (d >= edge ? 3u : 2u) : (d < -edge ? 0u : 1u);
+        codes[i / 4u] |= (uint8_t) (q << ((i % 4u) * 2u));
+    }
+}
+
+static void rm_dec_nf2_block(const uint8_t * blk, float * out) {
+    uint16_t mu16;
+    uint16_t sd16;
+    memcpy(&mu16, blk, 2);
+    memcpy(&sd16, blk + 2, 2);
+    const float mu = rm_f16_to_f32(mu16);
+    const float sd = rm_f16_to_f32(sd16);
+    for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
+        out[i] = mu + sd * rm_nf2_level[(blk[4 + i / 4u] >> ((i % 4u) * 2u)) & 3u];
+    }
+    rm_fwht64(out);
+}
+
+static void rm_enc_nf2_v(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t * out, float * tmp) {
+    const uint32_t nb = E / RM_NF_GROUP;
+    for (uint32_t i = 0; i < n; ++i) {
+        rm_f16_to_f32_row(rows + (size_t) i * E, tmp, E);
+        for (uint32_t b = 0; b < nb; ++b) {
+            rm_enc_nf2_block(tmp + (size_t) b * RM_NF_GROUP, out + ((size_t) i * nb + b) * RM_NF2_BLOCK);
         }
     }
 }
@@ -381,6 +494,10 @@ rm_status rm_extract_size(const uint8_t * blob, const rm_state * st, uint32_t n_
         }
         if (L->n_embd_k == 0 || L->n_embd_v == 0) {
             return rm_fail(err, RM_ERR_ARG, "layer %u: cannot derive the row widths", il);
+        }
+        if (enc == RM_ENC_K4V2 && L->n_embd_v % RM_NF_GROUP != 0) {
+            return rm_fail(err, RM_ERR_ARG, "encoding k4v2 needs V rows in multiples of %u values, layer %u has %u",
+                           RM_NF_GROUP, il, L->n_embd_v);
         }
         size_t kb;
         size_t vb;
@@ -458,7 +575,7 @@ rm_status rm_extract(const uint8_t * blob, const rm_state * st, const int32_t * 
     rm_wr_i32(&w, st->layers[0].k_type);
     rm_wr_i32(&w, st->layers[0].v_type);
     rm_wr_u32(&w, enc);
-    rm_wr_u32(&w, (enc == RM_ENC_Q8 || enc == RM_ENC_Q4 || enc == RM_ENC_Q2) ? RM_GROUP : 0u);
+    rm_wr_u32(&w, rm_enc_group(enc));
     rm_wr_i32(&w, pfirst);
     rm_wr_i32(&w, pmax);
     rm_wr_u32(&w, contiguous ? RM_FLAG_CONTIGUOUS : 0u);
@@ -531,6 +648,13 @@ rm_status rm_extract(const uint8_t * blob, const rm_state * st, const int32_t * 
                     break;
                 case RM_ENC_Q8:
                     rm_enc_q8_rows(rows16, n_sel, E, dst, tmp);
+                    break;
+                case RM_ENC_K4V2:
+                    if (is_v) {
+                        rm_enc_nf2_v(rows16, n_sel, E, dst, tmp);
+                    } else {
+                        rm_enc_kivi_k(rows16, n_sel, E, enc, dst, tmp);
+                    }
                     break;
                 case RM_ENC_Q4:
                 case RM_ENC_Q2:
@@ -605,9 +729,19 @@ void rm_decode_rows(const rm_payload * pl, uint32_t il, bool is_v, uint32_t c0, 
         return;
     }
 
-    // Q4 / Q2
+    // Q4 / Q2 / K4V2
     const uint32_t bits = rm_kivi_bits(enc);
     const uint32_t blk  = rm_kivi_block(enc);
+    if (is_v && enc == RM_ENC_K4V2) {
+        const uint32_t nb = E / RM_NF_GROUP;
+        for (uint32_t i = 0; i < n; ++i) {
+            for (uint32_t b = 0; b < nb; ++b) {
+                rm_dec_nf2_block(src + ((size_t) (c0 + i) * nb + b) * RM_NF2_BLOCK, tmp + (size_t) b * RM_NF_GROUP);
+            }
+            rm_f32_to_f16_row(tmp, (uint16_t *) (void *) (dst + (size_t) i * dst_row_bytes), E);
+        }
+        return;
+    }
     if (is_v) {
         const uint32_t nb = (E + RM_GROUP - 1) / RM_GROUP;
         for (uint32_t i = 0; i < n; ++i) {
@@ -637,10 +771,12 @@ void rm_decode_rows(const rm_payload * pl, uint32_t il, bool is_v, uint32_t c0, 
         const uint32_t cell = c0 + i;
         const uint32_t g    = cell / RM_GROUP;
         const uint32_t k    = cell % RM_GROUP;
+        const uint32_t left = pl->n_cells - g * RM_GROUP;
+        const uint32_t kb   = rm_kivi_k_block(enc, left < RM_GROUP ? left : RM_GROUP);
         uint16_t *     out  = (uint16_t *) (void *) (dst + (size_t) i * dst_row_bytes);
         const uint8_t * gp  = src + (size_t) g * E * blk;
         for (uint32_t c = 0; c < E; ++c) {
-            const uint8_t * bp = gp + (size_t) c * blk;
+            const uint8_t * bp = gp + (size_t) c * kb;
             uint16_t s16;
             uint16_t m16;
             memcpy(&s16, bp, 2);

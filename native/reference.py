@@ -124,14 +124,53 @@ def _dequant_kivi_v(raw: np.ndarray, n: int, e: int, bits: int) -> np.ndarray:
     return (m + s * q).reshape(n, nb * GROUP)[:, :e]
 
 
-def _dequant_kivi_k(raw: np.ndarray, n: int, e: int, bits: int) -> np.ndarray:
+def _dequant_kivi_k(raw: np.ndarray, n: int, e: int, bits: int, tight: bool = False) -> np.ndarray:
+    """Keys per channel over groups of 32 cells; ``tight`` (k4v2): the last partial group has only its codes."""
+    full, rem = divmod(n, GROUP)
+    blk_bytes = 4 + GROUP * bits // 8
+    if tight and rem:
+        head = _dequant_kivi_k(raw[:full * e * blk_bytes], full * GROUP, e, bits) if full else np.zeros((0, e))
+        last = raw[full * e * blk_bytes:].reshape(e, 4 + (rem * bits + 7) // 8)
+        pad = np.zeros((e, blk_bytes), dtype=np.uint8)
+        pad[:, :last.shape[1]] = last
+        tail = _dequant_kivi_k(pad.reshape(-1), rem, e, bits)
+        return np.concatenate([head, tail]).astype(np.float32)
     ng = (n + GROUP - 1) // GROUP
-    blk = raw.reshape(ng, e, 4 + GROUP * bits // 8)
+    blk = raw.reshape(ng, e, blk_bytes)
     s = blk[:, :, 0:2].copy().view(np.float16).astype(np.float32)
     m = blk[:, :, 2:4].copy().view(np.float16).astype(np.float32)
     q = _unpack(blk[:, :, 4:], bits).astype(np.float32)  # [ng, e, 32]
     x = m + s * q  # [ng, e, 32]
     return x.transpose(0, 2, 1).reshape(ng * GROUP, e)[:n]
+
+
+NF_GROUP = 64
+NF2_LEVELS = np.array([-1.5104, -0.4528, 0.4528, 1.5104], dtype=np.float32)
+
+
+def _fwht(x: np.ndarray) -> np.ndarray:
+    """Normalized Walsh-Hadamard transform over the last axis (64), butterflies in the C code's order."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    h = 1
+    while h < d:
+        y = x.reshape(*lead, d // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = np.stack([a + b, a - b], axis=-2).reshape(*lead, d)
+        h *= 2
+    return x * np.float32(0.125)
+
+
+def _dequant_nf2_v(raw: np.ndarray, n: int, e: int) -> np.ndarray:
+    """K4V2 values: per cell, 64-channel blocks of (f16 mean, f16 std, 64 x 2-bit normal-float codes), rotated
+    back by the (self-inverse) normalized Walsh-Hadamard transform."""
+    nb = e // NF_GROUP
+    blk = raw.reshape(n, nb, 4 + NF_GROUP // 4)
+    mu = blk[:, :, 0:2].copy().view(np.float16).astype(np.float32)
+    sd = blk[:, :, 2:4].copy().view(np.float16).astype(np.float32)
+    shifts = np.arange(4, dtype=np.uint8) * 2
+    q = ((blk[:, :, 4:, None] >> shifts) & 3).reshape(n, nb, NF_GROUP)
+    x = mu + sd * NF2_LEVELS[q]
+    return _fwht(x.astype(np.float32)).reshape(n, e)
 
 
 def decode_block(raw: np.ndarray, enc: int, n: int, e: int, is_v: bool, t: int) -> np.ndarray:
@@ -141,9 +180,11 @@ def decode_block(raw: np.ndarray, enc: int, n: int, e: int, is_v: bool, t: int) 
         return raw.reshape(n, rs)
     if enc == 2:
         f = _dequant_q8(raw, n, e)
+    elif enc == 5 and is_v:
+        f = _dequant_nf2_v(raw, n, e)
     else:
-        bits = 4 if enc == 3 else 2
-        f = _dequant_kivi_v(raw, n, e, bits) if is_v else _dequant_kivi_k(raw, n, e, bits)
+        bits = 2 if enc == 4 else 4
+        f = _dequant_kivi_v(raw, n, e, bits) if is_v else _dequant_kivi_k(raw, n, e, bits, tight=enc == 5)
     return np.ascontiguousarray(f.astype(np.float16)).view(np.uint8).reshape(n, 2 * e)
 
 
@@ -155,9 +196,13 @@ def _enc_bytes(enc: int, t: int, n: int, e: int, is_v: bool) -> int:
     nb = (e + GROUP - 1) // GROUP
     if enc == 2:
         return n * nb * 34
-    blk = 4 + GROUP * (4 if enc == 3 else 2) // 8
+    if enc == 5 and is_v:
+        return n * (e // NF_GROUP) * (4 + NF_GROUP // 4)
+    blk = 4 + GROUP * (2 if enc == 4 else 4) // 8
     if is_v:
         return n * nb * blk
+    if enc == 5 and n % GROUP:
+        return n // GROUP * e * blk + e * (4 + (n % GROUP * 4 + 7) // 8)
     return (n + GROUP - 1) // GROUP * e * blk
 
 

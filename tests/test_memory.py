@@ -215,3 +215,24 @@ def test_reencode_without_model_run_then_splice(mem: RepoMemory) -> None:
     assert mem.compile_pending() == len(before)
     ans = mem.ask("What does the backoff method of Retry return?", mode="kv")
     assert ans.spliced >= 1 and ans.answer
+    # k4v2 (4-bit keys, 2-bit Hadamard/normal-float values) from the recompiled f16 payloads
+    assert mem.reencode("k4v2") == {"recoded": len(before), "requeued": 0}
+    assert all(c.encoding == "k4v2" for c in mem.store.cubes(kind="activation"))
+    ans = mem.ask("What does the backoff method of Retry return?", mode="kv")
+    assert ans.spliced >= 1 and ans.answer and not any("unusable" in w for w in ans.warnings)
+
+
+@pytest.mark.parametrize("mode", ["kv", "text"])
+def test_score_answer_is_teacher_forced_greedy(mem: RepoMemory, mode: str) -> None:
+    mem.index()
+    q = "What does the backoff method of Retry return?"
+    ans = mem.ask(q, mode=mode, record=False)
+    own = mem.score_answer(q, ans.answer, mode=mode)
+    assert len(own.logprobs) == len(mem.engine.tokenize(ans.answer))
+    assert all(lp <= 0 for lp in own.logprobs)
+    # the model's own greedy answer is (almost always: batched vs one-by-one decoding) its top choice
+    assert sum(own.top1) >= 0.8 * len(own.top1)
+    other = mem.score_answer(q, "Bananas grow in warm climates near the equator.", mode=mode)
+    assert other.mean_logprob < own.mean_logprob - 1.0
+    with pytest.raises(RepomemError, match="empty"):
+        mem.score_answer(q, "  ", mode=mode)

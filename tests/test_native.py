@@ -352,13 +352,15 @@ def test_rope_neox_and_normal_match_reference() -> None:
 
 
 @pytest.mark.parametrize("v_trans", [True, False])
-@pytest.mark.parametrize("encoding", ["f16", "q8", "q4", "q2"])
+@pytest.mark.parametrize("encoding", ["f16", "q8", "q4", "q2", "k4v2"])
 def test_native_matches_numpy_reference(v_trans: bool, encoding: str) -> None:
     rng = np.random.default_rng(5)
     # widths that are not multiples of 8 or 32 exercise the ragged transpose and the partial quant groups
-    blob = B.make_state_blob(45, n_layer=3, n_embd_k=128, n_embd_v=100, v_trans=v_trans, rng=rng)
+    # (k4v2 values come in whole 64-channel Hadamard blocks)
+    n_embd_v = 128 if encoding == "k4v2" else 100
+    blob = B.make_state_blob(45, n_layer=3, n_embd_k=128, n_embd_v=n_embd_v, v_trans=v_trans, rng=rng)
     prefix, _ = N.splice(None, [N.extract_fragment(blob, range(5), fingerprint=FP)], v_trans=v_trans)
-    frags = [N.extract_fragment(blob, range(5, 30), fingerprint=FP, encoding=encoding),
+    frags = [N.extract_fragment(blob, range(5, 42), fingerprint=FP, encoding=encoding),  # one full group + 5
              N.extract_fragment(blob, [40, 44, 31, 33], fingerprint=FP, encoding=encoding)]
     for mode in ("parallel", "sequential"):
         kw = dict(mode=mode, rope_dims=64, head_dim=64, rope_base=1e4, rope_neox=True, key_scale=[0.5, 1.25],
@@ -373,6 +375,26 @@ def test_native_matches_numpy_reference(v_trans: bool, encoding: str) -> None:
         for il in range(3):
             assert _ulp_diff(sa.k[il].view(np.float16), sb.k[il].view(np.float16)).max() <= 1
             assert np.array_equal(sa.v[il], sb.v[il])
+
+
+def test_k4v2_needs_whole_hadamard_blocks() -> None:
+    blob = B.make_state_blob(8, n_layer=1, n_embd_k=64, n_embd_v=96, rng=np.random.default_rng(3))
+    with pytest.raises(ValueError, match="multiples of 64"):
+        N.extract_fragment(blob, range(8), fingerprint=FP, encoding="k4v2")
+    # the Hadamard rotation is undone exactly: a constant block (all energy in one rotated channel) and a
+    # one-hot block decode to within the 2-bit levels' error, not to a rotated (scrambled) vector
+    blob = B.make_state_blob(1, n_layer=1, n_embd_k=64, n_embd_v=64, rng=np.random.default_rng(4))
+    v = np.zeros(64, dtype=np.float16)
+    v[5] = 1.0
+    st = R.parse_state(blob)
+    data = bytearray(blob)
+    off = blob.index(st.v[0].tobytes()) if st.v[0].size else -1
+    assert off > 0
+    data[off:off + 128] = v.tobytes()
+    frag = N.extract_fragment(bytes(data), [0], fingerprint=FP, encoding="k4v2")
+    out, _ = N.splice(None, [frag], v_trans=False)
+    got = R.parse_state(out).v[0].view(np.float16).astype(np.float32).ravel()
+    assert int(np.argmax(np.abs(got))) == 5 and got[5] > 0.5
 
 
 def test_key_scale_drop_first_and_placement() -> None:
@@ -477,12 +499,14 @@ def test_raw_encoding_on_q8_0_cache(model: Model) -> None:
 # are asymmetric over a group (K: one channel x 32 cells; V: one cell x 32 channels), error <= half a step =
 # range/(2*(2^b - 1)), range <= 2 x max -> 1/15 = 0.067 (q4), 1/3 = 0.33 (q2), + f16 rounding of scale/min.
 # Mean: measured worst layer (q8 0.011, q4 K 0.05 / V 0.12, q2 K 0.26 / V 0.66) with ~1.5x headroom. 2-bit V
-# per token is coarse (KIVI keeps a full-precision window of recent tokens for that reason).
+# per token is coarse (KIVI keeps a full-precision window of recent tokens for that reason); k4v2's values
+# (Hadamard-rotated, normal-float levels) have a larger worst case but 40% less mean error than q2's.
 ENCODING_BOUNDS = {  # encoding: (max error / layer max |x|, mean error / layer mean |x|)
     "f16": (0.0, 0.0),
     "q8": (0.006, 0.02),
     "q4": (0.08, 0.2),
     "q2": (0.4, 1.0),
+    "k4v2": (0.6, 0.6),  # K as q4; V 2-bit normal-float after a Hadamard rotation: measured 0.44 / 0.40
 }
 
 
@@ -500,7 +524,7 @@ def test_encoding_error_on_real_kv(model: Model, code_state: tuple[list[int], by
             assert err.max() <= max_rel * np.abs(x).max() + 1e-6, (encoding, il, get.__name__, err.max())
             assert err.mean() <= mean_rel * np.abs(x).mean() + 1e-6, (encoding, il, get.__name__, err.mean())
     sizes = len(frag) / (len(toks) * model.n_layer * 2 * model.n_embd_gqa * 2)
-    assert sizes < {"f16": 1.01, "q8": 0.55, "q4": 0.33, "q2": 0.2}[encoding]
+    assert sizes < {"f16": 1.01, "q8": 0.55, "q4": 0.33, "q2": 0.2, "k4v2": 0.25}[encoding]
 
 
 # ---------------------------------------------------------------------------------------------------------
