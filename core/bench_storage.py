@@ -1,6 +1,7 @@
 """`repomem bench storage`: what each KV payload encoding costs in bytes and buys in accuracy.
 
-One run: the cubes the QA set retrieves are compiled once in f16; every other encoding is made from
+One run, in a store of its own under REPOMEM_HOME/bench/ (the repository's memory is never touched): the
+cubes the QA set retrieves are compiled once in f16; every other encoding is made from
 those exact rows in C (no model run), then the same questions are answered in kv mode per encoding,
 and once in text mode, so all accuracies come from the same retrieval and the same model.
 
@@ -16,13 +17,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import paths
 from . import settings as settings_mod
 from .engine import SamplingParams
 from .evaluate import accepted, load_rows
 from .memory import RepoMemory
 from .recode import recode_payload
+from .store import CubeStore
 
-ENCODINGS = ("f16", "q8", "q4", "k4v2", "q2")
+ENCODINGS = ("f16", "q8", "q4", "k3v3", "q2")
 
 
 def bench_storage(qa_file: Path, repo_root: Path, *, limit: int | None = None, model: str | None = None,
@@ -36,7 +39,9 @@ def bench_storage(qa_file: Path, repo_root: Path, *, limit: int | None = None, m
     s.encoding, s.max_answer_tokens = "f16", max_tokens
     say = progress or (lambda msg: None)
     out: dict = {"rows": len(rows), "encodings": {}}
-    mem = RepoMemory.open(repo_root / rows[0]["repo"], settings=s, model=model)
+    # Its own store: the run re-encodes payloads back and forth, which must not touch the repository's memory.
+    root = (repo_root / rows[0]["repo"]).resolve()
+    mem = RepoMemory(root, CubeStore.open(paths.home() / "bench" / paths.repo_key(root)), s, model)
     try:
         mem.index(compile=False)
         retrieved = {r["id"]: [c.id for c in mem.search(r["question"], k=s.top_k)] for r in rows}

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 MODES = ("kv", "text", "none")
 PLACEMENTS = ("parallel", "sequential")
 POLICIES = ("all", "uniform", "attention", "structural")
-ENCODINGS = ("f16", "q8", "q4", "k4v2", "q2")
+ENCODINGS = ("f16", "q8", "q4", "k3v3", "q2")
 
 
 @dataclass

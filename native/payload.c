@@ -26,43 +26,61 @@
 #define OFF_RESERVED1    104 // 3 x u64 zero, up to 128
 
 #define RM_Q8_BLOCK   34u // f16 scale + 32 x int8
-#define RM_Q4_BLOCK   20u // f16 scale + f16 min + 16 bytes of 4-bit codes
-#define RM_Q2_BLOCK   12u // f16 scale + f16 min + 8 bytes of 2-bit codes
-#define RM_NF2_BLOCK  20u // f16 mean + f16 std + 16 bytes of 2-bit codes (64 values)
+#define RM_NF3_BLOCK  28u // f16 mean + f16 std + 24 bytes of 3-bit codes (64 values)
 
 static size_t rm_pad8(size_t n) {
     return (n + 7u) & ~(size_t) 7u;
 }
 
-// uniform KIVI blocks (Q4, Q2, and the keys of K4V2)
-static uint32_t rm_kivi_block(uint32_t enc) {
-    return enc == RM_ENC_Q2 ? RM_Q2_BLOCK : RM_Q4_BLOCK;
-}
-
+// uniform KIVI blocks (Q4, Q2, and the keys of K3V3): f16 scale + f16 min + 32 codes
 static uint32_t rm_kivi_bits(uint32_t enc) {
-    return enc == RM_ENC_Q2 ? 2u : 4u;
+    return enc == RM_ENC_Q2 ? 2u : (enc == RM_ENC_K3V3 ? 3u : 4u);
 }
 
-// bytes of one key block (one channel of one group of cells). K4V2 stores the last, partial group of cells
+static uint32_t rm_kivi_block(uint32_t enc) {
+    return 4u + RM_GROUP * rm_kivi_bits(enc) / 8u;
+}
+
+// bytes of one key block (one channel of one group of cells). K3V3 stores the last, partial group of cells
 // tight (codes for the cells it has); Q4/Q2 keep the padded block of their first format.
 static uint32_t rm_kivi_k_block(uint32_t enc, uint32_t cells_in_group) {
-    if (enc == RM_ENC_K4V2 && cells_in_group < RM_GROUP) {
+    if (enc == RM_ENC_K3V3 && cells_in_group < RM_GROUP) {
         return 4u + (cells_in_group * rm_kivi_bits(enc) + 7u) / 8u;
     }
     return rm_kivi_block(enc);
 }
 
-// the header's group field: 32 for the one-group encodings, K group | V group << 16 for K4V2
+// the header's group field: 32 for the one-group encodings, K group | V group << 16 for K3V3
 static uint32_t rm_enc_group(uint32_t enc) {
     switch (enc) {
         case RM_ENC_Q8:
         case RM_ENC_Q4:
         case RM_ENC_Q2:
             return RM_GROUP;
-        case RM_ENC_K4V2:
+        case RM_ENC_K3V3:
             return RM_GROUP | (RM_NF_GROUP << 16);
         default:
             return 0u;
+    }
+}
+
+// code k of a block's codes (nbytes long) at bit k * bits, little-end first; a code may straddle two bytes
+static inline uint32_t rm_code_get(const uint8_t * codes, uint32_t nbytes, uint32_t k, uint32_t bits) {
+    const uint32_t bit  = k * bits;
+    const uint32_t byte = bit / 8u;
+    uint32_t       w    = codes[byte];
+    if (byte + 1u < nbytes) {
+        w |= (uint32_t) codes[byte + 1u] << 8;
+    }
+    return (w >> (bit % 8u)) & ((1u << bits) - 1u);
+}
+
+static inline void rm_code_put(uint8_t * codes, uint32_t nbytes, uint32_t k, uint32_t bits, uint32_t q) {
+    const uint32_t bit  = k * bits;
+    const uint32_t byte = bit / 8u;
+    codes[byte] |= (uint8_t) (q << (bit % 8u));
+    if (bit % 8u + bits > 8u && byte + 1u < nbytes) {
+        codes[byte + 1u] |= (uint8_t) (q >> (8u - bit % 8u));
     }
 }
 
@@ -83,7 +101,7 @@ bool rm_enc_k_bytes(uint32_t enc, int32_t type, uint32_t n_cells, uint32_t n_emb
             return rm_mul(row, n_cells, out);
         case RM_ENC_Q4:
         case RM_ENC_Q2:
-        case RM_ENC_K4V2: {
+        case RM_ENC_K3V3: {
             // keys: per channel, groups of 32 cells along the token axis
             size_t full;
             size_t last = 0;
@@ -110,12 +128,12 @@ bool rm_enc_v_bytes(uint32_t enc, int32_t type, uint32_t n_cells, uint32_t n_emb
             // values: per cell, groups of 32 channels
             row = (size_t) ((n_embd + RM_GROUP - 1) / RM_GROUP) * rm_kivi_block(enc);
             return rm_mul(row, n_cells, out);
-        case RM_ENC_K4V2:
+        case RM_ENC_K3V3:
             // values: per cell, whole Hadamard blocks of 64 channels (no partial block)
             if (n_embd % RM_NF_GROUP != 0) {
                 return false;
             }
-            row = (size_t) (n_embd / RM_NF_GROUP) * RM_NF2_BLOCK;
+            row = (size_t) (n_embd / RM_NF_GROUP) * RM_NF3_BLOCK;
             return rm_mul(row, n_cells, out);
         default:
             return false;
@@ -343,14 +361,8 @@ static void rm_enc_kivi_block(const float * vals, uint32_t cnt, uint32_t bits, u
     for (uint32_t k = 0; k < cnt; ++k) {
         int q = (int) floorf((vals[k] - m) * is + 0.5f);
         q = q < 0 ? 0 : (q > (int) levels ? (int) levels : q);
-        const uint32_t bit = k * bits;
-        codes[bit / 8u] |= (uint8_t) ((uint32_t) q << (bit % 8u));
+        rm_code_put(codes, blk_bytes - 4u, k, bits, (uint32_t) q);
     }
-}
-
-static inline uint32_t rm_kivi_code(const uint8_t * codes, uint32_t k, uint32_t bits) {
-    const uint32_t bit = k * bits;
-    return (codes[bit / 8u] >> (bit % 8u)) & ((1u << bits) - 1u);
 }
 
 // keys: per channel over groups of 32 cells; tmp holds 32 * E floats
@@ -390,12 +402,13 @@ static void rm_enc_kivi_v(const uint16_t * rows, uint32_t n, uint32_t E, uint32_
     }
 }
 
-// K4V2 values. A normalized Walsh-Hadamard transform over 64 channels spreads outlier channels across the
-// block, so the rotated values are close to Gaussian; 2-bit codes then take the Lloyd-Max levels of a normal
-// distribution (scaled by the block's std around its mean), which halves the error of uniform 2-bit codes on
-// real values. The transform is its own inverse (H = H^T, H H = I), applied again after decoding.
-static const float rm_nf2_level[4] = { -1.5104f, -0.4528f, 0.4528f, 1.5104f };
-#define RM_NF2_EDGE 0.9816f // midpoint between the two positive levels
+// K3V3 values. A normalized Walsh-Hadamard transform over 64 channels spreads outlier channels across the
+// block, so the rotated values are close to Gaussian; 3-bit codes then take the Lloyd-Max levels of a normal
+// distribution (scaled by the block's std around its mean), which cuts the error of uniform codes several
+// times on real values. The transform is its own inverse (H = H^T, H H = I), applied again after decoding.
+static const float rm_nf3_level[8] = { -2.1520f, -1.3439f, -0.7560f, -0.2451f, 0.2451f, 0.7560f, 1.3439f, 2.1520f };
+static const float rm_nf3_edge[7]  = { -1.7480f, -1.0500f, -0.5006f, 0.0f, 0.5006f, 1.0500f, 1.7480f };
+#define RM_NF3_CODE_BYTES (RM_NF_GROUP * 3u / 8u)
 
 static void rm_fwht64(float * x) {
     for (uint32_t h = 1; h < RM_NF_GROUP; h <<= 1) {
@@ -413,7 +426,7 @@ static void rm_fwht64(float * x) {
     }
 }
 
-static void rm_enc_nf2_block(const float * in, uint8_t * blk) {
+static void rm_enc_nf3_block(const float * in, uint8_t * blk) {
     float x[RM_NF_GROUP];
     memcpy(x, in, sizeof(x));
     rm_fwht64(x);
@@ -429,19 +442,21 @@ static void rm_enc_nf2_block(const float * in, uint8_t * blk) {
     }
     const uint16_t sd16 = rm_f32_to_f16(sqrtf(var / (float) RM_NF_GROUP));
     const float    sd   = rm_f16_to_f32(sd16);
-    const float    edge = RM_NF2_EDGE * sd;
     memcpy(blk, &mu16, 2);
     memcpy(blk + 2, &sd16, 2);
     uint8_t * codes = blk + 4;
-    memset(codes, 0, RM_NF_GROUP * 2u / 8u);
+    memset(codes, 0, RM_NF3_CODE_BYTES);
     for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
-        const float    d = x[i] - mu;
-        const uint32_t q = d >= 0.0f ? (d >= edge ? 3u : 2u) : (d < -edge ? 0u : 1u);
-        codes[i / 4u] |= (uint8_t) (q << ((i % 4u) * 2u));
+        const float d = x[i] - mu;
+        uint32_t    q = 0;
+        for (uint32_t e = 0; e < 7u; ++e) {
+            q += d >= rm_nf3_edge[e] * sd;
+        }
+        rm_code_put(codes, RM_NF3_CODE_BYTES, i, 3u, q);
     }
 }
 
-static void rm_dec_nf2_block(const uint8_t * blk, float * out) {
+static void rm_dec_nf3_block(const uint8_t * blk, float * out) {
     uint16_t mu16;
     uint16_t sd16;
     memcpy(&mu16, blk, 2);
@@ -449,17 +464,17 @@ static void rm_dec_nf2_block(const uint8_t * blk, float * out) {
     const float mu = rm_f16_to_f32(mu16);
     const float sd = rm_f16_to_f32(sd16);
     for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
-        out[i] = mu + sd * rm_nf2_level[(blk[4 + i / 4u] >> ((i % 4u) * 2u)) & 3u];
+        out[i] = mu + sd * rm_nf3_level[rm_code_get(blk + 4, RM_NF3_CODE_BYTES, i, 3u)];
     }
     rm_fwht64(out);
 }
 
-static void rm_enc_nf2_v(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t * out, float * tmp) {
+static void rm_enc_nf3_v(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t * out, float * tmp) {
     const uint32_t nb = E / RM_NF_GROUP;
     for (uint32_t i = 0; i < n; ++i) {
         rm_f16_to_f32_row(rows + (size_t) i * E, tmp, E);
         for (uint32_t b = 0; b < nb; ++b) {
-            rm_enc_nf2_block(tmp + (size_t) b * RM_NF_GROUP, out + ((size_t) i * nb + b) * RM_NF2_BLOCK);
+            rm_enc_nf3_block(tmp + (size_t) b * RM_NF_GROUP, out + ((size_t) i * nb + b) * RM_NF3_BLOCK);
         }
     }
 }
@@ -495,8 +510,8 @@ rm_status rm_extract_size(const uint8_t * blob, const rm_state * st, uint32_t n_
         if (L->n_embd_k == 0 || L->n_embd_v == 0) {
             return rm_fail(err, RM_ERR_ARG, "layer %u: cannot derive the row widths", il);
         }
-        if (enc == RM_ENC_K4V2 && L->n_embd_v % RM_NF_GROUP != 0) {
-            return rm_fail(err, RM_ERR_ARG, "encoding k4v2 needs V rows in multiples of %u values, layer %u has %u",
+        if (enc == RM_ENC_K3V3 && L->n_embd_v % RM_NF_GROUP != 0) {
+            return rm_fail(err, RM_ERR_ARG, "encoding k3v3 needs V rows in multiples of %u values, layer %u has %u",
                            RM_NF_GROUP, il, L->n_embd_v);
         }
         size_t kb;
@@ -649,9 +664,9 @@ rm_status rm_extract(const uint8_t * blob, const rm_state * st, const int32_t * 
                 case RM_ENC_Q8:
                     rm_enc_q8_rows(rows16, n_sel, E, dst, tmp);
                     break;
-                case RM_ENC_K4V2:
+                case RM_ENC_K3V3:
                     if (is_v) {
-                        rm_enc_nf2_v(rows16, n_sel, E, dst, tmp);
+                        rm_enc_nf3_v(rows16, n_sel, E, dst, tmp);
                     } else {
                         rm_enc_kivi_k(rows16, n_sel, E, enc, dst, tmp);
                     }
@@ -729,14 +744,14 @@ void rm_decode_rows(const rm_payload * pl, uint32_t il, bool is_v, uint32_t c0, 
         return;
     }
 
-    // Q4 / Q2 / K4V2
+    // Q4 / Q2 / K3V3
     const uint32_t bits = rm_kivi_bits(enc);
     const uint32_t blk  = rm_kivi_block(enc);
-    if (is_v && enc == RM_ENC_K4V2) {
+    if (is_v && enc == RM_ENC_K3V3) {
         const uint32_t nb = E / RM_NF_GROUP;
         for (uint32_t i = 0; i < n; ++i) {
             for (uint32_t b = 0; b < nb; ++b) {
-                rm_dec_nf2_block(src + ((size_t) (c0 + i) * nb + b) * RM_NF2_BLOCK, tmp + (size_t) b * RM_NF_GROUP);
+                rm_dec_nf3_block(src + ((size_t) (c0 + i) * nb + b) * RM_NF3_BLOCK, tmp + (size_t) b * RM_NF_GROUP);
             }
             rm_f32_to_f16_row(tmp, (uint16_t *) (void *) (dst + (size_t) i * dst_row_bytes), E);
         }
@@ -758,7 +773,7 @@ void rm_decode_rows(const rm_payload * pl, uint32_t il, bool is_v, uint32_t c0, 
                 const uint32_t ce = cb + RM_GROUP < E ? cb + RM_GROUP : E;
                 float vals[RM_GROUP];
                 for (uint32_t c = cb; c < ce; ++c) {
-                    vals[c - cb] = m + s * (float) rm_kivi_code(bp + 4, c - cb, bits);
+                    vals[c - cb] = m + s * (float) rm_code_get(bp + 4, blk - 4u, c - cb, bits);
                 }
                 rm_f32_to_f16_row(vals, out + cb, ce - cb);
             }
@@ -781,7 +796,7 @@ void rm_decode_rows(const rm_payload * pl, uint32_t il, bool is_v, uint32_t c0, 
             uint16_t m16;
             memcpy(&s16, bp, 2);
             memcpy(&m16, bp + 2, 2);
-            tmp[c] = rm_f16_to_f32(m16) + rm_f16_to_f32(s16) * (float) rm_kivi_code(bp + 4, k, bits);
+            tmp[c] = rm_f16_to_f32(m16) + rm_f16_to_f32(s16) * (float) rm_code_get(bp + 4, kb - 4u, k, bits);
         }
         rm_f32_to_f16_row(tmp, out, E);
     }

@@ -107,12 +107,11 @@ def _dequant_q8(raw: np.ndarray, n: int, e: int) -> np.ndarray:
     return (d * q).reshape(n, nb * GROUP)[:, :e]
 
 
-def _unpack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """[..., 32*bits/8] bytes -> [..., 32] codes (little-end first)."""
-    per = 8 // bits
-    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-    q = (codes[..., :, None] >> shifts) & ((1 << bits) - 1)
-    return q.reshape(*codes.shape[:-1], GROUP)
+def _unpack(codes: np.ndarray, bits: int, count: int = GROUP) -> np.ndarray:
+    """[..., nbytes] bytes -> [..., count] codes (code k at bit k * bits, little-end first; may straddle bytes)."""
+    flat = np.unpackbits(codes, axis=-1, bitorder="little")[..., :count * bits]
+    flat = flat.reshape(*codes.shape[:-1], count, bits).astype(np.uint32)
+    return (flat << np.arange(bits, dtype=np.uint32)).sum(axis=-1)
 
 
 def _dequant_kivi_v(raw: np.ndarray, n: int, e: int, bits: int) -> np.ndarray:
@@ -125,7 +124,7 @@ def _dequant_kivi_v(raw: np.ndarray, n: int, e: int, bits: int) -> np.ndarray:
 
 
 def _dequant_kivi_k(raw: np.ndarray, n: int, e: int, bits: int, tight: bool = False) -> np.ndarray:
-    """Keys per channel over groups of 32 cells; ``tight`` (k4v2): the last partial group has only its codes."""
+    """Keys per channel over groups of 32 cells; ``tight`` (k3v3): the last partial group has only its codes."""
     full, rem = divmod(n, GROUP)
     blk_bytes = 4 + GROUP * bits // 8
     if tight and rem:
@@ -144,8 +143,9 @@ def _dequant_kivi_k(raw: np.ndarray, n: int, e: int, bits: int, tight: bool = Fa
     return x.transpose(0, 2, 1).reshape(ng * GROUP, e)[:n]
 
 
+_BITS = {3: 4, 4: 2, 5: 3}  # code bits of the KIVI keys (and q4/q2 values) per encoding id
 NF_GROUP = 64
-NF2_LEVELS = np.array([-1.5104, -0.4528, 0.4528, 1.5104], dtype=np.float32)
+NF3_LEVELS = np.array([-2.1520, -1.3439, -0.7560, -0.2451, 0.2451, 0.7560, 1.3439, 2.1520], dtype=np.float32)
 
 
 def _fwht(x: np.ndarray) -> np.ndarray:
@@ -160,16 +160,15 @@ def _fwht(x: np.ndarray) -> np.ndarray:
     return x * np.float32(0.125)
 
 
-def _dequant_nf2_v(raw: np.ndarray, n: int, e: int) -> np.ndarray:
-    """K4V2 values: per cell, 64-channel blocks of (f16 mean, f16 std, 64 x 2-bit normal-float codes), rotated
+def _dequant_nf3_v(raw: np.ndarray, n: int, e: int) -> np.ndarray:
+    """K3V3 values: per cell, 64-channel blocks of (f16 mean, f16 std, 64 x 3-bit normal-float codes), rotated
     back by the (self-inverse) normalized Walsh-Hadamard transform."""
     nb = e // NF_GROUP
-    blk = raw.reshape(n, nb, 4 + NF_GROUP // 4)
+    blk = raw.reshape(n, nb, 4 + NF_GROUP * 3 // 8)
     mu = blk[:, :, 0:2].copy().view(np.float16).astype(np.float32)
     sd = blk[:, :, 2:4].copy().view(np.float16).astype(np.float32)
-    shifts = np.arange(4, dtype=np.uint8) * 2
-    q = ((blk[:, :, 4:, None] >> shifts) & 3).reshape(n, nb, NF_GROUP)
-    x = mu + sd * NF2_LEVELS[q]
+    q = _unpack(np.ascontiguousarray(blk[:, :, 4:]), 3, NF_GROUP)
+    x = mu + sd * NF3_LEVELS[q]
     return _fwht(x.astype(np.float32)).reshape(n, e)
 
 
@@ -181,9 +180,9 @@ def decode_block(raw: np.ndarray, enc: int, n: int, e: int, is_v: bool, t: int) 
     if enc == 2:
         f = _dequant_q8(raw, n, e)
     elif enc == 5 and is_v:
-        f = _dequant_nf2_v(raw, n, e)
+        f = _dequant_nf3_v(raw, n, e)
     else:
-        bits = 2 if enc == 4 else 4
+        bits = _BITS[enc]
         f = _dequant_kivi_v(raw, n, e, bits) if is_v else _dequant_kivi_k(raw, n, e, bits, tight=enc == 5)
     return np.ascontiguousarray(f.astype(np.float16)).view(np.uint8).reshape(n, 2 * e)
 
@@ -197,12 +196,13 @@ def _enc_bytes(enc: int, t: int, n: int, e: int, is_v: bool) -> int:
     if enc == 2:
         return n * nb * 34
     if enc == 5 and is_v:
-        return n * (e // NF_GROUP) * (4 + NF_GROUP // 4)
-    blk = 4 + GROUP * (2 if enc == 4 else 4) // 8
+        return n * (e // NF_GROUP) * (4 + NF_GROUP * 3 // 8)
+    bits = _BITS[enc]
+    blk = 4 + GROUP * bits // 8
     if is_v:
         return n * nb * blk
     if enc == 5 and n % GROUP:
-        return n // GROUP * e * blk + e * (4 + (n % GROUP * 4 + 7) // 8)
+        return n // GROUP * e * blk + e * (4 + (n % GROUP * bits + 7) // 8)
     return (n + GROUP - 1) // GROUP * e * blk
 
 

@@ -215,9 +215,9 @@ def test_reencode_without_model_run_then_splice(mem: RepoMemory) -> None:
     assert mem.compile_pending() == len(before)
     ans = mem.ask("What does the backoff method of Retry return?", mode="kv")
     assert ans.spliced >= 1 and ans.answer
-    # k4v2 (4-bit keys, 2-bit Hadamard/normal-float values) from the recompiled f16 payloads
-    assert mem.reencode("k4v2") == {"recoded": len(before), "requeued": 0}
-    assert all(c.encoding == "k4v2" for c in mem.store.cubes(kind="activation"))
+    # k3v3 (4-bit keys, 2-bit Hadamard/normal-float values) from the recompiled f16 payloads
+    assert mem.reencode("k3v3") == {"recoded": len(before), "requeued": 0}
+    assert all(c.encoding == "k3v3" for c in mem.store.cubes(kind="activation"))
     ans = mem.ask("What does the backoff method of Retry return?", mode="kv")
     assert ans.spliced >= 1 and ans.answer and not any("unusable" in w for w in ans.warnings)
 

@@ -352,12 +352,12 @@ def test_rope_neox_and_normal_match_reference() -> None:
 
 
 @pytest.mark.parametrize("v_trans", [True, False])
-@pytest.mark.parametrize("encoding", ["f16", "q8", "q4", "q2", "k4v2"])
+@pytest.mark.parametrize("encoding", ["f16", "q8", "q4", "q2", "k3v3"])
 def test_native_matches_numpy_reference(v_trans: bool, encoding: str) -> None:
     rng = np.random.default_rng(5)
     # widths that are not multiples of 8 or 32 exercise the ragged transpose and the partial quant groups
-    # (k4v2 values come in whole 64-channel Hadamard blocks)
-    n_embd_v = 128 if encoding == "k4v2" else 100
+    # (k3v3 values come in whole 64-channel Hadamard blocks)
+    n_embd_v = 128 if encoding == "k3v3" else 100
     blob = B.make_state_blob(45, n_layer=3, n_embd_k=128, n_embd_v=n_embd_v, v_trans=v_trans, rng=rng)
     prefix, _ = N.splice(None, [N.extract_fragment(blob, range(5), fingerprint=FP)], v_trans=v_trans)
     frags = [N.extract_fragment(blob, range(5, 42), fingerprint=FP, encoding=encoding),  # one full group + 5
@@ -377,10 +377,10 @@ def test_native_matches_numpy_reference(v_trans: bool, encoding: str) -> None:
             assert np.array_equal(sa.v[il], sb.v[il])
 
 
-def test_k4v2_needs_whole_hadamard_blocks() -> None:
+def test_k3v3_needs_whole_hadamard_blocks() -> None:
     blob = B.make_state_blob(8, n_layer=1, n_embd_k=64, n_embd_v=96, rng=np.random.default_rng(3))
     with pytest.raises(ValueError, match="multiples of 64"):
-        N.extract_fragment(blob, range(8), fingerprint=FP, encoding="k4v2")
+        N.extract_fragment(blob, range(8), fingerprint=FP, encoding="k3v3")
     # the Hadamard rotation is undone exactly: a constant block (all energy in one rotated channel) and a
     # one-hot block decode to within the 2-bit levels' error, not to a rotated (scrambled) vector
     blob = B.make_state_blob(1, n_layer=1, n_embd_k=64, n_embd_v=64, rng=np.random.default_rng(4))
@@ -391,7 +391,7 @@ def test_k4v2_needs_whole_hadamard_blocks() -> None:
     off = blob.index(st.v[0].tobytes()) if st.v[0].size else -1
     assert off > 0
     data[off:off + 128] = v.tobytes()
-    frag = N.extract_fragment(bytes(data), [0], fingerprint=FP, encoding="k4v2")
+    frag = N.extract_fragment(bytes(data), [0], fingerprint=FP, encoding="k3v3")
     out, _ = N.splice(None, [frag], v_trans=False)
     got = R.parse_state(out).v[0].view(np.float16).astype(np.float32).ravel()
     assert int(np.argmax(np.abs(got))) == 5 and got[5] > 0.5
@@ -499,14 +499,14 @@ def test_raw_encoding_on_q8_0_cache(model: Model) -> None:
 # are asymmetric over a group (K: one channel x 32 cells; V: one cell x 32 channels), error <= half a step =
 # range/(2*(2^b - 1)), range <= 2 x max -> 1/15 = 0.067 (q4), 1/3 = 0.33 (q2), + f16 rounding of scale/min.
 # Mean: measured worst layer (q8 0.011, q4 K 0.05 / V 0.12, q2 K 0.26 / V 0.66) with ~1.5x headroom. 2-bit V
-# per token is coarse (KIVI keeps a full-precision window of recent tokens for that reason); k4v2's values
-# (Hadamard-rotated, normal-float levels) have a larger worst case but 40% less mean error than q2's.
+# per token is coarse (KIVI keeps a full-precision window of recent tokens for that reason); k3v3's 3-bit
+# values (Hadamard-rotated, normal-float levels) have a third of q2's mean error at 3/4 of q4's size.
 ENCODING_BOUNDS = {  # encoding: (max error / layer max |x|, mean error / layer mean |x|)
     "f16": (0.0, 0.0),
     "q8": (0.006, 0.02),
     "q4": (0.08, 0.2),
     "q2": (0.4, 1.0),
-    "k4v2": (0.6, 0.6),  # K as q4; V 2-bit normal-float after a Hadamard rotation: measured 0.44 / 0.40
+    "k3v3": (0.3, 0.3),  # 3-bit K (theory 1/7 + rounding; measured 0.08 / 0.11), normal-float V: 0.21 / 0.22
 }
 
 
@@ -524,7 +524,7 @@ def test_encoding_error_on_real_kv(model: Model, code_state: tuple[list[int], by
             assert err.max() <= max_rel * np.abs(x).max() + 1e-6, (encoding, il, get.__name__, err.max())
             assert err.mean() <= mean_rel * np.abs(x).mean() + 1e-6, (encoding, il, get.__name__, err.mean())
     sizes = len(frag) / (len(toks) * model.n_layer * 2 * model.n_embd_gqa * 2)
-    assert sizes < {"f16": 1.01, "q8": 0.55, "q4": 0.33, "q2": 0.2, "k4v2": 0.25}[encoding]
+    assert sizes < {"f16": 1.01, "q8": 0.55, "q4": 0.33, "q2": 0.2, "k3v3": 0.25}[encoding]
 
 
 # ---------------------------------------------------------------------------------------------------------
