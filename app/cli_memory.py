@@ -226,8 +226,10 @@ def chat(path: str | None, mode: str | None, model: str | None) -> None:
 @click.option("--limit", type=int, default=None)
 @click.option("--k", "k", type=int, default=5, help="k for recall@k.")
 @click.option("--model", default=None)
+@click.option("--score", is_flag=True,
+              help="Also score each row's reference answer teacher-forced (mean log-probability per token).")
 def eval_cmd(qa_file: str, repo_root: str, modes: str, out_path: str, limit: int | None, k: int,
-             model: str | None) -> None:
+             model: str | None, score: bool) -> None:
     """Answer a QA set greedily in every mode; write records and print accuracy, recall@k, median TTFT."""
     from repomem.core.evaluate import run_eval
 
@@ -243,12 +245,13 @@ def eval_cmd(qa_file: str, repo_root: str, modes: str, out_path: str, limit: int
     if bar is not None:
         with bar:
             report = run_eval(Path(qa_file), Path(repo_root), mode_list, Path(out_path), limit=limit, k=k,
-                              model=model, progress=progress)
+                              model=model, progress=progress, score=score)
     else:
         report = run_eval(Path(qa_file), Path(repo_root), mode_list, Path(out_path), limit=limit, k=k,
-                          model=model, progress=progress)
-    t = Table("mode", "accuracy", f"recall@{k}", "median TTFT s", "n")
+                          model=model, progress=progress, score=score)
+    t = Table("mode", "accuracy", f"recall@{k}", "median TTFT s", "n", *(["ref. answer log-prob"] if score else []))
     for m, r in report["modes"].items():
-        t.add_row(m, f"{r['accuracy']:.3f}", f"{r['recall']:.3f}", f"{r['median_ttft_s']:.3f}", str(r["n"]))
+        t.add_row(m, f"{r['accuracy']:.3f}", f"{r['recall']:.3f}", f"{r['median_ttft_s']:.3f}", str(r["n"]),
+                  *([f"{r['reference_logprob']:.3f}"] if score else []))
     console.print(t)
     err.print(f"[dim]records written to {out_path}[/]")

@@ -39,7 +39,10 @@ def load_rows(path: Path, limit: int | None = None) -> list[dict]:
 
 def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, limit: int | None = None, k: int = 5,
              model: str | None = None, progress: Callable[[int, int], None] | None = None,
-             settings_overrides: dict | None = None) -> dict:
+             settings_overrides: dict | None = None, score: bool = False) -> dict:
+    """Answer every row in every mode. `score`: also the mean log-probability per token of the row's reference
+    answer given the same memory (teacher-forced): smooth where accuracy over a few dozen greedy answers is not,
+    but it also rewards the reference's wording, so compare modes with it, not absolute values."""
     from . import settings as settings_mod
     from .memory import RepoMemory
 
@@ -66,10 +69,13 @@ def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, lim
             for mode in modes:
                 ans = mem.ask(row["question"], mode=mode, record=False,
                               sampling=SamplingParams(temperature=0.0, max_tokens=mem.settings.max_answer_tokens))
-                records.append({"id": row["id"], "mode": mode, "answer": ans.answer, "ttft_s": ans.ttft_s,
-                                "total_s": ans.total_s, "memory_tokens": ans.memory_tokens,
-                                "sources": [s.as_dict() for s in ans.sources],
-                                "correct": accepted(ans.answer, row["accept"]), "retrieval_hit": hit(retrieved, row)})
+                rec = {"id": row["id"], "mode": mode, "answer": ans.answer, "ttft_s": ans.ttft_s,
+                       "total_s": ans.total_s, "memory_tokens": ans.memory_tokens,
+                       "sources": [s.as_dict() for s in ans.sources],
+                       "correct": accepted(ans.answer, row["accept"]), "retrieval_hit": hit(retrieved, row)}
+                if score:
+                    rec["reference_logprob"] = mem.score_answer(row["question"], row["answer"], mode=mode).mean_logprob
+                records.append(rec)
                 done += 1
                 if progress:
                     progress(done, total)
@@ -85,5 +91,7 @@ def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, lim
             "recall": sum(r["retrieval_hit"] for r in rs) / max(1, len(rs)),
             "median_ttft_s": statistics.median([r["ttft_s"] for r in rs]) if rs else 0.0,
         }
+        if score and rs:
+            report["modes"][mode]["reference_logprob"] = statistics.fmean(r["reference_logprob"] for r in rs)
     out.write_text(json.dumps({"report": report, "records": records}, indent=1))
     return report

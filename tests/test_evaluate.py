@@ -1,12 +1,19 @@
-"""`repomem bench storage` end to end on a tiny repository with the small model (mechanics, not accuracy)."""
+"""`repomem eval` and `repomem bench storage` end to end on a tiny repository with the small model.
+
+These check mechanics (records, reports, stores), not answer quality: the small model is not asked to be right."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
+
+from repomem.app.cli import cli
 from repomem.core import settings as settings_mod
 from repomem.core.bench_storage import bench_storage
+from repomem.core.evaluate import accepted
 from repomem.core.memory import RepoMemory
 
 CODE = '''"""Connection settings."""
@@ -24,7 +31,9 @@ class Pool:
 '''
 
 
-def test_bench_storage_reports_every_encoding(tmp_path: Path, home: Path, test_model_path: Path) -> None:
+@pytest.fixture
+def tiny_qa(tmp_path: Path) -> tuple[Path, Path]:
+    """(QA file, repo root) with one repository, `tiny`, and two questions about it."""
     repo = tmp_path / "corpus" / "tiny"
     repo.mkdir(parents=True)
     (repo / "pool.py").write_text(CODE)
@@ -34,11 +43,44 @@ def test_bench_storage_reports_every_encoding(tmp_path: Path, home: Path, test_m
             {"id": "t2", "repo": "tiny", "question": "What is the max_size of a Pool?", "answer": "10",
              "accept": ["10"], "path": "pool.py", "start_line": 10, "end_line": 10, "kind": "default"}]
     qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return qa, tmp_path / "corpus"
+
+
+def test_accepted_matches_whole_numbers_and_names() -> None:
+    assert accepted("It is 10 by default.", ["10"]) and not accepted("It is 100.", ["10"])
+    assert accepted("Raises `MissingSchema`.", ["missingschema"])
+    assert accepted("both 307/308", ["307/308"]) and not accepted("x307/3080", ["307/308"])
+
+
+def test_eval_cli_writes_records_and_scores_reference_answers(tiny_qa: tuple[Path, Path], home: Path,
+                                                               test_model_path: Path, tmp_path: Path) -> None:
+    qa, root = tiny_qa
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(cli, ["eval", str(qa), "--repo-root", str(root), "--modes", "kv,text,none",
+                                   "--out", str(out), "--model", str(test_model_path), "--score"])
+    assert res.exit_code == 0, res.output
+    assert "ref. answer log-prob" in res.output and "recall@5" in res.output
+    data = json.loads(out.read_text())
+    recs = data["records"]
+    assert sorted((r["id"], r["mode"]) for r in recs) == sorted((i, m) for i in ("t1", "t2")
+                                                                for m in ("kv", "text", "none"))
+    assert all(r["retrieval_hit"] for r in recs)  # one small file: the gold chunk is always retrieved
+    assert all(r["reference_logprob"] < 0 for r in recs)
+    assert all(r["sources"] == [] for r in recs if r["mode"] == "none")
+    assert all(r["sources"] and r["memory_tokens"] > 0 for r in recs if r["mode"] != "none")
+    report = data["report"]["modes"]
+    assert report["kv"]["n"] == 2 and report["kv"]["recall"] == 1.0
+    assert set(report["text"]) >= {"accuracy", "recall", "median_ttft_s", "reference_logprob"}
+
+
+def test_bench_storage_reports_every_encoding(tiny_qa: tuple[Path, Path], home: Path, test_model_path: Path) -> None:
+    qa, root = tiny_qa
+    repo = root / "tiny"
     mine = RepoMemory.open(repo, settings=settings_mod.Settings(model=str(test_model_path), encoding="q4"))
     mine.index()
     before = {c.id: (c.encoding, c.payload_sha256) for c in mine.store.cubes(kind="activation")}
     mine.close()
-    out = bench_storage(qa, tmp_path / "corpus", model=str(test_model_path), max_tokens=12,
+    out = bench_storage(qa, root, model=str(test_model_path), max_tokens=12,
                         encodings=("q4", "k3v3", "q2"))
     encs = out["encodings"]
     assert list(encs) == ["f16", "q4", "k3v3", "q2"]  # f16 always measured first: the fidelity reference
