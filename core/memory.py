@@ -498,11 +498,13 @@ class RepoMemory:
             self.store.promote(cube.id)
             return None
 
-    def _prepare(self, question: str, mode: str, history: list[tuple[str, str]], extra_tokens: int) -> _Prepared:
+    def _prepare(self, question: str, mode: str, history: list[tuple[str, str]], extra_tokens: int, *,
+                 touch: bool = True) -> _Prepared:
         """Retrieve, then lay out the memory in the answer context: spliced KV (kv) or decoded text (text).
 
         Returns the context and the tokens still to decode at `start`. `extra_tokens`: room to leave after
-        them (the answer). Caller holds self._lock."""
+        them (the answer). `touch`: count this as a recall of the chosen cubes (their hotness). Caller holds
+        self._lock."""
         s = self.settings
         engine = self.engine
         q_tokens = engine.tokenize(self.layout.question_text(question, history))
@@ -523,7 +525,8 @@ class RepoMemory:
                 continue
             chosen.append((cube, text, n))
             used += n
-        self.store.touch([c.id for c, _, _ in chosen])
+        if touch:
+            self.store.touch([c.id for c, _, _ in chosen])
         ctx = self._answer_context(n_prefix + used + len(q_tokens) + extra_tokens)
         prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _ in chosen], memory_tokens=used)
         ctx.clear()
@@ -592,7 +595,7 @@ class RepoMemory:
             targets = self.engine.tokenize(answer) if answer.strip() else []
             if not targets:
                 raise RepomemError("the answer to score is empty")
-            prep = self._prepare(question, mode, [], len(targets))
+            prep = self._prepare(question, mode, [], len(targets), touch=False)  # a measurement, not a recall
             ctx, prompt = prep.ctx, prep.prompt
             if len(targets) > ctx.n_batch:
                 raise RepomemError(f"answers longer than {ctx.n_batch} tokens cannot be scored")
