@@ -159,6 +159,13 @@ const char * rm_type_name(int32_t type);
 
 void     rm_init_tables(void); // fp16 -> fp32 table and CPU feature dispatch; call once at module init
 float    rm_f16_to_f32(uint16_t h);
+
+// an f16 stored at p (any alignment), as float: the scales and minimums of encoded payload blocks
+static inline float rm_load_f16(const uint8_t * p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return rm_f16_to_f32(h);
+}
 uint16_t rm_f32_to_f16(float f); // round to nearest even, same as ggml / F16C
 void     rm_f16_to_f32_row(const uint16_t * x, float * y, size_t n);
 void     rm_f32_to_f16_row(const float * x, uint16_t * y, size_t n);

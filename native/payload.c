@@ -457,12 +457,8 @@ static void rm_enc_nf3_block(const float * in, uint8_t * blk) {
 }
 
 static void rm_dec_nf3_block(const uint8_t * blk, float * out) {
-    uint16_t mu16;
-    uint16_t sd16;
-    memcpy(&mu16, blk, 2);
-    memcpy(&sd16, blk + 2, 2);
-    const float mu = rm_f16_to_f32(mu16);
-    const float sd = rm_f16_to_f32(sd16);
+    const float mu = rm_load_f16(blk);
+    const float sd = rm_load_f16(blk + 2);
     for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
         out[i] = mu + sd * rm_nf3_level[rm_code_get(blk + 4, RM_NF3_CODE_BYTES, i, 3u)];
     }
@@ -728,9 +724,7 @@ void rm_decode_rows(const rm_payload * pl, uint32_t il, bool is_v, uint32_t c0, 
             uint16_t * out = (uint16_t *) (void *) (dst + (size_t) i * dst_row_bytes);
             for (uint32_t b = 0; b < nb; ++b) {
                 const uint8_t * blk = src + ((size_t) (c0 + i) * nb + b) * RM_Q8_BLOCK;
-                uint16_t d16;
-                memcpy(&d16, blk, 2);
-                const float    d  = rm_f16_to_f32(d16);
+                const float    d  = rm_load_f16(blk);
                 const int8_t * q  = (const int8_t *) (blk + 2);
                 const uint32_t cb = b * RM_GROUP;
                 const uint32_t ce = cb + RM_GROUP < E ? cb + RM_GROUP : E;
@@ -763,12 +757,8 @@ void rm_decode_rows(const rm_payload * pl, uint32_t il, bool is_v, uint32_t c0, 
             uint16_t * out = (uint16_t *) (void *) (dst + (size_t) i * dst_row_bytes);
             for (uint32_t b = 0; b < nb; ++b) {
                 const uint8_t * bp = src + ((size_t) (c0 + i) * nb + b) * blk;
-                uint16_t s16;
-                uint16_t m16;
-                memcpy(&s16, bp, 2);
-                memcpy(&m16, bp + 2, 2);
-                const float    s  = rm_f16_to_f32(s16);
-                const float    m  = rm_f16_to_f32(m16);
+                const float    s  = rm_load_f16(bp);
+                const float    m  = rm_load_f16(bp + 2);
                 const uint32_t cb = b * RM_GROUP;
                 const uint32_t ce = cb + RM_GROUP < E ? cb + RM_GROUP : E;
                 float vals[RM_GROUP];
@@ -792,11 +782,7 @@ void rm_decode_rows(const rm_payload * pl, uint32_t il, bool is_v, uint32_t c0, 
         const uint8_t * gp  = src + (size_t) g * E * blk;
         for (uint32_t c = 0; c < E; ++c) {
             const uint8_t * bp = gp + (size_t) c * kb;
-            uint16_t s16;
-            uint16_t m16;
-            memcpy(&s16, bp, 2);
-            memcpy(&m16, bp + 2, 2);
-            tmp[c] = rm_f16_to_f32(m16) + rm_f16_to_f32(s16) * (float) rm_code_get(bp + 4, kb - 4u, k, bits);
+            tmp[c] = rm_load_f16(bp + 2) + rm_load_f16(bp) * (float) rm_code_get(bp + 4, kb - 4u, k, bits);
         }
         rm_f32_to_f16_row(tmp, out, E);
     }
