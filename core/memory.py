@@ -516,26 +516,30 @@ class RepoMemory:
                 "shorten it or raise the context size")
         cubes = self.search(question, k=s.top_k) if mode != "none" else []
         budget = min(s.memory_tokens, room)
-        chosen: list[tuple[Cube, str, int]] = []
-        used = 0
+        # Boosted memories take their cells twice in the context, not twice from the memory budget.
+        boost = s.boost_top if mode == "kv" and s.placement == "parallel" else 0
+        chosen: list[tuple[Cube, str, int]] = []  # cube, its text, copies if spliced
+        used = cells = 0
         for cube in cubes:
             text = memory_text(cube.path, cube.start_line, cube.end_line, cube.symbol, cube.text)
             n = cube.tokens or len(engine.tokenize(text))
-            if used + n > budget:
+            copies = 2 if len(chosen) < boost and cells + 2 * n <= room else 1
+            if used + n > budget or cells + copies * n > room:
                 continue
-            chosen.append((cube, text, n))
+            chosen.append((cube, text, copies))
             used += n
+            cells += copies * n
         if touch:
             self.store.touch([c.id for c, _, _ in chosen])
-        ctx = self._answer_context(n_prefix + used + len(q_tokens) + extra_tokens)
+        ctx = self._answer_context(n_prefix + cells + len(q_tokens) + extra_tokens)
         prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _ in chosen], memory_tokens=used)
         ctx.clear()
         if mode == "kv":
             from repomem import native
 
             prefix_blob, _ = self._prefix_state(ctx)
-            payloads = []
-            for cube, text, _ in chosen:
+            payloads, repeat = [], []
+            for cube, text, copies in chosen:
                 buf = None
                 if cube.kind == "activation" and cube.model_fingerprint == self.fingerprint:
                     buf = self._load_payload(cube, prep.warnings)
@@ -543,11 +547,12 @@ class RepoMemory:
                     prep.text_parts.append(text)
                 else:
                     payloads.append(buf)
+                    repeat.append(copies)
             prep.spliced = len(payloads)
             t_splice = time.perf_counter()
             # Each payload was checksummed by _load_payload; the splice need not read them twice.
             blob, next_pos = native.splice(
-                prefix_blob, payloads, mode=s.placement, key_scale=s.key_scale, drop_first=0,
+                prefix_blob, payloads, mode=s.placement, key_scale=s.key_scale, repeat=repeat, drop_first=0,
                 rope_base=engine.info.rope_base, rope_dims=engine.info.rope_dims,
                 head_dim=engine.info.head_dim, rope_neox=engine.info.rope_neox, v_trans=ctx.v_trans,
                 fingerprint=self.fingerprint_bytes, verify=False, out=self._splice_buf)

@@ -238,6 +238,7 @@ def splice(
     mode: Placement = "parallel",
     start_pos: int | None = None,
     key_scale: float | Sequence[float] = 1.0,
+    repeat: Sequence[int] | None = None,
     drop_first: int = 0,
     rope_base: float = 10000.0,
     rope_dims: int = 0,
@@ -267,6 +268,10 @@ def splice(
       llama; the caller reads them from the GGUF).
     * ``key_scale``: multiply fragment keys by this factor (one value or one per payload): scaling keys
       scales their attention logits, i.e. a temperature for memory attention.
+    * ``repeat``: copies of each payload's cells (one count >= 1 per payload; parallel placement only). Copies
+      share their positions, so a fragment spliced twice gets twice the attention weight for the same keys:
+      log 2 added to its logits, a prior an untrained model can read (APE's context scaling, done with cells
+      because llama.cpp's attention mask cannot carry a bias).
     * ``drop_first``: drop the first k cells of every fragment (attention sinks of a separately compiled chunk).
     * ``v_trans``/``k_type``/``v_type``: the target context's layout (flash attention off => v_trans=True).
       Taken from the prefix when it has cells (and checked against what is given); required otherwise.
@@ -286,6 +291,15 @@ def splice(
         scales = [float(x) for x in key_scale]
         if len(scales) != len(pls):
             raise ValueError(f"key_scale has {len(scales)} values for {len(pls)} payloads")
+    if repeat is not None:
+        counts = [int(r) for r in repeat]
+        if len(counts) != len(pls) or min(counts, default=1) < 1:
+            raise ValueError(f"repeat needs one count >= 1 per payload, got {list(repeat)} for {len(pls)}")
+        if mode != "parallel" and max(counts, default=1) > 1:
+            raise ValueError("repeat needs parallel placement: copies must share their positions")
+        pls = [p for p, r in zip(pls, counts, strict=True) for _ in range(r)]
+        if scales is not None:
+            scales = [x for x, r in zip(scales, counts, strict=True) for _ in range(r)]
     if drop_first < 0:
         raise ValueError("drop_first must be >= 0")
     if start_pos is not None and start_pos < 0:

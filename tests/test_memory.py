@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from repomem.core import settings as settings_mod
+from repomem.core.engine import SamplingParams
 from repomem.core.errors import ContextOverflowError, RepomemError
 from repomem.core.memory import RepoMemory
 
@@ -124,6 +125,25 @@ def test_corrupt_and_missing_payloads_are_detected(mem: RepoMemory) -> None:
     assert target.id in {c.id for c in mem.store.compile_queue(mem.fingerprint, limit=100)}
     assert mem.compile_pending() >= 1
     assert mem.store.get(target.id).kind == "activation"
+
+
+def test_boost_splices_the_best_memories_twice_within_the_context(mem: RepoMemory) -> None:
+    mem.index()
+    q, a = "What does the backoff method of Retry return?", "It returns 0.5 * (2 ** attempt)."
+    mem.settings.boost_top = 0
+    plain, text = mem.score_answer(q, a, mode="kv").logprobs, mem.score_answer(q, a, mode="text").logprobs
+    mem.settings.boost_top = 2
+    assert mem.score_answer(q, a, mode="kv").logprobs != plain  # the copies change what the model reads
+    assert mem.score_answer(q, a, mode="text").logprobs == text  # text mode has nothing to copy
+
+    # Room for the best memory once but not twice: it is spliced once rather than dropped or overflowing.
+    top = mem.search(q, k=1)[0]
+    n_prefix = len(mem.engine.tokenize(mem.layout.prefix))
+    n_question = len(mem.engine.tokenize(mem.layout.question_text(q)))
+    mem.settings.n_ctx, mem.settings.top_k = 512, 1
+    mem.settings.max_answer_tokens = 512 - n_prefix - n_question - top.tokens * 3 // 2
+    ans = mem.ask(q, mode="kv", record=False, sampling=SamplingParams(temperature=0.0, max_tokens=8))
+    assert [s.cube_id for s in ans.sources] == [top.id] and ans.spliced == 1 and ans.answer
 
 
 def test_bad_questions(mem: RepoMemory) -> None:

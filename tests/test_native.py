@@ -426,6 +426,26 @@ def test_key_scale_drop_first_and_placement() -> None:
     assert out == N.empty_state() and nxt == 0
 
 
+def test_repeat_splices_copies_at_the_same_positions() -> None:
+    rng = np.random.default_rng(8)
+    blob = B.make_state_blob(12, n_layer=2, n_embd_k=64, n_embd_v=64, positions=np.arange(40, 52), rng=rng)
+    f1 = N.extract_fragment(blob, range(0, 8), fingerprint=FP)
+    f2 = N.extract_fragment(blob, range(8, 12), fingerprint=FP)
+    out, nxt = N.splice(None, [f1, f2], v_trans=True, repeat=[2, 1], key_scale=[0.5, 1.0])
+    same, _ = N.splice(None, [f1, f1, f2], v_trans=True, key_scale=[0.5, 0.5, 1.0])
+    assert out == same and nxt == 52
+    assert list(N.parse_state(out).positions) == [*range(40, 48), *range(40, 48), *range(48, 52)]
+    assert np.array_equal(_v_rows(out, 1)[8:16], _v_rows(out, 1)[:8])
+    assert N.splice(None, [f1, f2], v_trans=True, repeat=[1, 1])[0] == N.splice(None, [f1, f2], v_trans=True)[0]
+    # sequential placement is fine with single copies, refuses more (copies would move apart)
+    N.splice(None, [f1, f2], v_trans=True, mode="sequential", rope_dims=64, repeat=[1, 1])
+    with pytest.raises(ValueError, match="parallel placement"):
+        N.splice(None, [f1, f2], v_trans=True, mode="sequential", rope_dims=64, repeat=[2, 1])
+    for bad in ([2], [0, 1], [1, -1]):
+        with pytest.raises(ValueError, match="one count >= 1 per payload"):
+            N.splice(None, [f1, f2], v_trans=True, repeat=bad)
+
+
 def test_splice_rejects_mismatches() -> None:
     rng = np.random.default_rng(9)
     blob = B.make_state_blob(8, n_layer=2, n_embd_k=64, n_embd_v=64, rng=rng)
