@@ -54,8 +54,19 @@ class Settings:
     repos: list[str] = field(default_factory=list)
 
     def validate(self) -> Settings:
-        """Replace out-of-range values by defaults, so a hand-edited file never stops the app."""
+        """Replace values of the wrong type or out of range by defaults, so a hand-edited file never stops
+        the app."""
         d = Settings()
+        for f in fields(self):
+            value, default = getattr(self, f.name), getattr(d, f.name)
+            # JSON has one number type: an int is a fine float, but a bool is not a number here.
+            ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+            ok = ok or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))
+            if isinstance(default, list) and ok:
+                ok = all(isinstance(x, str) for x in value)
+            if not ok:
+                log.warning("setting %s=%r has the wrong type; using %r", f.name, value, default)
+                setattr(self, f.name, default)
         checks = {
             "mode": self.mode in MODES, "placement": self.placement in PLACEMENTS,
             "keep_policy": self.keep_policy in POLICIES, "encoding": self.encoding in ENCODINGS,
