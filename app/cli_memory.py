@@ -249,7 +249,11 @@ def eval_cmd(qa_file: str, repo_root: str, modes: str, out_path: str, limit: int
     else:
         report = run_eval(Path(qa_file), Path(repo_root), mode_list, Path(out_path), limit=limit, k=k,
                           model=model, progress=progress, score=score)
-    t = Table("mode", "accuracy", f"recall@{k}", "median TTFT s", "n", *(["ref. answer log-prob"] if score else []))
+    used = report["settings"]
+    caption = (f"{used['encoding']} payloads, {used['placement']} placement, boost_top {used['boost_top']}, "
+               f"{used['max_answer_tokens']}-token answers") if used else None
+    t = Table("mode", "accuracy", f"recall@{k}", "median TTFT s", "n", *(["ref. answer log-prob"] if score else []),
+              caption=caption)
     for m, r in report["modes"].items():
         t.add_row(m, f"{r['accuracy']:.3f}", f"{r['recall']:.3f}", f"{r['median_ttft_s']:.3f}", str(r["n"]),
                   *([f"{r['reference_logprob']:.3f}"] if score else []))

@@ -37,6 +37,11 @@ def load_rows(path: Path, limit: int | None = None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+# What shapes an answer, recorded with every eval so two runs can be told apart.
+ANSWER_SETTINGS = ("encoding", "placement", "boost_top", "key_scale", "keep_policy", "keep_ratio", "top_k",
+                   "memory_tokens", "max_answer_tokens", "cache_type")
+
+
 def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, limit: int | None = None, k: int = 5,
              model: str | None = None, progress: Callable[[int, int], None] | None = None,
              settings_overrides: dict | None = None, score: bool = False) -> dict:
@@ -48,6 +53,7 @@ def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, lim
 
     rows = load_rows(qa_file, limit)
     records: list[dict] = []
+    used: dict = {}
     mems: dict[str, RepoMemory] = {}
     total, done = len(rows) * len(modes), 0
     try:
@@ -64,6 +70,8 @@ def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, lim
                     mine = [r["question"] for r in rows if r["repo"] == row["repo"]]
                     mem.compile_ids(c.id for q in mine for c in mem.search(q, k=mem.settings.top_k))
                 mems[row["repo"]] = mem
+                used = {name: getattr(mem.settings, name) for name in ANSWER_SETTINGS}
+                used["model_sha256"] = mem.engine.info.sha256
             retrieved = [{"path": c.path, "start_line": c.start_line, "end_line": c.end_line}
                          for c in mem.search(row["question"], k=k)]
             for mode in modes:
@@ -82,7 +90,7 @@ def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, lim
     finally:
         for mem in mems.values():
             mem.close()
-    report: dict = {"k": k, "n_rows": len(rows), "modes": {}}
+    report: dict = {"k": k, "n_rows": len(rows), "settings": used, "modes": {}}
     for mode in modes:
         rs = [r for r in records if r["mode"] == mode]
         report["modes"][mode] = {

@@ -15,6 +15,7 @@ from repomem.core import settings as settings_mod
 from repomem.core.bench_storage import bench_storage
 from repomem.core.evaluate import accepted
 from repomem.core.memory import RepoMemory
+from repomem.core.models import sha256_file
 
 CODE = '''"""Connection settings."""
 
@@ -60,6 +61,7 @@ def test_eval_cli_writes_records_and_scores_reference_answers(tiny_qa: tuple[Pat
                                    "--out", str(out), "--model", str(test_model_path), "--score"])
     assert res.exit_code == 0, res.output
     assert "ref. answer log-prob" in res.output and "recall@5" in res.output
+    assert "parallel placement, boost_top 2" in res.output
     data = json.loads(out.read_text())
     recs = data["records"]
     assert sorted((r["id"], r["mode"]) for r in recs) == sorted((i, m) for i in ("t1", "t2")
@@ -68,6 +70,8 @@ def test_eval_cli_writes_records_and_scores_reference_answers(tiny_qa: tuple[Pat
     assert all(r["reference_logprob"] < 0 for r in recs)
     assert all(r["sources"] == [] for r in recs if r["mode"] == "none")
     assert all(r["sources"] and r["memory_tokens"] > 0 for r in recs if r["mode"] != "none")
+    assert data["report"]["settings"]["boost_top"] == settings_mod.Settings().boost_top
+    assert data["report"]["settings"]["model_sha256"] == sha256_file(test_model_path)
     report = data["report"]["modes"]
     assert report["kv"]["n"] == 2 and report["kv"]["recall"] == 1.0
     assert set(report["text"]) >= {"accuracy", "recall", "median_ttft_s", "reference_logprob"}
