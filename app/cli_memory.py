@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -43,9 +44,7 @@ def _run_index(mem, *, compile: bool, show: bool):
                                         total=total)
         bar.update(tasks[stage], completed=done, total=total)
 
-    if bar is None:
-        return mem.index(compile=compile, progress=progress)
-    with bar:
+    with bar if bar is not None else nullcontext():
         return mem.index(compile=compile, progress=progress)
 
 
@@ -242,11 +241,7 @@ def eval_cmd(qa_file: str, repo_root: str, modes: str, out_path: str, limit: int
                 bar.add_task("answering", total=total)
             bar.update(bar.tasks[0].id, completed=done, total=total)
 
-    if bar is not None:
-        with bar:
-            report = run_eval(Path(qa_file), Path(repo_root), mode_list, Path(out_path), limit=limit, k=k,
-                              model=model, progress=progress, score=score)
-    else:
+    with bar if bar is not None else nullcontext():
         report = run_eval(Path(qa_file), Path(repo_root), mode_list, Path(out_path), limit=limit, k=k,
                           model=model, progress=progress, score=score)
     used = report["settings"]

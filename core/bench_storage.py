@@ -25,11 +25,9 @@ from .memory import RepoMemory
 from .recode import recode_payload
 from .store import CubeStore
 
-ENCODINGS = ("f16", "q8", "q4", "k3v3", "q2")
-
 
 def bench_storage(qa_file: Path, repo_root: Path, *, limit: int | None = None, model: str | None = None,
-                  encodings: tuple[str, ...] = ENCODINGS, max_tokens: int = 96,
+                  encodings: tuple[str, ...] = settings_mod.ENCODINGS, max_tokens: int = 96,
                   progress: Callable[[str], None] | None = None) -> dict:
     from repomem import native
 

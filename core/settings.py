@@ -59,10 +59,9 @@ class Settings:
         d = Settings()
         for f in fields(self):
             value, default = getattr(self, f.name), getattr(d, f.name)
-            # JSON has one number type: an int is a fine float, but a bool is not a number here.
-            ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
-            ok = ok or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))
-            if isinstance(default, list) and ok:
+            # Exact types, as JSON gives them (so a bool is not an int); an int is a fine float.
+            ok = type(value) is type(default) or (type(default) is float and type(value) is int)
+            if ok and isinstance(default, list):
                 ok = all(isinstance(x, str) for x in value)
             if not ok:
                 log.warning("setting %s=%r has the wrong type; using %r", f.name, value, default)
