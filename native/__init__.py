@@ -47,11 +47,11 @@ __all__ = [
     "xxh64",
 ]
 
-Encoding = Literal["raw", "f16", "q8", "q4", "q2", "k3v3"]
+Encoding = Literal["raw", "f16", "q8", "q4", "q2", "k3v3", "k4v3"]
 Placement = Literal["parallel", "sequential"]
 
 #: payload encodings and their header codes (see native/README.md)
-ENCODINGS: dict[str, int] = {"raw": 0, "f16": 1, "q8": 2, "q4": 3, "q2": 4, "k3v3": 5}
+ENCODINGS: dict[str, int] = {"raw": 0, "f16": 1, "q8": 2, "q4": 3, "q2": 4, "k3v3": 5, "k4v3": 6}
 _ENCODING_NAMES = {v: k for k, v in ENCODINGS.items()}
 
 #: ggml type ids (ggml.h, 0.3.36) of the types a llama.cpp KV cache can use
@@ -188,8 +188,9 @@ def extract_fragment(
     self-contained payload: their positions, per-layer K rows and per-cell (non-transposed) V rows, encoded.
 
     ``fingerprint`` (32 bytes, e.g. sha256 of the GGUF + cache types) is stored so that a payload compiled
-    for one model can never be spliced into another. ``encoding``: ``f16``/``q8``/``q4``/``q2``/``k3v3`` need an f16
-    cache; ``raw`` copies rows in whatever type the cache has (q8_0 caches). ``user`` is a free 64-bit field.
+    for one model can never be spliced into another. ``encoding``: ``f16``/``q8``/``q4``/``q2``/``k3v3``/``k4v3``
+    need an f16 cache; ``raw`` copies rows in whatever type the cache has (q8_0 caches). ``user`` is a free
+    64-bit field.
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; one of {sorted(ENCODINGS)}")

@@ -219,7 +219,7 @@ static inline int32_t rm_state_pos(const uint8_t * buf, const rm_state * st, uin
 #define RM_PAYLOAD_HEADER      128u
 #define RM_PAYLOAD_LAYER_ENTRY 8u
 #define RM_GROUP               32u
-#define RM_NF_GROUP            64u // K3V3 value group: one Walsh-Hadamard block
+#define RM_NF_GROUP            64u // K3V3/K4V3 value group: one Walsh-Hadamard block
 #define RM_FLAG_CONTIGUOUS     1u
 
 typedef enum {
@@ -229,6 +229,7 @@ typedef enum {
     RM_ENC_Q4  = 3, // KIVI: K per channel over groups of 32 cells, V per cell over 32 channels; f16 scale+min
     RM_ENC_Q2  = 4, // as Q4 with 2-bit codes
     RM_ENC_K3V3 = 5, // K as Q4 with 3-bit codes; V per cell over 64 channels: Hadamard, 3-bit normal-float
+    RM_ENC_K4V3 = 6, // K 4-bit per channel over 32 cells around a per-channel center, V as K3V3; 8-bit block stats
     RM_ENC_COUNT
 } rm_encoding;
 

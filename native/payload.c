@@ -27,6 +27,8 @@
 
 #define RM_Q8_BLOCK   34u // f16 scale + 32 x int8
 #define RM_NF3_BLOCK  28u // f16 mean + f16 std + 24 bytes of 3-bit codes (64 values)
+#define RM_NF3C_BLOCK 26u // K4V3 values: u8 std code + i8 mean code + 24 bytes of 3-bit codes
+#define RM_K4_BLOCK   18u // K4V3 keys, one channel of a full group: u8 scale code + i8 zero point + 16 bytes
 
 static size_t rm_pad8(size_t n) {
     return (n + 7u) & ~(size_t) 7u;
@@ -50,7 +52,12 @@ static uint32_t rm_kivi_k_block(uint32_t enc, uint32_t cells_in_group) {
     return rm_kivi_block(enc);
 }
 
-// the header's group field: 32 for the one-group encodings, K group | V group << 16 for K3V3
+// K4V3 keys: bytes of one channel's block in a group of cells (the last, partial group is stored tight)
+static uint32_t rm_k4_block(uint32_t cells_in_group) {
+    return 2u + (cells_in_group * 4u + 7u) / 8u;
+}
+
+// the header's group field: 32 for the one-group encodings, K group | V group << 16 for K3V3 and K4V3
 static uint32_t rm_enc_group(uint32_t enc) {
     switch (enc) {
         case RM_ENC_Q8:
@@ -58,6 +65,7 @@ static uint32_t rm_enc_group(uint32_t enc) {
         case RM_ENC_Q2:
             return RM_GROUP;
         case RM_ENC_K3V3:
+        case RM_ENC_K4V3:
             return RM_GROUP | (RM_NF_GROUP << 16);
         default:
             return 0u;
@@ -111,6 +119,16 @@ bool rm_enc_k_bytes(uint32_t enc, int32_t type, uint32_t n_cells, uint32_t n_emb
             }
             return rm_mul(groups, (size_t) n_embd * rm_kivi_block(enc), &full) && rm_add(full, last, out);
         }
+        case RM_ENC_K4V3: {
+            // f16 base + n_embd f16 channel centers, then per group of 32 cells one block per channel
+            size_t full;
+            size_t head = 2u + 2u * (size_t) n_embd;
+            groups = (size_t) n_cells / RM_GROUP;
+            if (n_cells % RM_GROUP != 0) {
+                head += (size_t) n_embd * rm_k4_block(n_cells % RM_GROUP);
+            }
+            return rm_mul(groups, (size_t) n_embd * RM_K4_BLOCK, &full) && rm_add(full, head, out);
+        }
         default:
             return false;
     }
@@ -135,6 +153,13 @@ bool rm_enc_v_bytes(uint32_t enc, int32_t type, uint32_t n_cells, uint32_t n_emb
             }
             row = (size_t) (n_embd / RM_NF_GROUP) * RM_NF3_BLOCK;
             return rm_mul(row, n_cells, out);
+        case RM_ENC_K4V3:
+            // f16 base, then per cell the whole Hadamard blocks with 8-bit statistics
+            if (n_embd % RM_NF_GROUP != 0) {
+                return false;
+            }
+            row = (size_t) (n_embd / RM_NF_GROUP) * RM_NF3C_BLOCK;
+            return rm_mul(row, n_cells, out) && rm_add(*out, 2u, out);
         default:
             return false;
     }
@@ -426,25 +451,24 @@ static void rm_fwht64(float * x) {
     }
 }
 
-static void rm_enc_nf3_block(const float * in, uint8_t * blk) {
-    float x[RM_NF_GROUP];
-    memcpy(x, in, sizeof(x));
-    rm_fwht64(x);
-    float mean = 0.0f;
+static float rm_block_mean(const float * x) {
+    float m = 0.0f;
     for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
-        mean += x[i];
+        m += x[i];
     }
-    const uint16_t mu16 = rm_f32_to_f16(mean / (float) RM_NF_GROUP);
-    const float    mu   = rm_f16_to_f32(mu16);
+    return m / (float) RM_NF_GROUP;
+}
+
+// root mean square deviation of a block from mu
+static float rm_block_sd(const float * x, float mu) {
     float var = 0.0f;
     for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
         var += (x[i] - mu) * (x[i] - mu);
     }
-    const uint16_t sd16 = rm_f32_to_f16(sqrtf(var / (float) RM_NF_GROUP));
-    const float    sd   = rm_f16_to_f32(sd16);
-    memcpy(blk, &mu16, 2);
-    memcpy(blk + 2, &sd16, 2);
-    uint8_t * codes = blk + 4;
+    return sqrtf(var / (float) RM_NF_GROUP);
+}
+
+static void rm_nf3_put_codes(const float * x, float mu, float sd, uint8_t * codes) {
     memset(codes, 0, RM_NF3_CODE_BYTES);
     for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
         const float d = x[i] - mu;
@@ -456,13 +480,42 @@ static void rm_enc_nf3_block(const float * in, uint8_t * blk) {
     }
 }
 
-static void rm_dec_nf3_block(const uint8_t * blk, float * out) {
-    const float mu = rm_load_f16(blk);
-    const float sd = rm_load_f16(blk + 2);
+// squared error of coding the rotated block x around mu with std sd (what rm_nf3_get_block would give back)
+static float rm_nf3_sse(const float * x, float mu, float sd) {
+    float sse = 0.0f;
     for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
-        out[i] = mu + sd * rm_nf3_level[rm_code_get(blk + 4, RM_NF3_CODE_BYTES, i, 3u)];
+        const float d = x[i] - mu;
+        uint32_t    q = 0;
+        for (uint32_t e = 0; e < 7u; ++e) {
+            q += d >= rm_nf3_edge[e] * sd;
+        }
+        const float r = mu + sd * rm_nf3_level[q] - x[i];
+        sse += r * r;
+    }
+    return sse;
+}
+
+static void rm_nf3_get_block(const uint8_t * codes, float mu, float sd, float * out) {
+    for (uint32_t i = 0; i < RM_NF_GROUP; ++i) {
+        out[i] = mu + sd * rm_nf3_level[rm_code_get(codes, RM_NF3_CODE_BYTES, i, 3u)];
     }
     rm_fwht64(out);
+}
+
+static void rm_enc_nf3_block(const float * in, uint8_t * blk) {
+    float x[RM_NF_GROUP];
+    memcpy(x, in, sizeof(x));
+    rm_fwht64(x);
+    const uint16_t mu16 = rm_f32_to_f16(rm_block_mean(x));
+    const float    mu   = rm_f16_to_f32(mu16);
+    const uint16_t sd16 = rm_f32_to_f16(rm_block_sd(x, mu));
+    memcpy(blk, &mu16, 2);
+    memcpy(blk + 2, &sd16, 2);
+    rm_nf3_put_codes(x, mu, rm_f16_to_f32(sd16), blk + 4);
+}
+
+static void rm_dec_nf3_block(const uint8_t * blk, float * out) {
+    rm_nf3_get_block(blk + 4, rm_load_f16(blk), rm_load_f16(blk + 2), out);
 }
 
 static void rm_enc_nf3_v(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t * out, float * tmp) {
@@ -471,6 +524,233 @@ static void rm_enc_nf3_v(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t 
         rm_f16_to_f32_row(rows + (size_t) i * E, tmp, E);
         for (uint32_t b = 0; b < nb; ++b) {
             rm_enc_nf3_block(tmp + (size_t) b * RM_NF_GROUP, out + ((size_t) i * nb + b) * RM_NF3_BLOCK);
+        }
+    }
+}
+
+// K4V3: every block statistic is one byte. A scale is a code c on a per-layer f16 base,
+// s = base * (16 + c % 16) * 2^(c / 16 - 4): 16 octaves in steps of at most 6.25%, exact in float32, so the
+// numpy reference decodes bit-identically. Keys get a 4-bit code per (cell, channel) around a per-layer
+// channel center (the f16 mean of the channel over the payload's cells) with an int8 zero point in steps:
+// x = center + s (q + z). Without the center, RoPE's slow channels (large, nearly constant values) would
+// need a coarse step to reach their offset. Values are K3V3's Hadamard blocks with the std as a scale code
+// and the mean as an int8 count of std/32 (the mean of a rotated block is one channel over 8, within +-4 std
+// on real rows).
+#define RM_SCALE_CODES 256u
+#define RM_SCALE_MAX   63488.0f // the largest factor: (16 + 15) * 2^11
+
+static float rm_scale_factor(uint32_t c) {
+    return ldexpf((float) (16u + c % 16u), (int) (c / 16u) - 4);
+}
+
+static void rm_scale_table(float base, float * tab) {
+    for (uint32_t c = 0; c < RM_SCALE_CODES; ++c) {
+        tab[c] = base * rm_scale_factor(c);
+    }
+}
+
+// the smallest f16 >= v (v >= 0): a base that lets the top code reach the largest scale asked for
+static uint16_t rm_f16_ceil(float v) {
+    uint16_t h = rm_f32_to_f16(v);
+    if (rm_f16_to_f32(h) < v) {
+        ++h;
+    }
+    return h;
+}
+
+// the smallest code whose scale is >= s (the largest code when none is)
+static uint32_t rm_scale_code_ceil(const float * tab, float s) {
+    uint32_t lo = 0;
+    uint32_t hi = RM_SCALE_CODES - 1u;
+    while (lo < hi) {
+        const uint32_t mid = (lo + hi) / 2u;
+        if (tab[mid] >= s) {
+            hi = mid;
+        } else {
+            lo = mid + 1u;
+        }
+    }
+    return lo;
+}
+
+// round to nearest, clamped to [lo, hi]; NaN goes to lo (a cast of NaN to int is undefined)
+static int rm_round_clamp(float v, int lo, int hi) {
+    const float r = floorf(v + 0.5f);
+    if (!(r >= (float) lo)) {
+        return lo;
+    }
+    return r > (float) hi ? hi : (int) r;
+}
+
+// squared error of coding cnt values (stride apart) as s (q + z), q in 0..15
+static float rm_k4_sse(const float * v, size_t stride, uint32_t cnt, float s, int z) {
+    const float is  = s > 0.0f ? 1.0f / s : 0.0f;
+    float       sse = 0.0f;
+    for (uint32_t k = 0; k < cnt; ++k) {
+        const float x = v[(size_t) k * stride];
+        const int   q = rm_round_clamp(x * is - (float) z, 0, 15);
+        const float r = s * (float) (q + z) - x;
+        sse += r * r;
+    }
+    return sse;
+}
+
+// keys: tmp holds (RM_GROUP + 3) * E floats
+static void rm_enc_k4_k(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t * out, float * tmp) {
+    float * vals   = tmp;                          // one group of rows, minus the centers
+    float * center = tmp + (size_t) RM_GROUP * E;
+    float * lo     = center + E;
+    float * hi     = lo + E;
+    uint8_t * mu16 = out + 2;
+
+    memset(center, 0, sizeof(float) * E);
+    for (uint32_t i = 0; i < n; ++i) {
+        rm_f16_to_f32_row(rows + (size_t) i * E, vals, E);
+        for (uint32_t c = 0; c < E; ++c) {
+            center[c] += vals[c];
+        }
+    }
+    for (uint32_t c = 0; c < E; ++c) {
+        const uint16_t h = rm_f32_to_f16(n ? center[c] / (float) n : 0.0f);
+        memcpy(mu16 + 2u * c, &h, 2);
+        center[c] = rm_f16_to_f32(h);
+    }
+
+    // pass 1: the largest scale any block needs: its range in 15 steps, its offset in 127
+    const uint32_t ngroups = (n + RM_GROUP - 1) / RM_GROUP;
+    float          need    = 0.0f;
+    for (uint32_t pass = 0; pass < 2; ++pass) {
+        float tab[RM_SCALE_CODES];
+        if (pass == 1) {
+            const uint16_t b16 = rm_f16_ceil(need / RM_SCALE_MAX);
+            memcpy(out, &b16, 2);
+            rm_scale_table(rm_f16_to_f32(b16), tab);
+        }
+        uint8_t * gp = mu16 + 2u * (size_t) E;
+        for (uint32_t g = 0; g < ngroups; ++g) {
+            const uint32_t i0  = g * RM_GROUP;
+            const uint32_t cnt = n - i0 < RM_GROUP ? n - i0 : RM_GROUP;
+            const uint32_t kb  = rm_k4_block(cnt);
+            for (uint32_t k = 0; k < cnt; ++k) {
+                float * v = vals + (size_t) k * E;
+                rm_f16_to_f32_row(rows + (size_t) (i0 + k) * E, v, E);
+                for (uint32_t c = 0; c < E; ++c) {
+                    v[c] -= center[c];
+                    lo[c] = k == 0 || v[c] < lo[c] ? v[c] : lo[c];
+                    hi[c] = k == 0 || v[c] > hi[c] ? v[c] : hi[c];
+                }
+            }
+            for (uint32_t c = 0; c < E; ++c) {
+                if (pass == 0) {
+                    const float r = (hi[c] - lo[c]) / 15.0f;
+                    const float z = fabsf(lo[c]) / 127.0f;
+                    need = r > need ? r : need;
+                    need = z > need ? z : need;
+                    continue;
+                }
+                // pass 2: the scale that spans the block in 15 steps, or one or two codes finer with the
+                // extremes clipped (zero point at the low end or centred), whichever codes the block with
+                // the least error: 10% less than spanning alone on real keys, less than q4's f16 statistics
+                const float * col  = vals + c;
+                const uint32_t span = rm_scale_code_ceil(tab, (hi[c] - lo[c]) / 15.0f);
+                uint32_t       code = span;
+                int            z    = 0;
+                float          best = INFINITY;
+                for (uint32_t d = 0; d < 3u && d <= span; ++d) {
+                    const float st    = tab[span - d];
+                    const float mid   = (lo[c] + hi[c]) * 0.5f;
+                    const int   zs[2] = { st > 0.0f ? rm_round_clamp(lo[c] / st, -129, 128) : 0,
+                                          st > 0.0f ? rm_round_clamp(mid / st - 7.5f, -129, 128) : 0 };
+                    for (uint32_t j = 0; j < 2u; ++j) {
+                        if (zs[j] < -128 || zs[j] > 127) {
+                            continue;
+                        }
+                        const float sse = rm_k4_sse(col, E, cnt, st, zs[j]);
+                        if (sse < best) {
+                            best = sse;
+                            code = span - d;
+                            z    = zs[j];
+                        }
+                    }
+                }
+                if (!(best < INFINITY)) {
+                    // no candidate puts the zero point in int8: coarser codes until one does
+                    for (;; ++code) {
+                        z = tab[code] > 0.0f ? rm_round_clamp(lo[c] / tab[code], -129, 128) : 0;
+                        if ((z >= -128 && z <= 127) || code == RM_SCALE_CODES - 1u) {
+                            break;
+                        }
+                    }
+                    z = z < -128 ? -128 : (z > 127 ? 127 : z);
+                }
+                const float s  = tab[code];
+                const float is = s > 0.0f ? 1.0f / s : 0.0f;
+                uint8_t *   bp = gp + (size_t) c * kb;
+                bp[0]          = (uint8_t) code;
+                bp[1]          = (uint8_t) (int8_t) z;
+                memset(bp + 2, 0, kb - 2u);
+                for (uint32_t k = 0; k < cnt; ++k) {
+                    const int q = rm_round_clamp(vals[(size_t) k * E + c] * is - (float) z, 0, 15);
+                    rm_code_put(bp + 2, kb - 2u, k, 4u, (uint32_t) q);
+                }
+            }
+            gp += (size_t) E * kb;
+        }
+    }
+}
+
+// values: f16 base, then per cell and 64-channel block: std code, mean code, 3-bit normal-float codes
+static void rm_enc_nf3c_v(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t * out, float * tmp) {
+    const uint32_t nb   = E / RM_NF_GROUP;
+    float          need = 0.0f;
+    for (uint32_t pass = 0; pass < 2; ++pass) {
+        float tab[RM_SCALE_CODES];
+        if (pass == 1) {
+            const uint16_t b16 = rm_f16_ceil(need / RM_SCALE_MAX);
+            memcpy(out, &b16, 2);
+            rm_scale_table(rm_f16_to_f32(b16), tab);
+        }
+        for (uint32_t i = 0; i < n; ++i) {
+            rm_f16_to_f32_row(rows + (size_t) i * E, tmp, E);
+            for (uint32_t b = 0; b < nb; ++b) {
+                float * x = tmp + (size_t) b * RM_NF_GROUP;
+                rm_fwht64(x);
+                const float mean = rm_block_mean(x);
+                const float sd   = rm_block_sd(x, mean);
+                if (pass == 0) {
+                    // a std that also keeps the mean within the int8 code's +-4 std
+                    const float m = fabsf(mean) / 3.9f;
+                    need = sd > need ? sd : need;
+                    need = m > need ? m : need;
+                    continue;
+                }
+                // five std codes from two below sd's ceiling code (moved up while the mean code does not fit
+                // int8): keep the one that codes the block with the least error, 8% less than the nearest
+                // code on real rows (a block of 64 values is not quite Gaussian)
+                uint32_t code = rm_scale_code_ceil(tab, sd);
+                code          = code >= 2u ? code - 2u : 0u;
+                for (;; ++code) {
+                    const int m = tab[code] > 0.0f ? rm_round_clamp(mean * 32.0f / tab[code], -129, 128) : 0;
+                    if ((m >= -128 && m <= 127) || code == RM_SCALE_CODES - 1u) {
+                        break;
+                    }
+                }
+                uint32_t best     = code;
+                float    best_sse = INFINITY;
+                for (uint32_t c = code; c <= code + 4u && c < RM_SCALE_CODES; ++c) {
+                    const int   m   = tab[c] > 0.0f ? rm_round_clamp(mean * 32.0f / tab[c], -128, 127) : 0;
+                    const float sse = rm_nf3_sse(x, tab[c] * (float) m * 0.03125f, tab[c]);
+                    if (sse < best_sse) {
+                        best     = c;
+                        best_sse = sse;
+                    }
+                }
+                const int m   = tab[best] > 0.0f ? rm_round_clamp(mean * 32.0f / tab[best], -128, 127) : 0;
+                uint8_t * blk = out + 2u + ((size_t) i * nb + b) * RM_NF3C_BLOCK;
+                blk[0]        = (uint8_t) best;
+                blk[1]        = (uint8_t) (int8_t) m;
+                rm_nf3_put_codes(x, tab[best] * (float) m * 0.03125f, tab[best], blk + 2);
+            }
         }
     }
 }
@@ -506,9 +786,9 @@ rm_status rm_extract_size(const uint8_t * blob, const rm_state * st, uint32_t n_
         if (L->n_embd_k == 0 || L->n_embd_v == 0) {
             return rm_fail(err, RM_ERR_ARG, "layer %u: cannot derive the row widths", il);
         }
-        if (enc == RM_ENC_K3V3 && L->n_embd_v % RM_NF_GROUP != 0) {
-            return rm_fail(err, RM_ERR_ARG, "encoding k3v3 needs V rows in multiples of %u values, layer %u has %u",
-                           RM_NF_GROUP, il, L->n_embd_v);
+        if ((enc == RM_ENC_K3V3 || enc == RM_ENC_K4V3) && L->n_embd_v % RM_NF_GROUP != 0) {
+            return rm_fail(err, RM_ERR_ARG, "encoding %s needs V rows in multiples of %u values, layer %u has %u",
+                           enc == RM_ENC_K3V3 ? "k3v3" : "k4v3", RM_NF_GROUP, il, L->n_embd_v);
         }
         size_t kb;
         size_t vb;
@@ -552,7 +832,7 @@ rm_status rm_extract(const uint8_t * blob, const rm_state * st, const int32_t * 
         return rm_fail(err, RM_ERR_ARG, "extraction scratch overflows");
     }
     uint8_t * gather = (uint8_t *) malloc(gather_bytes);
-    float *   tmp    = (float *) malloc(sizeof(float) * RM_GROUP * (size_t) max_e);
+    float *   tmp    = (float *) malloc(sizeof(float) * (RM_GROUP + 3u) * (size_t) max_e);
     if (!gather || !tmp) {
         free(gather);
         free(tmp);
@@ -667,6 +947,13 @@ rm_status rm_extract(const uint8_t * blob, const rm_state * st, const int32_t * 
                         rm_enc_kivi_k(rows16, n_sel, E, enc, dst, tmp);
                     }
                     break;
+                case RM_ENC_K4V3:
+                    if (is_v) {
+                        rm_enc_nf3c_v(rows16, n_sel, E, dst, tmp);
+                    } else {
+                        rm_enc_k4_k(rows16, n_sel, E, dst, tmp);
+                    }
+                    break;
                 case RM_ENC_Q4:
                 case RM_ENC_Q2:
                     if (is_v) {
@@ -734,6 +1021,41 @@ void rm_decode_rows(const rm_payload * pl, uint32_t il, bool is_v, uint32_t c0, 
                 }
                 rm_f32_to_f16_row(vals, out + cb, ce - cb);
             }
+        }
+        return;
+    }
+
+    if (enc == RM_ENC_K4V3) {
+        float tab[RM_SCALE_CODES];
+        rm_scale_table(rm_load_f16(src), tab);
+        if (is_v) {
+            const uint32_t nb = E / RM_NF_GROUP;
+            for (uint32_t i = 0; i < n; ++i) {
+                for (uint32_t b = 0; b < nb; ++b) {
+                    const uint8_t * blk = src + 2u + ((size_t) (c0 + i) * nb + b) * RM_NF3C_BLOCK;
+                    const float     sd  = tab[blk[0]];
+                    rm_nf3_get_block(blk + 2, sd * (float) (int8_t) blk[1] * 0.03125f, sd,
+                                     tmp + (size_t) b * RM_NF_GROUP);
+                }
+                rm_f32_to_f16_row(tmp, (uint16_t *) (void *) (dst + (size_t) i * dst_row_bytes), E);
+            }
+            return;
+        }
+        const uint8_t * center = src + 2;
+        const uint8_t * groups = center + 2u * (size_t) E;
+        for (uint32_t i = 0; i < n; ++i) {
+            const uint32_t  cell = c0 + i;
+            const uint32_t  g    = cell / RM_GROUP;
+            const uint32_t  k    = cell % RM_GROUP;
+            const uint32_t  left = pl->n_cells - g * RM_GROUP;
+            const uint32_t  kb   = rm_k4_block(left < RM_GROUP ? left : RM_GROUP);
+            const uint8_t * gp   = groups + (size_t) g * E * RM_K4_BLOCK;
+            for (uint32_t c = 0; c < E; ++c) {
+                const uint8_t * bp = gp + (size_t) c * kb;
+                const int       q  = (int) rm_code_get(bp + 2, kb - 2u, k, 4u) + (int8_t) bp[1];
+                tmp[c] = rm_load_f16(center + 2u * c) + tab[bp[0]] * (float) q;
+            }
+            rm_f32_to_f16_row(tmp, (uint16_t *) (void *) (dst + (size_t) i * dst_row_bytes), E);
         }
         return;
     }

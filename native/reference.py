@@ -172,6 +172,50 @@ def _dequant_nf3_v(raw: np.ndarray, n: int, e: int) -> np.ndarray:
     return _fwht(x.astype(np.float32)).reshape(n, e)
 
 
+def _scale_table(base: np.ndarray) -> np.ndarray:
+    """K4V3 scale codes on an f16 base: base * (16 + c % 16) * 2^(c // 16 - 4), in float32 like the C code."""
+    c = np.arange(256)
+    factor = np.ldexp((16 + c % 16).astype(np.float32), c // 16 - 4).astype(np.float32)
+    return base.astype(np.float32) * factor
+
+
+def _k4v3_base(raw: np.ndarray) -> np.ndarray:
+    return raw[:2].copy().view(np.float16).astype(np.float32)
+
+
+def _dequant_k4_k(raw: np.ndarray, n: int, e: int) -> np.ndarray:
+    """K4V3 keys: f16 base, n_embd f16 channel centers, then per group of 32 cells and channel (u8 scale code,
+    i8 zero point, 4-bit codes; the last partial group tight): x = center + s (q + z)."""
+    tab = _scale_table(_k4v3_base(raw))
+    center = raw[2:2 + 2 * e].copy().view(np.float16).astype(np.float32)
+    body = raw[2 + 2 * e:]
+    out = np.empty((n, e), dtype=np.float32)
+    off = 0
+    for i0 in range(0, n, GROUP):
+        cnt = min(GROUP, n - i0)
+        kb = 2 + (cnt * 4 + 7) // 8
+        blk = body[off:off + e * kb].reshape(e, kb)
+        off += e * kb
+        s = tab[blk[:, 0]][:, None]
+        z = blk[:, 1].view(np.int8).astype(np.int32)[:, None]
+        q = _unpack(np.ascontiguousarray(blk[:, 2:]), 4, cnt).astype(np.int32)
+        out[i0:i0 + cnt] = (center[:, None] + s * (q + z).astype(np.float32)).T
+    return out
+
+
+def _dequant_nf3c_v(raw: np.ndarray, n: int, e: int) -> np.ndarray:
+    """K4V3 values: f16 base, then per cell and 64-channel block (u8 std code, i8 mean in std/32, 3-bit
+    normal-float codes), rotated back."""
+    tab = _scale_table(_k4v3_base(raw))
+    nb = e // NF_GROUP
+    blk = raw[2:].reshape(n, nb, 2 + NF_GROUP * 3 // 8)
+    sd = tab[blk[:, :, 0]][:, :, None]
+    mu = sd * blk[:, :, 1].view(np.int8).astype(np.float32)[:, :, None] * np.float32(0.03125)
+    q = _unpack(np.ascontiguousarray(blk[:, :, 2:]), 3, NF_GROUP)
+    x = mu + sd * NF3_LEVELS[q]
+    return _fwht(x.astype(np.float32)).reshape(n, e)
+
+
 def decode_block(raw: np.ndarray, enc: int, n: int, e: int, is_v: bool, t: int) -> np.ndarray:
     """Decode one layer's K or V block to uint8 rows (f16 for encodings, the cache type for raw)."""
     if enc in (0, 1):
@@ -181,6 +225,8 @@ def decode_block(raw: np.ndarray, enc: int, n: int, e: int, is_v: bool, t: int) 
         f = _dequant_q8(raw, n, e)
     elif enc == 5 and is_v:
         f = _dequant_nf3_v(raw, n, e)
+    elif enc == 6:
+        f = _dequant_nf3c_v(raw, n, e) if is_v else _dequant_k4_k(raw, n, e)
     else:
         bits = _BITS[enc]
         f = _dequant_kivi_v(raw, n, e, bits) if is_v else _dequant_kivi_k(raw, n, e, bits, tight=enc == 5)
@@ -197,6 +243,11 @@ def _enc_bytes(enc: int, t: int, n: int, e: int, is_v: bool) -> int:
         return n * nb * 34
     if enc == 5 and is_v:
         return n * (e // NF_GROUP) * (4 + NF_GROUP * 3 // 8)
+    if enc == 6 and is_v:
+        return 2 + n * (e // NF_GROUP) * (2 + NF_GROUP * 3 // 8)
+    if enc == 6:
+        full, rem = divmod(n, GROUP)
+        return 2 + 2 * e + full * e * (2 + GROUP // 2) + (e * (2 + (rem * 4 + 7) // 8) if rem else 0)
     bits = _BITS[enc]
     blk = 4 + GROUP * bits // 8
     if is_v:

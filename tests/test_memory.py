@@ -233,12 +233,19 @@ def test_reencode_without_model_run_then_splice(mem: RepoMemory) -> None:
     assert sum(c.payload_bytes for c in after) < 0.5 * sum(before.values())
     assert mem.reencode("q8") == {"recoded": 0, "requeued": len(before)}  # lossy source: back to the queue
     assert mem.compile_pending() == len(before)
-    ans = mem.ask("What does the backoff method of Retry return?", mode="kv")
+    ans = mem.ask("What does the backoff method of Retry return?", mode="kv", record=False)
     assert ans.spliced >= 1 and ans.answer
-    # k3v3 (4-bit keys, 2-bit Hadamard/normal-float values) from the recompiled f16 payloads
+    # the Hadamard/normal-float value encodings from the recompiled f16 payloads: k4v3 (4-bit keys, one-byte
+    # block statistics), then, after going back to f16 through the compile queue, k3v3 (3-bit keys)
+    assert mem.reencode("k4v3") == {"recoded": len(before), "requeued": 0}
+    assert all(c.encoding == "k4v3" for c in mem.store.cubes(kind="activation"))
+    ans = mem.ask("What does the backoff method of Retry return?", mode="kv", record=False)
+    assert ans.spliced >= 1 and ans.answer and not any("unusable" in w for w in ans.warnings)
+    assert mem.reencode("f16") == {"recoded": 0, "requeued": len(before)}
+    assert mem.compile_pending() == len(before)
     assert mem.reencode("k3v3") == {"recoded": len(before), "requeued": 0}
     assert all(c.encoding == "k3v3" for c in mem.store.cubes(kind="activation"))
-    ans = mem.ask("What does the backoff method of Retry return?", mode="kv")
+    ans = mem.ask("What does the backoff method of Retry return?", mode="kv", record=False)
     assert ans.spliced >= 1 and ans.answer and not any("unusable" in w for w in ans.warnings)
 
 
