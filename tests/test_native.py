@@ -398,6 +398,39 @@ def test_hadamard_values_need_whole_blocks(encoding: str) -> None:
     assert int(np.argmax(np.abs(got))) == 5 and got[5] > 0.5
 
 
+def test_k4v3_offsets_and_zero_layers() -> None:
+    """Blocks that the one-byte statistics find hard: a channel with a large constant offset (RoPE's slow
+    channels; the channel center takes it), blocks far from their channel's center (the zero point needs a
+    coarser step), a value row whose rotated block is constant (the std is widened to carry the mean), and an
+    all-zero layer (base 0)."""
+    n, rng = 64, np.random.default_rng(8)
+    blob = B.make_state_blob(n, n_layer=2, n_embd_k=64, n_embd_v=64, v_trans=False, rng=rng)
+    st = R.parse_state(blob)
+    data = bytearray(blob)
+    k = st.k[0].view(np.float16).astype(np.float32)
+    k[:, 0] = 500 + rng.normal(size=n) * 0.5
+    k[:32, 1] = 1000 + rng.normal(size=32) * 0.01
+    k[32:, 1] = -1000 + rng.normal(size=32) * 0.01
+    v = st.v[0].view(np.float16).astype(np.float32)
+    v[3] = 0.0
+    v[3, 0] = 1.0  # one-hot on channel 0: the rotated block is constant (mean 1/8, std 0)
+    for rows, new in ((st.k[0], k), (st.v[0], v), (st.k[1], np.zeros((n, 64))), (st.v[1], np.zeros((n, 64)))):
+        off = bytes(data).index(rows.tobytes())
+        data[off:off + rows.nbytes] = new.astype(np.float16).tobytes()
+    frag = N.extract_fragment(bytes(data), range(n), fingerprint=FP, encoding="k4v3")
+    out, _ = N.splice(None, [frag], v_trans=False)
+    got_k = _k_rows(out, 0).astype(np.float32)
+    want_k = k.astype(np.float16).astype(np.float32)
+    # channel 0: a step of ~range/15 around its center; an int8 zero point from 0 would need 500/127 = 3.9
+    assert np.abs(got_k[:, 0] - want_k[:, 0]).max() < 0.5
+    # channel 1: half of a step just coarse enough to reach +-1000 in 127 steps (scale codes 6.25% apart)
+    assert np.abs(got_k[:, 1] - want_k[:, 1]).max() < 1000 / 127 * 1.0625 / 2 + 0.5
+    assert np.abs(got_k[:, 2:] - want_k[:, 2:]).max() < 0.5  # N(0, 1) channels
+    got_v = _v_rows(out, 0).astype(np.float32)
+    assert abs(got_v[3, 0] - 1.0) < 0.1 and np.abs(got_v[3, 1:]).max() < 0.1
+    assert not _k_rows(out, 1).any() and not _v_rows(out, 1).any()
+
+
 def test_key_scale_drop_first_and_placement() -> None:
     rng = np.random.default_rng(7)
     blob = B.make_state_blob(20, n_layer=2, n_embd_k=64, n_embd_v=64, positions=np.arange(50, 70), rng=rng)
