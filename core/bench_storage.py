@@ -56,8 +56,16 @@ def bench_storage(qa_file: Path, repo_root: Path, *, limit: int | None = None, m
         def answers(mode: str) -> list[str]:
             return [mem.ask(r["question"], mode=mode, record=False, sampling=params).answer for r in rows]
 
-        def accuracy(texts: list[str]) -> float:
-            return round(sum(accepted(a, r["accept"]) for a, r in zip(texts, rows, strict=True)) / len(rows), 3)
+        def right(texts: list[str]) -> list[bool]:
+            return [accepted(a, r["accept"]) for a, r in zip(texts, rows, strict=True)]
+
+        def accuracy(ok: list[bool]) -> float:
+            return round(sum(ok) / len(rows), 3)
+
+        def changed(ok: list[bool], was: list[bool], now: bool) -> list[str]:
+            """Ids of the questions that this encoding answers `now` right where f16 did not (or the reverse):
+            which questions move is what tells a real loss from the few that flip on any perturbation."""
+            return [r["id"] for r, a, b in zip(rows, was, ok, strict=True) if b == now and a != now]
 
         def fidelity(reference: list[str]) -> dict:
             """Teacher-forced on the f16 answers: what the greedy accuracy of 30 questions is too coarse to show."""
@@ -72,8 +80,9 @@ def bench_storage(qa_file: Path, repo_root: Path, *, limit: int | None = None, m
                     "f16_answer_top1": round(sum(top1) / max(1, len(top1)), 4)}
 
         say("text mode")
-        out["text_accuracy"] = accuracy(answers("text"))
+        out["text_accuracy"] = accuracy(right(answers("text")))
         reference: list[str] = []
+        f16_right: list[bool] = []
         for enc in encodings:
             t0 = time.perf_counter()
             encoded = {cid: (data if enc == "f16" else recode_payload(data, enc)) for cid, data in f16.items()}
@@ -88,13 +97,17 @@ def bench_storage(qa_file: Path, repo_root: Path, *, limit: int | None = None, m
             splice_s = time.perf_counter() - t0
             say(f"kv mode, {enc}")
             texts = answers("kv")
-            reference = reference or texts  # f16 comes first
+            ok = right(texts)
+            if enc == "f16":  # f16 comes first
+                reference, f16_right = texts, ok
             out["encodings"][enc] = {
                 "bytes_per_token": round(sum(len(p) for p in payloads) / max(1, tokens), 1),
                 "encode_gb_per_s": round(f16_bytes / 1e9 / encode_s, 2) if enc != "f16" else None,
                 "splice_s": round(splice_s, 4),
                 "decode_gb_per_s": round(f16_bytes / 1e9 / splice_s, 2),
-                "kv_accuracy": accuracy(texts),
+                "kv_accuracy": accuracy(ok),
+                "lost_vs_f16": changed(ok, f16_right, False),
+                "gained_vs_f16": changed(ok, f16_right, True),
                 **fidelity(reference),
             }
         out["cubes"], out["source_tokens"] = len(cubes), tokens

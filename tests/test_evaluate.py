@@ -94,9 +94,15 @@ def test_bench_storage_reports_every_encoding(tiny_qa: tuple[Path, Path], home: 
     # f16 scored on its own greedy answers: its top token is the answer's token (batched decoding may
     # break a near-tie), and no encoding predicts them better than the exact rows on average
     assert encs["f16"]["f16_answer_top1"] >= 0.8
+    assert encs["f16"]["lost_vs_f16"] == encs["f16"]["gained_vs_f16"] == []
+    ids = {"t1", "t2"}
     for e in ("q4", "k3v3", "q2"):
         assert 0.0 <= encs[e]["f16_answer_top1"] <= 1.0
         assert encs[e]["encode_gb_per_s"] > 0 and encs[e]["splice_vs_f16"] > 0
+        lost, gained = set(encs[e]["lost_vs_f16"]), set(encs[e]["gained_vs_f16"])
+        assert lost <= ids and gained <= ids and not lost & gained
+        # the accuracy moves by exactly the questions that moved
+        assert round(encs[e]["kv_accuracy"] - encs["f16"]["kv_accuracy"], 3) == round((len(gained) - len(lost)) / 2, 3)
     assert encs["q2"]["f16_answer_logprob"] <= encs["f16"]["f16_answer_logprob"] + 0.05
     # the run used a store of its own: the repository's memory is as it was
     mine = RepoMemory.open(repo, settings=settings_mod.Settings(model=str(test_model_path), encoding="q4"))
