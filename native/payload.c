@@ -558,6 +558,14 @@ static uint16_t rm_f16_ceil(float v) {
     return h;
 }
 
+// a K4V3 block's f16 base, written at out, that lets code 255 reach `need` (the largest scale the block's
+// statistics ask for); tab gets the scale of every code on it
+static void rm_put_scale_base(float need, uint8_t * out, float * tab) {
+    const uint16_t b16 = rm_f16_ceil(need / RM_SCALE_MAX);
+    memcpy(out, &b16, 2);
+    rm_scale_table(rm_f16_to_f32(b16), tab);
+}
+
 // the smallest code whose scale is >= s (the largest code when none is)
 static uint32_t rm_scale_code_ceil(const float * tab, float s) {
     uint32_t lo = 0;
@@ -622,9 +630,7 @@ static void rm_enc_k4_k(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t *
     for (uint32_t pass = 0; pass < 2; ++pass) {
         float tab[RM_SCALE_CODES];
         if (pass == 1) {
-            const uint16_t b16 = rm_f16_ceil(need / RM_SCALE_MAX);
-            memcpy(out, &b16, 2);
-            rm_scale_table(rm_f16_to_f32(b16), tab);
+            rm_put_scale_base(need, out, tab);
         }
         uint8_t * gp = mu16 + 2u * (size_t) E;
         for (uint32_t g = 0; g < ngroups; ++g) {
@@ -706,9 +712,7 @@ static void rm_enc_nf3c_v(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t
     for (uint32_t pass = 0; pass < 2; ++pass) {
         float tab[RM_SCALE_CODES];
         if (pass == 1) {
-            const uint16_t b16 = rm_f16_ceil(need / RM_SCALE_MAX);
-            memcpy(out, &b16, 2);
-            rm_scale_table(rm_f16_to_f32(b16), tab);
+            rm_put_scale_base(need, out, tab);
         }
         for (uint32_t i = 0; i < n; ++i) {
             rm_f16_to_f32_row(rows + (size_t) i * E, tmp, E);
