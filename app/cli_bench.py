@@ -67,11 +67,14 @@ def bench_watch_cmd(as_json: bool, model: str | None, n_edits: int) -> None:
 @click.option("--repo-root", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--limit", type=int, default=None)
 @click.option("--model", default=None)
-def bench_storage_cmd(as_json: bool, qa_file: str, repo_root: str, limit: int | None, model: str | None) -> None:
+@click.option("--replicas", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Accuracy runs per encoding; runs after the first nudge the f16 rows by one f16 step.")
+def bench_storage_cmd(as_json: bool, qa_file: str, repo_root: str, limit: int | None, model: str | None,
+                      replicas: int) -> None:
     """Bytes per token, encode/decode speed and kv accuracy per payload encoding, next to text mode."""
     from pathlib import Path
 
     from repomem.core.bench_storage import bench_storage
 
-    _show(bench_storage(Path(qa_file), Path(repo_root), limit=limit, model=model,
+    _show(bench_storage(Path(qa_file), Path(repo_root), limit=limit, model=model, replicas=replicas,
                         progress=lambda m: console.print(f"[dim]{m}[/]") if not as_json else None), as_json)

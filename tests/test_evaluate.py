@@ -7,15 +7,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from repomem.app.cli import cli
 from repomem.core import settings as settings_mod
-from repomem.core.bench_storage import bench_storage
+from repomem.core.bench_storage import bench_storage, nudged_payload
 from repomem.core.evaluate import accepted
 from repomem.core.memory import RepoMemory
 from repomem.core.models import sha256_file
+from repomem.native import bench as native_bench
+from repomem.native import extract_fragment
+from repomem.native import reference as native_ref
 
 CODE = '''"""Connection settings."""
 
@@ -77,6 +81,21 @@ def test_eval_cli_writes_records_and_scores_reference_answers(tiny_qa: tuple[Pat
     assert set(report["text"]) >= {"accuracy", "recall", "median_ttft_s", "reference_logprob"}
 
 
+def test_nudged_payload_moves_values_one_f16_step() -> None:
+    blob = native_bench.make_state_blob(40, n_layer=2, rng=np.random.default_rng(3), positions=np.arange(100, 140))
+    payload = extract_fragment(blob, range(40), fingerprint=bytes(32))
+    before = native_ref.parse_payload(payload)
+    after = native_ref.parse_payload(nudged_payload(payload, 1))
+    assert np.array_equal(before.positions, after.positions)
+    old = np.concatenate([a.view(np.uint16).ravel() for a in before.k + before.v]).astype(np.int32)
+    new = np.concatenate([a.view(np.uint16).ravel() for a in after.k + after.v]).astype(np.int32)
+    assert np.abs(new - old).max() == 1 and np.array_equal(new >> 15, old >> 15)  # one step, same sign
+    assert 0.45 < np.mean(new != old) < 0.55
+    assert nudged_payload(payload, 1) == nudged_payload(payload, 1) != nudged_payload(payload, 2)
+    with pytest.raises(ValueError, match="only f16"):
+        nudged_payload(extract_fragment(blob, range(40), fingerprint=bytes(32), encoding="q4"), 1)
+
+
 def test_bench_storage_reports_every_encoding(tiny_qa: tuple[Path, Path], home: Path, test_model_path: Path) -> None:
     qa, root = tiny_qa
     repo = root / "tiny"
@@ -85,7 +104,7 @@ def test_bench_storage_reports_every_encoding(tiny_qa: tuple[Path, Path], home: 
     before = {c.id: (c.encoding, c.payload_sha256) for c in mine.store.cubes(kind="activation")}
     mine.close()
     out = bench_storage(qa, root, model=str(test_model_path), max_tokens=12,
-                        encodings=("q4", "k3v3", "q2"))
+                        encodings=("q4", "k3v3", "q2"), replicas=2)
     encs = out["encodings"]
     assert list(encs) == ["f16", "q4", "k3v3", "q2"]  # f16 always measured first: the fidelity reference
     assert out["cubes"] >= 1 and out["source_tokens"] > 0 and 0.0 <= out["text_accuracy"] <= 1.0
@@ -103,6 +122,10 @@ def test_bench_storage_reports_every_encoding(tiny_qa: tuple[Path, Path], home: 
         assert lost <= ids and gained <= ids and not lost & gained
         # the accuracy moves by exactly the questions that moved
         assert round(encs[e]["kv_accuracy"] - encs["f16"]["kv_accuracy"], 3) == round((len(gained) - len(lost)) / 2, 3)
+    for e in encs:  # the first replica is the exact run; the mean covers the nudged one too
+        first, nudged = encs[e]["kv_accuracy_replicas"]
+        assert first == encs[e]["kv_accuracy"] and nudged in (0.0, 0.5, 1.0)
+        assert encs[e]["kv_accuracy_mean"] == round((first + nudged) / 2, 3)
     assert encs["q2"]["f16_answer_logprob"] <= encs["f16"]["f16_answer_logprob"] + 0.05
     # the run used a store of its own: the repository's memory is as it was
     mine = RepoMemory.open(repo, settings=settings_mod.Settings(model=str(test_model_path), encoding="q4"))
