@@ -135,6 +135,8 @@ class RepoMemory:
         self._lock = threading.RLock()  # one model operation at a time per repository
         self._engine: Engine | None = None
         self._compiler: Compiler | None = None
+        self._compiler_options: CompileOptions | None = None
+        self._warned_encoding = ""
         self._answer_ctx: Context | None = None
         self._layout: Layout | None = None
         self._prefix_blob: bytes | None = None
@@ -229,10 +231,29 @@ class RepoMemory:
         self.conversations.close()
         self.store.close()
 
+    @property
+    def payload_encoding(self) -> str:
+        """The encoding new payloads get: the setting, except raw rows for a quantized cache (encodings
+        quantize f16 rows) and q4 where the model's value rows do not split into Hadamard blocks."""
+        s = self.settings
+        if s.cache_type != "f16":
+            return "raw"
+        from repomem import native
+
+        width = self.engine.info.n_embd_v_gqa
+        if not native.encoding_fits(s.encoding, width):
+            if self._warned_encoding != s.encoding:
+                self._warned_encoding = s.encoding
+                log.warning("%s needs value rows in blocks of %d; this model's are %d wide: using q4",
+                            s.encoding, native.HADAMARD_BLOCK, width)
+            return "q4"
+        return s.encoding
+
     def compile_options(self) -> CompileOptions:
         s = self.settings
         return CompileOptions(policy=s.keep_policy, keep_ratio=s.keep_ratio, drop_sinks=s.drop_sinks,
-                              encoding=s.encoding, cache_type=s.cache_type, n_threads=s.n_threads or None)
+                              encoding=self.payload_encoding, cache_type=s.cache_type,
+                              n_threads=s.n_threads or None)
 
     # -- indexing -------------------------------------------------------------------------------
     def _index_cube(self, cube: Cube) -> None:
@@ -354,23 +375,27 @@ class RepoMemory:
         self._rules = None
 
     def compile_ids(self, cube_ids: Iterable[str], *, cancel: threading.Event | None = None) -> int:
-        """Compile these cubes now if they lack a payload for the current model (e.g. the ones a set
-        of questions will retrieve), ahead of the rest of the queue."""
+        """Compile these cubes now if they lack a payload for the current model in the configured
+        encoding (e.g. the ones a set of questions will retrieve), ahead of the rest of the queue."""
         with self._lock:
-            fp = self.fingerprint
+            fp, enc = self.fingerprint, self.payload_encoding
             cubes = [c for c in (self.store.get(i) for i in dict.fromkeys(cube_ids)) if c is not None]
             todo = [c for c in cubes if c.status != "archived"
-                    and not (c.has_payload and c.status == "active" and c.model_fingerprint == fp)]
+                    and not (c.has_payload and c.status == "active" and c.model_fingerprint == fp
+                             and c.encoding == enc)]
             summary = IndexSummary()
             self._compile_cubes(todo, summary, cancel=cancel)
             return summary.compiled
 
     def reencode(self, encoding: str | None = None, *, cancel: threading.Event | None = None) -> dict[str, int]:
-        """Bring every payload to the configured encoding: f16 sources are re-encoded in C (no model run);
-        lossy ones go back to the compile queue to be compiled from text."""
+        """Bring every payload to `encoding` (default: the configured one; every compile pass does this):
+        f16 sources are re-encoded in C (no model run); lossy ones are compiled again from text, in the
+        configured encoding. For that one a lossy payload keeps answering until the compile queue replaces
+        it; for another it is dropped to text now."""
         from .recode import recode_payload
 
-        target = encoding or self.settings.encoding
+        target = encoding or self.payload_encoding
+        keep_lossy = target == self.payload_encoding
         done = {"recoded": 0, "requeued": 0}
         with self._lock:
             for cube in self.store.cubes(kind="activation", status="active"):
@@ -378,12 +403,18 @@ class RepoMemory:
                     break
                 if cube.encoding == target:
                     continue
-                try:
-                    data = recode_payload(self.store.read_payload(cube, verify=False), target)
-                except (StoreError, ValueError):
+                data = None
+                # A lossy tag is known without reading the payload (compile passes run this often).
+                if cube.encoding not in settings_mod.ENCODINGS or cube.encoding == "f16":
+                    try:
+                        data = recode_payload(self.store.read_payload(cube, verify=False), target)
+                    except (StoreError, ValueError):
+                        pass
+                if data is None:
                     # Lossy or unreadable source: compile it again from its text.
-                    self.store.archive(cube.id, reason=f"re-encode {cube.encoding} -> {target}")
-                    self.store.promote(cube.id)
+                    if not keep_lossy:
+                        self.store.archive(cube.id, reason=f"re-encode {cube.encoding} -> {target}")
+                        self.store.promote(cube.id)
                     done["requeued"] += 1
                     continue
                 rel, sha, nbytes = self.store.write_payload(data)
@@ -399,15 +430,21 @@ class RepoMemory:
         return summary.compiled
 
     def _compiler_for(self) -> Compiler:
+        options = self.compile_options()
+        if self._compiler is not None and self._compiler_options != options:  # settings changed
+            self._compiler.close()
+            self._compiler = None
         if self._compiler is None:
-            self._compiler = Compiler(self.engine, self.layout, self.compile_options(),
-                                      fingerprint=self.fingerprint_bytes)
+            self._compiler = Compiler(self.engine, self.layout, options, fingerprint=self.fingerprint_bytes)
+            self._compiler_options = options
         return self._compiler
 
     def _compile_into(self, summary: IndexSummary, *, limit: int | None = None, progress: Progress | None = None,
                       cancel: threading.Event | None = None) -> None:
         with self._lock:
-            queue = self.store.compile_queue(self.fingerprint, limit=limit or 1_000_000)
+            self.reencode(cancel=cancel)  # after a change of the encoding setting
+            queue = self.store.compile_queue(self.fingerprint, limit=limit or 1_000_000,
+                                             encoding=self.payload_encoding)
             self._compile_cubes(queue, summary, progress=progress, cancel=cancel)
             budget = self.settings.disk_budget_mb * 1024 * 1024
             for cid in self.store.enforce_budget(budget):

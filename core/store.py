@@ -1000,23 +1000,26 @@ class CubeStore:
         rows = self._read(lambda c: c.execute("SELECT id, updated, status, version FROM cubes").fetchall())
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
-    def compile_queue(self, fingerprint: str, limit: int | None = 64) -> list[Cube]:
+    def compile_queue(self, fingerprint: str, limit: int | None = 64, encoding: str | None = None) -> list[Cube]:
         """Cubes to compile for model `fingerprint`, hottest first.
 
-        Live cubes without a payload of this model, except those archived for the budget (they
-        come back through `promote`). Order: pinned, edited in the last hour, code before notes,
-        most accessed, most important, most recently updated.
+        Live cubes without a payload of this model (or, given `encoding`, with one in another encoding:
+        it keeps answering until its replacement is attached), except those archived for the budget (they
+        come back through `promote`). Order: no payload before a payload to replace, then pinned, edited
+        in the last hour, code before notes, most accessed, most important, most recently updated.
         """
         sql = (
             "SELECT * FROM cubes WHERE status IN ('active', 'stale') AND archived_at IS NULL "
             "AND NOT (kind = 'activation' AND status = 'active' AND payload_path IS NOT NULL "
-            "         AND model_fingerprint = ?) "
-            "ORDER BY pinned DESC, (updated >= ?) DESC, (source = 'code') DESC, access_count DESC, importance DESC, "
+            "         AND model_fingerprint = ? AND (? IS NULL OR encoding IS ?)) "
+            "ORDER BY (kind = 'activation' AND status = 'active' AND payload_path IS NOT NULL), "
+            "pinned DESC, (updated >= ?) DESC, (source = 'code') DESC, access_count DESC, importance DESC, "
             "updated DESC, "
             "path, start_line LIMIT ?"
         )
         lim = -1 if limit is None else int(limit)  # SQLite: a negative LIMIT means no limit
-        return [Cube.from_row(r) for r in self._rows(sql, (fingerprint, time.time() - RECENT_EDIT_S, lim))]
+        args = (fingerprint, encoding, encoding, time.time() - RECENT_EDIT_S, lim)
+        return [Cube.from_row(r) for r in self._rows(sql, args)]
 
     def promote_candidates(self, min_access: int, limit: int = 64) -> list[Cube]:
         """Archived-for-budget cubes that keep being retrieved: worth compiling again."""

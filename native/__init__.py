@@ -45,6 +45,7 @@ __all__ = [
     "splice",
     "validate_state",
     "xxh64",
+    "encoding_fits",
 ]
 
 Encoding = Literal["raw", "f16", "q8", "q4", "q2", "k3v3", "k4v3"]
@@ -53,6 +54,15 @@ Placement = Literal["parallel", "sequential"]
 #: payload encodings and their header codes (see native/README.md)
 ENCODINGS: dict[str, int] = {"raw": 0, "f16": 1, "q8": 2, "q4": 3, "q2": 4, "k3v3": 5, "k4v3": 6}
 _ENCODING_NAMES = {v: k for k, v in ENCODINGS.items()}
+#: k3v3 and k4v3 rotate value rows in Hadamard blocks of this many channels
+HADAMARD_BLOCK = 64
+
+
+def encoding_fits(encoding: str, n_embd_v: int) -> bool:
+    """Whether value rows of this width can be stored in ``encoding`` (k3v3/k4v3 need whole Hadamard blocks)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; one of {sorted(ENCODINGS)}")
+    return encoding not in ("k3v3", "k4v3") or n_embd_v % HADAMARD_BLOCK == 0
 
 #: ggml type ids (ggml.h, 0.3.36) of the types a llama.cpp KV cache can use
 GGML_TYPES: dict[str, int] = {

@@ -249,6 +249,25 @@ def test_reencode_without_model_run_then_splice(mem: RepoMemory) -> None:
     assert ans.spliced >= 1 and ans.answer and not any("unusable" in w for w in ans.warnings)
 
 
+def test_changed_encoding_setting_reaches_every_payload_on_the_next_compile_pass(mem: RepoMemory) -> None:
+    mem.index()  # f16
+    ids = {c.id for c in mem.store.cubes(kind="activation")}
+    mem.settings.encoding = "k4v3"
+    assert mem.compile_pending() == 0  # f16 sources are re-encoded in C: nothing compiled
+    assert {c.id: c.encoding for c in mem.store.cubes(kind="activation")} == dict.fromkeys(ids, "k4v3")
+    mem.settings.encoding = "q4"
+    # k4v3 is lossy: compiled again from text, and until then each cube keeps answering from its k4v3 payload
+    assert mem.reencode() == {"recoded": 0, "requeued": len(ids)}
+    assert {c.id: c.encoding for c in mem.store.cubes(kind="activation")} == dict.fromkeys(ids, "k4v3")
+    assert {c.id for c in mem.store.compile_queue(mem.fingerprint, limit=None, encoding="q4")} == ids
+    assert not mem.store.compile_queue(mem.fingerprint, limit=None)  # no cube lacks a payload
+    assert mem.compile_pending() == len(ids)
+    assert {c.id: c.encoding for c in mem.store.cubes(kind="activation")} == dict.fromkeys(ids, "q4")
+    assert mem.compile_pending() == 0 and mem.reencode() == {"recoded": 0, "requeued": 0}
+    ans = mem.ask("What does the backoff method of Retry return?", mode="kv", record=False)
+    assert ans.spliced >= 1 and ans.answer
+
+
 @pytest.mark.parametrize("mode", ["kv", "text"])
 def test_score_answer_is_teacher_forced_greedy(mem: RepoMemory, mode: str) -> None:
     mem.index()

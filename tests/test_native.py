@@ -377,6 +377,13 @@ def test_native_matches_numpy_reference(v_trans: bool, encoding: str) -> None:
             assert np.array_equal(sa.v[il], sb.v[il])
 
 
+def test_encoding_fits_value_width() -> None:
+    assert N.encoding_fits("k4v3", 192) and N.encoding_fits("k3v3", 128)  # SmolLM2, the default model
+    assert not N.encoding_fits("k4v3", 100) and N.encoding_fits("q4", 100) and N.encoding_fits("f16", 7)
+    with pytest.raises(ValueError, match="unknown encoding"):
+        N.encoding_fits("q3", 128)
+
+
 @pytest.mark.parametrize("encoding", ["k3v3", "k4v3"])
 def test_hadamard_values_need_whole_blocks(encoding: str) -> None:
     blob = B.make_state_blob(8, n_layer=1, n_embd_k=64, n_embd_v=96, rng=np.random.default_rng(3))
