@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from repomem.app.cli import cli, console
+from repomem.app.cli import cli, err
 from repomem.app.cli import show_mapping as _show
 
 
@@ -72,9 +72,11 @@ def bench_watch_cmd(as_json: bool, model: str | None, n_edits: int) -> None:
 def bench_storage_cmd(as_json: bool, qa_file: str, repo_root: str, limit: int | None, model: str | None,
                       replicas: int) -> None:
     """Bytes per token, encode/decode speed and kv accuracy per payload encoding, next to text mode."""
+    import time
     from pathlib import Path
 
     from repomem.core.bench_storage import bench_storage
 
+    # An hour-long run: progress goes to stderr with the time, so `--json > out.json` still shows it.
     _show(bench_storage(Path(qa_file), Path(repo_root), limit=limit, model=model, replicas=replicas,
-                        progress=lambda m: console.print(f"[dim]{m}[/]") if not as_json else None), as_json)
+                        progress=lambda m: err.print(f"[dim]{time.strftime('%H:%M:%S')} {m}[/]")), as_json)
