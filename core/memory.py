@@ -108,6 +108,7 @@ class IndexSummary:
     files: int = 0
     chunks: int = 0
     compiled: int = 0
+    recoded: int = 0  # payloads brought to the configured encoding in C, without a model run
     reused: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
@@ -387,7 +388,8 @@ class RepoMemory:
             self._compile_cubes(todo, summary, cancel=cancel)
             return summary.compiled
 
-    def reencode(self, encoding: str | None = None, *, cancel: threading.Event | None = None) -> dict[str, int]:
+    def reencode(self, encoding: str | None = None, *, limit: int | None = None,
+                 cancel: threading.Event | None = None) -> dict[str, int]:
         """Bring every payload to `encoding` (default: the configured one; every compile pass does this):
         f16 sources are re-encoded in C (no model run); lossy ones are compiled again from text, in the
         configured encoding. For that one a lossy payload keeps answering until the compile queue replaces
@@ -398,36 +400,46 @@ class RepoMemory:
         keep_lossy = target == self.payload_encoding
         done = {"recoded": 0, "requeued": 0}
         with self._lock:
-            for cube in self.store.cubes(kind="activation", status="active"):
-                if cancel is not None and cancel.is_set():
-                    break
-                if cube.encoding == target:
+            for source, ids in self.store.payloads_by_encoding().items():
+                if source == target:
                     continue
-                data = None
                 # A lossy tag is known without reading the payload (compile passes run this often).
-                if cube.encoding not in settings_mod.ENCODINGS or cube.encoding == "f16":
-                    try:
-                        data = recode_payload(self.store.read_payload(cube, verify=False), target)
-                    except (StoreError, ValueError):
-                        pass
-                if data is None:
-                    # Lossy or unreadable source: compile it again from its text.
-                    if not keep_lossy:
-                        self.store.archive(cube.id, reason=f"re-encode {cube.encoding} -> {target}")
-                        self.store.promote(cube.id)
-                    done["requeued"] += 1
+                lossy = source in settings_mod.ENCODINGS and source != "f16"
+                if lossy and keep_lossy:
+                    done["requeued"] += len(ids)
                     continue
-                rel, sha, nbytes = self.store.write_payload(data)
-                if self.store.attach_payload(cube.id, cube.content_hash, rel, sha, nbytes, cube.tokens,
-                                             cube.kept_tokens, cube.model_fingerprint or "", target):
-                    done["recoded"] += 1
+                for cid in ids:
+                    if (cancel is not None and cancel.is_set()) or (limit is not None and done["recoded"] >= limit):
+                        return done
+                    cube = self.store.get(cid)
+                    if cube is None or not cube.has_payload or cube.encoding != source:
+                        continue  # changed since the listing
+                    data = None
+                    if not lossy:
+                        try:
+                            data = recode_payload(self.store.read_payload(cube, verify=False), target)
+                        except (StoreError, ValueError):
+                            pass
+                    if data is None:
+                        # Lossy or unreadable source: compile it again from its text.
+                        if not keep_lossy:
+                            self.store.archive(cube.id, reason=f"re-encode {cube.encoding} -> {target}")
+                            self.store.promote(cube.id)
+                        done["requeued"] += 1
+                        continue
+                    rel, sha, nbytes = self.store.write_payload(data)
+                    if self.store.attach_payload(cube.id, cube.content_hash, rel, sha, nbytes, cube.tokens,
+                                                 cube.kept_tokens, cube.model_fingerprint or "", target):
+                        done["recoded"] += 1
         return done
 
     def compile_pending(self, *, limit: int | None = None, progress: Progress | None = None,
                         cancel: threading.Event | None = None) -> int:
+        """Compile (or re-encode) up to `limit` queued cubes, hottest first; returns how many got a new
+        payload, so 0 means nothing is left."""
         summary = IndexSummary()
         self._compile_into(summary, limit=limit, progress=progress, cancel=cancel)
-        return summary.compiled
+        return summary.compiled + summary.recoded
 
     def _compiler_for(self) -> Compiler:
         options = self.compile_options()
@@ -442,10 +454,12 @@ class RepoMemory:
     def _compile_into(self, summary: IndexSummary, *, limit: int | None = None, progress: Progress | None = None,
                       cancel: threading.Event | None = None) -> None:
         with self._lock:
-            self.reencode(cancel=cancel)  # after a change of the encoding setting
-            queue = self.store.compile_queue(self.fingerprint, limit=limit or 1_000_000,
-                                             encoding=self.payload_encoding)
-            self._compile_cubes(queue, summary, progress=progress, cancel=cancel)
+            # After a change of the encoding setting; a step of the watcher (limit 1) re-encodes one payload.
+            summary.recoded += self.reencode(limit=limit, cancel=cancel)["recoded"]
+            left = None if limit is None else limit - summary.recoded
+            if left is None or left > 0:
+                queue = self.store.compile_queue(self.fingerprint, limit=left, encoding=self.payload_encoding)
+                self._compile_cubes(queue, summary, progress=progress, cancel=cancel)
             budget = self.settings.disk_budget_mb * 1024 * 1024
             for cid in self.store.enforce_budget(budget):
                 log.info("archived %s to stay within the disk budget", cid)

@@ -9,7 +9,10 @@ How it works, and why:
 * The worker blocks on a condition variable. Its only timeouts are deadlines: the debounce (a batch
   is taken once no event arrived for `debounce_s`, or `max_delay_s` after its first event so a
   file written continuously cannot starve the rest) and the idle-unload deadline. A `git checkout`
-  touching a thousand files therefore becomes one batch, and an idle watcher sleeps in the kernel.
+  touching a thousand files therefore becomes one batch, and an idle watcher sleeps in the kernel,
+  waking every `SETTINGS_CHECK_S` only to stat settings.json while a memory is open: an edit of the
+  settings (model, cache type, payload encoding) reopens the memory and queues a compile pass, which
+  re-encodes the existing payloads one per step like any other compile job.
 * A batch goes to `RepoMemory.sync_paths(..., compile=False)` most recently edited first; the memory
   hashes each file and compares with the store, so a touched-but-unchanged file costs a stat + read +
   hash and never a compile. Changed chunks are searchable as plaintext cubes (new version) as soon as
@@ -79,6 +82,7 @@ log = logging.getLogger(__name__)
 IGNORE_FILES = (".gitignore", ".repomemignore")
 MAX_ERRORS = 20
 _COMPILE = object()  # worker job: compile one pending cube
+SETTINGS_CHECK_S = 2.0  # how soon a running watcher follows an edit of settings.json
 # One sync at a time per process: two repositories watched by one process must not compile at once
 # on a laptop's few cores (the engine is shared anyway).
 _SYNC_GATE = threading.Lock()
@@ -132,6 +136,16 @@ def open_memory(root: Path, model: str | None = None) -> SyncTarget:
     return RepoMemory.open(root, settings=s, model=model)
 
 
+def _settings_stamp() -> tuple[int, int] | None:
+    from . import settings as settings_mod
+
+    try:
+        st = settings_mod.settings_path().stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 class Watcher:
     """Watch one repository and keep its memory in sync. `start()`, then `stop()`/`join()`."""
 
@@ -159,6 +173,7 @@ class Watcher:
         self._lock = ProcessLock(lock_path(self.root))
         self._mem: SyncTarget | None = None
         self._mem_lock = threading.RLock()  # the worker's sync vs. search() from other threads
+        self._settings_seen = _settings_stamp()  # settings.json as the open memory read it
         self._model_loaded = False
         self._compile_owed = False  # plaintext is in, KV compilation is not done yet
         self._compile_run = (0, 0.0)  # cubes compiled in the current run, its start (perf_counter)
@@ -390,6 +405,7 @@ class Watcher:
                 if self._wait_for_root():
                     return self._came_back()
                 continue
+            self._follow_settings()
             unload = False
             with self._cond:
                 now = time.monotonic()
@@ -413,6 +429,8 @@ class Watcher:
                 self._set(state="idle", queue=pend.count())
                 self._write_status()
                 if not unload:
+                    if self._mem is not None:  # an open memory must notice a change of settings
+                        wait = SETTINGS_CHECK_S if wait is None else min(wait, SETTINGS_CHECK_S)
                     self._cond.wait(wait)
             if unload:
                 self._release_model()
@@ -524,8 +542,30 @@ class Watcher:
     def _memory(self) -> SyncTarget:
         with self._mem_lock:
             if self._mem is None:
+                self._settings_seen = _settings_stamp()
                 self._mem = self._factory(self.root)
             return self._mem
+
+    def _follow_settings(self) -> None:
+        """settings.json changed (the app's dialog, or an edit by hand): reopen the memory with it, so a
+        new model, cache type or payload encoding reaches the background compile without a restart, and
+        queue a compile pass (a new encoding re-encodes the existing payloads there)."""
+        stamp = _settings_stamp()
+        if stamp == self._settings_seen:
+            return
+        with self._mem_lock:
+            self._settings_seen = stamp
+            old, self._mem = self._mem, None
+            if old is None:
+                return
+            old.close()
+            mem = self._memory()
+        log.info("settings changed: memory reopened with them")
+        self._model_loaded = False
+        self._set(model_loaded=False)
+        if hasattr(mem, "compile_pending"):
+            with self._cond:
+                self._compile_owed = True
 
     def _call(self, fn: Callable[..., Any], *args: Any, exclusive: bool = True, **kwargs: Any) -> Any:
         """Run a memory method; `exclusive` keeps search() out while cubes and the search index change.
@@ -615,7 +655,7 @@ class Watcher:
     def _peek_compile(self, mem: Any) -> str | None:
         """The file of the cube about to be compiled, for the status (None when the memory cannot say)."""
         try:
-            queue = mem.store.compile_queue(mem.engine.info.sha256, limit=1)
+            queue = mem.store.compile_queue(mem.fingerprint, limit=1, encoding=mem.payload_encoding)
             return queue[0].path if queue else None
         except Exception:
             return None

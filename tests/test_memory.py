@@ -253,7 +253,9 @@ def test_changed_encoding_setting_reaches_every_payload_on_the_next_compile_pass
     mem.index()  # f16
     ids = {c.id for c in mem.store.cubes(kind="activation")}
     mem.settings.encoding = "k4v3"
-    assert mem.compile_pending() == 0  # f16 sources are re-encoded in C: nothing compiled
+    assert mem.compile_pending(limit=1) == 1  # a step of the watcher: one payload
+    summary = mem.index()  # the rest: f16 sources are re-encoded in C, no model run
+    assert (summary.recoded, summary.compiled) == (len(ids) - 1, 0)
     assert {c.id: c.encoding for c in mem.store.cubes(kind="activation")} == dict.fromkeys(ids, "k4v3")
     mem.settings.encoding = "q4"
     # k4v3 is lossy: compiled again from text, and until then each cube keeps answering from its k4v3 payload

@@ -541,3 +541,33 @@ def test_spawned_watcher_runs_detached_and_stops_on_sigterm(real_repo: Path) -> 
     st = watcher_status(real_repo)
     assert st["state"] == "stopped", st
     assert "watcher stopped" in Path(st["log"]).read_text()
+
+
+@pytest.mark.slow
+def test_encoding_changed_in_settings_reaches_the_running_watchers_payloads(real_repo: Path) -> None:
+    from repomem.core import settings as settings_mod
+    from repomem.core.memory import RepoMemory
+
+    s = settings_mod.load()
+    s.encoding = "f16"
+    settings_mod.save(s)
+    w = Watcher(real_repo, debounce_s=0.2).start()
+    m = RepoMemory.open(real_repo, settings=s)  # a reader beside the watcher, like the app
+
+    def encodings() -> set[str | None]:
+        return {c.encoding for c in m.store.cubes(kind="activation", status="active")}
+
+    try:
+        wait_for(lambda: w.status()["stats"]["compiled"] >= 2 and w.status()["state"] == "idle", 120,
+                 "catch-up compiled", w)
+        assert encodings() == {"f16"}
+        n = len(m.store.cubes(kind="activation", status="active"))
+        s.encoding = "k4v3"
+        settings_mod.save(s)  # the app's dialog does this; the watcher is neither restarted nor told
+        wait_for(lambda: encodings() == {"k4v3"}, 30, "payloads re-encoded by the watcher", w)
+        assert len(m.store.cubes(kind="activation", status="active")) == n
+        assert w.status()["stats"]["compiled"] >= 2 + n  # one re-encode per compile step
+    finally:
+        m.close()
+        w.stop()
+        assert w.join(60)
