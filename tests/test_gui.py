@@ -223,6 +223,8 @@ def test_settings_persist_across_restart(qtbot, gui_home: Path, repo: Path):
     dialog.cache_type.setCurrentText("q8_0")
     dialog.mode.setCurrentText("text")
     dialog.keep_ratio.setValue(0.5)
+    assert dialog.encoding.currentData() == "k4v3"  # the default
+    dialog.encoding.setCurrentIndex(dialog.encoding.findData("q4"))
     dialog.editor.setText("gedit +{line} {path}")
     dialog.close_to_tray.setChecked(False)
     first.save_settings(dialog.result_settings())
@@ -233,14 +235,15 @@ def test_settings_persist_across_restart(qtbot, gui_home: Path, repo: Path):
     qtbot.addWidget(second)
     try:
         s = second.settings
-        assert (s.n_threads, s.n_ctx, s.n_gpu_layers, s.cache_type, s.mode, s.keep_ratio) == \
-            (3, 4096, 0, "q8_0", "text", 0.5)
+        assert (s.n_threads, s.n_ctx, s.n_gpu_layers, s.cache_type, s.mode, s.keep_ratio, s.encoding) == \
+            (3, 4096, 0, "q8_0", "text", 0.5, "q4")
         assert s.editor_command == "gedit +{line} {path}" and s.close_to_tray is False
         assert s.max_answer_tokens == 24  # values the dialog does not show are kept
         assert second.chat.current_mode() == "text"
         assert second.sidebar.roots() == [root]  # the repository list is restored too
         reopened = SettingsDialog(second.settings, second)
         assert reopened.threads.value() == 3 and reopened.mode.currentText() == "text"
+        assert reopened.encoding.currentData() == "q4"
     finally:
         second.shutdown()
 

@@ -1,4 +1,5 @@
-"""The settings dialog: model, threads, context, GPU layers, KV type, memory mode and keep ratio, editor.
+"""The settings dialog: model, threads, context, GPU layers, KV type, memory mode, payload encoding, keep
+ratio, editor.
 
 Why it edits a copy: the dialog returns a new `Settings` only on OK; the main window saves it with
 `core.settings.save` (the same JSON file the CLI and the watcher read) and reopens the memories with
@@ -25,9 +26,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from repomem.core.settings import ENCODINGS
+
 from .model_setup import pick_gguf, start_download
 
 CACHE_TYPES = ("f16", "q8_0")
+#: bytes per source token on the default model (`repomem bench storage`, README)
+ENCODING_SIZES = {"f16": "12.3", "q8": "6.5", "q4": "4.0", "k4v3": "3.0", "k3v3": "2.9", "q2": "2.4"}
 MODES = ("kv", "text", "none")
 
 
@@ -77,6 +82,13 @@ class SettingsDialog(QDialog):
         self.mode.addItems(MODES)
         self.mode.setCurrentText(settings.mode)
         self.mode.setToolTip("kv: splice compiled memory (fast) · text: memory as prompt text · none: no memory")
+        self.encoding = QComboBox()
+        for name in ENCODINGS:
+            size = ENCODING_SIZES.get(name)
+            self.encoding.addItem(f"{name} — {size} KB per token" if size else name, name)
+        self.encoding.setCurrentIndex(max(0, self.encoding.findData(settings.encoding)))
+        self.encoding.setToolTip("How compiled memories are stored: smaller keeps more of a repository compiled "
+                                 "on the disk budget. Changing it re-encodes existing memories in the background.")
         self.keep_ratio = QDoubleSpinBox()
         self.keep_ratio.setRange(0.05, 1.0)
         self.keep_ratio.setSingleStep(0.05)
@@ -100,6 +112,7 @@ class SettingsDialog(QDialog):
         form.addRow("GPU layers:", self.gpu_layers)
         form.addRow("KV cache type:", self.cache_type)
         form.addRow("Memory mode:", self.mode)
+        form.addRow("Memory encoding:", self.encoding)
         form.addRow("Keep ratio:", self.keep_ratio)
         form.addRow("Memories per question:", self.top_k)
         form.addRow("Editor command:", self.editor)
@@ -145,6 +158,7 @@ class SettingsDialog(QDialog):
         s.n_gpu_layers = self.gpu_layers.value()
         s.cache_type = self.cache_type.currentText()
         s.mode = self.mode.currentText()
+        s.encoding = str(self.encoding.currentData())
         s.keep_ratio = round(self.keep_ratio.value(), 2)
         s.top_k = self.top_k.value()
         s.editor_command = self.editor.text().strip()
