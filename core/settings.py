@@ -36,7 +36,7 @@ class Settings:
     drop_sinks: int = 0
     key_scale: float = 1.0
     boost_top: int = 2  # kv, parallel: the N best-ranked memories are spliced twice (README: measured)
-    encoding: str = "k4v3"  # measured: 3.0 KB/token, mean accuracy over nudged replicas = f16's; README
+    encoding: str = "k4v3"  # measured: 3.0 KB/token, mean kv accuracy over nudged replicas >= f16's; README
     top_k: int = 5
     memory_tokens: int = 3000
     max_answer_tokens: int = 384
