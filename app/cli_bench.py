@@ -6,6 +6,7 @@ import click
 
 from repomem.app.cli import cli, err
 from repomem.app.cli import show_mapping as _show
+from repomem.core.settings import ENCODINGS
 
 
 @cli.group()
@@ -69,14 +70,23 @@ def bench_watch_cmd(as_json: bool, model: str | None, n_edits: int) -> None:
 @click.option("--model", default=None)
 @click.option("--replicas", default=8, show_default=True, type=click.IntRange(min=1),
               help="Accuracy runs per encoding; runs after the first nudge the f16 rows by one f16 step.")
+@click.option("--encodings", default=",".join(ENCODINGS), show_default=True,
+              help="Comma-separated; f16 always runs (the reference).")
+@click.option("--answer-tokens", default=96, show_default=True, type=click.IntRange(min=1),
+              help="Answer length (the app answers up to 384 tokens).")
 def bench_storage_cmd(as_json: bool, qa_file: str, repo_root: str, limit: int | None, model: str | None,
-                      replicas: int) -> None:
+                      replicas: int, encodings: str, answer_tokens: int) -> None:
     """Bytes per token, encode/decode speed and kv accuracy per payload encoding, next to text mode."""
     import time
     from pathlib import Path
 
     from repomem.core.bench_storage import bench_storage
 
+    chosen = tuple(e.strip() for e in encodings.split(",") if e.strip())
+    unknown = [e for e in chosen if e not in ENCODINGS]
+    if unknown:
+        raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(ENCODINGS)}", param_hint="--encodings")
     # An hour-long run: progress goes to stderr with the time, so `--json > out.json` still shows it.
     _show(bench_storage(Path(qa_file), Path(repo_root), limit=limit, model=model, replicas=replicas,
+                        encodings=chosen, max_tokens=answer_tokens,
                         progress=lambda m: err.print(f"[dim]{time.strftime('%H:%M:%S')} {m}[/]")), as_json)
