@@ -558,8 +558,13 @@ class Watcher:
             old, self._mem = self._mem, None
             if old is None:
                 return
-            old.close()
-            mem = self._memory()
+            try:
+                old.close()
+                self._unload_unused_engines()  # the old model, if the settings chose another
+                mem = self._memory()
+            except Exception as exc:  # the next job opens it again (and reports what still fails)
+                self._error(None, f"reopening with the new settings failed: {type(exc).__name__}: {exc}")
+                return
         log.info("settings changed: memory reopened with them")
         self._model_loaded = False
         self._set(model_loaded=False)
@@ -768,6 +773,15 @@ class Watcher:
                 (stack if is_dir else out).append(rel)
         return out
 
+    @staticmethod
+    def _unload_unused_engines() -> None:
+        """Free models no open memory holds (only if this process ever loaded one)."""
+        import sys
+
+        pool = sys.modules.get(f"{__package__}.engine_pool")
+        if pool is not None:
+            pool.unload_idle(0.0)
+
     def _release_model(self) -> None:
         """Idle: let the model go (memory stays open: store and search index are cheap to keep)."""
         with self._mem_lock:
@@ -781,11 +795,7 @@ class Watcher:
             else:
                 mem.close()
                 self._mem = None
-            import sys
-
-            pool = sys.modules.get(f"{__package__}.engine_pool")
-            if pool is not None:
-                pool.unload_idle(0.0)
+            self._unload_unused_engines()
         self._model_loaded = False
         log.info("idle for %.0fs: model released", self.idle_unload_s)
         self._set(model_loaded=False)

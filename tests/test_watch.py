@@ -398,6 +398,34 @@ def test_idle_watcher_uses_no_cpu_and_releases_the_model(repo: Path, home: Path)
         w.join(10)
 
 
+def test_settings_edit_reopens_the_memory_and_a_failed_reopen_is_reported(repo: Path, home: Path) -> None:
+    from repomem.core import settings as settings_mod
+
+    mems: list[RecordingMemory] = []
+
+    def factory(root: Path) -> RecordingMemory:
+        if len(mems) == 1 and not getattr(factory, "failed", False):
+            factory.failed = True  # type: ignore[attr-defined]
+            raise OSError("model file unreadable")
+        mems.append(RecordingMemory(root))
+        return mems[-1]
+
+    w = Watcher(repo, memory_factory=factory, **FAST).start()
+    try:
+        wait_for(lambda: idle(w, 1), what="catch-up")
+        s = settings_mod.load()
+        s.top_k += 1
+        settings_mod.save(s)  # picked up without an event in the repository
+        wait_for(lambda: w.status()["error_count"] == 1, what="failed reopen reported")
+        assert mems[0].closed and "reopening with the new settings failed" in w.status()["errors"][0]["message"]
+        (repo / "a.py").write_text("def a():\n    return 5\n")
+        wait_for(lambda: len(mems) == 2 and "a.py" in mems[1].synced(), what="next job reopens the memory")
+        assert w.failed is None  # the watcher itself carried on
+    finally:
+        w.stop()
+        assert w.join(10)
+
+
 def test_stop_cancels_the_running_sync(repo: Path, home: Path) -> None:
     mem = RecordingMemory(repo, delay=30)
     w = Watcher(repo, memory_factory=lambda r: mem, **FAST).start()
