@@ -396,8 +396,9 @@ class RepoMemory:
         it; for another it is dropped to text now."""
         from .recode import recode_payload
 
-        target = encoding or self.payload_encoding
-        keep_lossy = target == self.payload_encoding
+        configured = self.payload_encoding
+        target = encoding or configured
+        keep_lossy = target == configured
         done = {"recoded": 0, "requeued": 0}
         with self._lock:
             for source, ids in self.store.payloads_by_encoding().items():
@@ -455,8 +456,9 @@ class RepoMemory:
                       cancel: threading.Event | None = None) -> None:
         with self._lock:
             # After a change of the encoding setting; a step of the watcher (limit 1) re-encodes one payload.
-            summary.recoded += self.reencode(limit=limit, cancel=cancel)["recoded"]
-            left = None if limit is None else limit - summary.recoded
+            recoded = self.reencode(limit=limit, cancel=cancel)["recoded"]
+            summary.recoded += recoded
+            left = None if limit is None else limit - recoded
             if left is None or left > 0:
                 queue = self.store.compile_queue(self.fingerprint, limit=left, encoding=self.payload_encoding)
                 self._compile_cubes(queue, summary, progress=progress, cancel=cancel)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import HADAMARD_BLOCK
+
 STATE_MAGIC = 0xAF143CD8
 PAYLOAD_MAGIC = b"RMKVFRAG"
 GROUP = 32
@@ -144,7 +146,7 @@ def _dequant_kivi_k(raw: np.ndarray, n: int, e: int, bits: int, tight: bool = Fa
 
 
 _BITS = {3: 4, 4: 2, 5: 3}  # code bits of the KIVI keys (and q4/q2 values) per encoding id
-NF_GROUP = 64
+NF_GROUP = HADAMARD_BLOCK
 NF3_LEVELS = np.array([-2.1520, -1.3439, -0.7560, -0.2451, 0.2451, 0.7560, 1.3439, 2.1520], dtype=np.float32)
 
 
