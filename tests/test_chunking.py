@@ -576,7 +576,7 @@ _LINES = st.sampled_from(
 def test_property_generated(lines, language, max_tokens, crlf, final_newline) -> None:
     text = ("\r\n" if crlf else "\n").join(lines) + ("\n" if final_newline and lines else "")
     got = chunk_text("gen", text, language, max_tokens=max_tokens)
-    check_invariants(text, got)
+    check_invariants(text, got, max_tokens=max_tokens)
 
 
 def test_property_over_this_repository(caplog: pytest.LogCaptureFixture) -> None:
@@ -585,7 +585,7 @@ def test_property_over_this_repository(caplog: pytest.LogCaptureFixture) -> None
     for f in res.files:
         for max_tokens in (384, 48):
             got = chunk_text(f.rel, f.text, f.language, max_tokens=max_tokens)
-            check_invariants(f.text, got)
+            check_invariants(f.text, got, max_tokens=max_tokens)
             n += len(got)
     assert n > 0
     assert "using windows" not in caplog.text  # definition chunks held up; no fallback needed
@@ -610,7 +610,7 @@ def test_property_over_installed_sources() -> None:
                 continue
             seen[lang] = seen.get(lang, 0) + 1
             for max_tokens in (384, 64):
-                check_invariants(text, chunk_text(str(path), text, lang, max_tokens=max_tokens))
+                check_invariants(text, chunk_text(str(path), text, lang, max_tokens=max_tokens), max_tokens=max_tokens)
             if len(seen) >= 4 and all(v >= 25 for v in seen.values()):
                 break
     assert seen.get("python", 0) >= 1
