@@ -373,7 +373,12 @@ class RepoMemory:
         return summary
 
     def reload_ignores(self) -> None:
+        """.gitignore or .repomemignore changed: the next `sync_paths` reads the rules again."""
         self._rules = None
+
+    def indexed_paths(self) -> list[str]:
+        """The files this memory holds cubes of."""
+        return sorted(self.store.files())
 
     def compile_ids(self, cube_ids: Iterable[str], *, cancel: threading.Event | None = None) -> int:
         """Compile these cubes now if they lack a payload for the current model in the configured
@@ -433,6 +438,11 @@ class RepoMemory:
                                                  cube.kept_tokens, cube.model_fingerprint or "", target):
                         done["recoded"] += 1
         return done
+
+    def next_compile_path(self) -> str | None:
+        """The file of the cube `compile_pending` takes next from the queue (None when it is empty)."""
+        queue = self.store.compile_queue(self.fingerprint, limit=1, encoding=self.payload_encoding)
+        return queue[0].path if queue else None
 
     def compile_pending(self, *, limit: int | None = None, progress: Progress | None = None,
                         cancel: threading.Event | None = None) -> int:

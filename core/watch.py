@@ -19,8 +19,8 @@ How it works, and why:
   that returns (~milliseconds). KV compilation follows as separate jobs of one cube each
   (`compile_pending(limit=1)`, hottest = recently edited first), and a newer debounced batch is taken
   between two cubes, so a fresh edit never waits behind a checkout's backlog. Large batches are cut
-  into slices; between slices newer edits jump the queue too. (A memory without `compile_pending`
-  gets `sync_paths(..., compile=True)`.)
+  into slices; between slices newer edits jump the queue too.
+* The watcher asks its memory only for what `WatchedMemory` declares; `RepoMemory` implements it.
 * Shutdown (SIGINT/SIGTERM -> `stop()`) sets the same Event the memory receives as `cancel`: the cube
   being compiled finishes or is dropped (the store writes a cube in one transaction), nothing is
   left half-written, and what was not synced is picked up by the next start's catch-up.
@@ -51,7 +51,6 @@ Robustness choices (each is logged and shown in the status' `errors`, none stops
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
@@ -59,7 +58,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import paths
 from .errors import CancelledError, RepomemError
@@ -74,7 +73,11 @@ from .watch_status import (
     write_status,
 )
 
-__all__ = ["SyncTarget", "Watcher", "open_memory", "run_watch", "setup_logging", "spawn_watcher", "stop_watcher",
+if TYPE_CHECKING:
+    from .memory import IndexSummary
+    from .store import Cube
+
+__all__ = ["WatchedMemory", "Watcher", "open_memory", "run_watch", "setup_logging", "spawn_watcher", "stop_watcher",
            "watcher_status", "watcher_threads"]
 
 log = logging.getLogger(__name__)
@@ -88,11 +91,46 @@ SETTINGS_CHECK_S = 2.0  # how soon a running watcher follows an edit of settings
 _SYNC_GATE = threading.Lock()
 
 
-class SyncTarget(Protocol):
-    """What the watcher needs from a memory (RepoMemory satisfies it; tests use a recorder)."""
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
-    def sync_paths(self, rel_paths: Iterable[str], *, compile: bool = True,
-                   cancel: threading.Event | None = None) -> Any: ...
+
+class WatchedMemory(Protocol):
+    """Everything the watcher asks of one repository's memory. `RepoMemory` implements it, and so does
+    the recording double in tests/test_watch.py. The watcher syncs plaintext with `compile=False` and
+    compiles later, one `compile_pending(limit=1)` step at a time."""
+
+    def index(self, *, compile: bool = True, progress: Progress | None = None,
+              cancel: threading.Event | None = None) -> IndexSummary:
+        """Walk the whole repository (hash checks make unchanged files cheap)."""
+        ...
+
+    def sync_paths(self, rel_paths: Iterable[str], *, compile: bool = True, cancel: threading.Event | None = None,
+                   progress: Progress | None = None) -> IndexSummary:
+        """Re-read exactly these files: changed, created, deleted or newly ignored."""
+        ...
+
+    def compile_pending(self, *, limit: int | None = None, progress: Progress | None = None,
+                        cancel: threading.Event | None = None) -> int:
+        """Compile up to `limit` queued cubes, hottest first; 0 means nothing is left."""
+        ...
+
+    def next_compile_path(self) -> str | None:
+        """The file of the cube `compile_pending` would take next (for the status), None when none is queued."""
+        ...
+
+    def indexed_paths(self) -> list[str]:
+        """The files the memory holds cubes of (what a deleted folder held)."""
+        ...
+
+    def reload_ignores(self) -> None:
+        """.gitignore or .repomemignore changed: read the rules again before the next sync."""
+        ...
+
+    def search(self, query: str, k: int = 5) -> list[Cube]: ...
+
+    def release_model(self) -> None:
+        """Let the model go (idle); the memory stays open and loads it again when needed."""
+        ...
 
     def close(self) -> None: ...
 
@@ -125,7 +163,7 @@ def watcher_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def open_memory(root: Path, model: str | None = None) -> SyncTarget:
+def open_memory(root: Path, model: str | None = None) -> WatchedMemory:
     """The RepoMemory a watcher uses (the default `memory_factory`)."""
     from . import settings as settings_mod
     from .memory import RepoMemory
@@ -149,11 +187,11 @@ def _settings_stamp() -> tuple[int, int] | None:
 class Watcher:
     """Watch one repository and keep its memory in sync. `start()`, then `stop()`/`join()`."""
 
-    def __init__(self, root: str | Path, *, memory_factory: Callable[[Path], SyncTarget] | None = None,
+    def __init__(self, root: str | Path, *, memory_factory: Callable[[Path], WatchedMemory] | None = None,
                  debounce_s: float = 0.25, max_delay_s: float = 3.0, idle_unload_s: float | None = None,
                  max_batch: int = 256, missing_check_s: float = 5.0, mass_delete_grace_s: float = 2.0,
                  catch_up: bool = True,
-                 on_batch: Callable[[list[str], Any], None] | None = None):
+                 on_batch: Callable[[list[str], IndexSummary], None] | None = None):
         self.root = Path(root).expanduser().resolve()
         self._factory = memory_factory or open_memory
         self.debounce_s, self.max_delay_s = debounce_s, max_delay_s
@@ -171,7 +209,7 @@ class Watcher:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._lock = ProcessLock(lock_path(self.root))
-        self._mem: SyncTarget | None = None
+        self._mem: WatchedMemory | None = None
         self._mem_lock = threading.RLock()  # the worker's sync vs. search() from other threads
         self._settings_seen = _settings_stamp()  # settings.json as the open memory read it
         self._model_loaded = False
@@ -241,10 +279,10 @@ class Watcher:
     def status(self) -> dict[str, Any]:
         return dict(self._status)
 
-    def search(self, query: str, k: int = 5) -> list[Any]:
+    def search(self, query: str, k: int = 5) -> list[Cube]:
         """Search the watcher's own memory between batches (tests and `bench watch` use it)."""
         with self._mem_lock:
-            return self._memory().search(query, k=k)  # type: ignore[attr-defined]
+            return self._memory().search(query, k=k)
 
     # -- events (observer thread) ---------------------------------------------------------------
     def _own_prefixes(self) -> list[str]:
@@ -277,7 +315,7 @@ class Watcher:
         if kind in ("opened", "closed_no_write"):
             return
         src = os.fsdecode(event.src_path) if event.src_path else ""
-        dest = os.fsdecode(getattr(event, "dest_path", "") or "")
+        dest = os.fsdecode(event.dest_path) if event.dest_path else ""
         root = str(self.root)
         if src == root and kind in ("deleted", "moved"):
             self._flag_root(gone=True)
@@ -539,7 +577,7 @@ class Watcher:
         self._write_status(force=True)
 
     # -- syncing --------------------------------------------------------------------------------
-    def _memory(self) -> SyncTarget:
+    def _memory(self) -> WatchedMemory:
         with self._mem_lock:
             if self._mem is None:
                 self._settings_seen = _settings_stamp()
@@ -561,16 +599,15 @@ class Watcher:
             try:
                 old.close()
                 self._unload_unused_engines()  # the old model, if the settings chose another
-                mem = self._memory()
+                self._memory()
             except Exception as exc:  # the next job opens it again (and reports what still fails)
                 self._error(None, f"reopening with the new settings failed: {type(exc).__name__}: {exc}")
                 return
         log.info("settings changed: memory reopened with them")
         self._model_loaded = False
         self._set(model_loaded=False)
-        if hasattr(mem, "compile_pending"):
-            with self._cond:
-                self._compile_owed = True
+        with self._cond:
+            self._compile_owed = True
 
     def _call(self, fn: Callable[..., Any], *args: Any, exclusive: bool = True, **kwargs: Any) -> Any:
         """Run a memory method; `exclusive` keeps search() out while cubes and the search index change.
@@ -578,8 +615,7 @@ class Watcher:
         Compiling only attaches payloads to existing cubes (the store is thread-safe), so it runs
         without the lock and a search never waits behind a compile backlog.
         """
-        if "progress" in inspect.signature(fn).parameters:
-            kwargs["progress"] = self._progress
+        kwargs["progress"] = self._progress
         with _SYNC_GATE:
             if not exclusive:
                 return fn(*args, **kwargs)
@@ -596,13 +632,10 @@ class Watcher:
         t0 = time.perf_counter()
         try:
             mem = self._memory()
-            two_phase = hasattr(mem, "compile_pending")
             # Plaintext first (searchable at once), KV later one cube at a time so newer edits can cut in.
-            summary = self._call(mem.sync_paths, batch, compile=not two_phase, cancel=self._stop)
-            if two_phase and getattr(summary, "changed_paths", None):
+            summary = self._call(mem.sync_paths, batch, compile=False, cancel=self._stop)
+            if summary.changed_paths:
                 self._compile_owed = True
-            else:
-                self._model_loaded = self._model_loaded or not two_phase
         except CancelledError:
             return
         except Exception as exc:
@@ -626,16 +659,15 @@ class Watcher:
 
     def _compile_step(self) -> None:
         """Compile the hottest pending cube (the store puts recently edited ones first)."""
-        mem = self._memory()
         n_done, t_run = self._compile_run
         if n_done == 0:
             t_run = time.perf_counter()
-        self._set(state="compiling", current=self._peek_compile(mem), batch=[], progress=None,
-                  queue=self._queue_len())
-        self._write_status()
         try:
-            n = int(self._call(mem.compile_pending, limit=1, cancel=self._stop,  # type: ignore[attr-defined]
-                               exclusive=False) or 0)
+            mem = self._memory()
+            self._set(state="compiling", current=mem.next_compile_path(), batch=[], progress=None,
+                      queue=self._queue_len())
+            self._write_status()
+            n = self._call(mem.compile_pending, limit=1, cancel=self._stop, exclusive=False)
         except CancelledError:
             return
         except Exception as exc:
@@ -657,14 +689,6 @@ class Watcher:
         self._set(state="idle", current=None, progress=None, last_compile=time.time())
         self._write_status(force=True)
 
-    def _peek_compile(self, mem: Any) -> str | None:
-        """The file of the cube about to be compiled, for the status (None when the memory cannot say)."""
-        try:
-            queue = mem.store.compile_queue(mem.fingerprint, limit=1, encoding=mem.payload_encoding)
-            return queue[0].path if queue else None
-        except Exception:
-            return None
-
     def _sync_failed(self, rel: str, exc: BaseException) -> None:
         if not self.root.is_dir():
             self._go_missing("the repository folder disappeared")
@@ -672,14 +696,12 @@ class Watcher:
         log.warning("could not sync %s: %s", rel, exc)
         self._error(rel, f"{type(exc).__name__}: {exc}")
 
-    def _account(self, batch: list[str], summary: Any, seconds: float) -> None:
-        changed = list(getattr(summary, "changed_paths", []) or [])
-        removed = list(getattr(summary, "removed_paths", []) or [])
-        compiled = int(getattr(summary, "compiled", 0) or 0)
-        skipped = dict(getattr(summary, "skipped", {}) or {})
+    def _account(self, batch: list[str], summary: IndexSummary, seconds: float) -> None:
+        changed, removed, compiled, skipped = (summary.changed_paths, summary.removed_paths, summary.compiled,
+                                               summary.skipped)
         st = self._status["stats"]
         st["batches"] += 1
-        st["files"] += int(getattr(summary, "files", 0) or 0) if batch == ["(all)"] else len(batch)
+        st["files"] += summary.files if batch == ["(all)"] else len(batch)
         st["changed"] += len(changed)
         st["removed"] += len(removed)
         st["compiled"] += compiled
@@ -713,19 +735,9 @@ class Watcher:
         t0 = time.perf_counter()
         try:
             mem = self._memory()
-            reload = getattr(mem, "reload_ignores", None)
-            if reload is not None:
-                reload()
-            two_phase = hasattr(mem, "compile_pending")
-            index = getattr(mem, "index", None)
-            if index is not None:
-                summary = self._call(index, compile=not two_phase, cancel=self._stop)
-                batch = ["(all)"]
-            else:
-                batch = sorted(set(self._known_paths()) | set(self._scan_dir("")))
-                summary = self._call(mem.sync_paths, batch, compile=not two_phase, cancel=self._stop)
-            self._compile_owed = two_phase  # also finishes a backlog a previous run left
-            self._model_loaded = self._model_loaded or not two_phase
+            mem.reload_ignores()
+            summary = self._call(mem.index, compile=False, cancel=self._stop)
+            self._compile_owed = True  # also finishes a backlog a previous run left
         except CancelledError:
             return
         except Exception as exc:
@@ -735,18 +747,12 @@ class Watcher:
             return
         finally:
             self._last_work = time.monotonic()
-        self._account(batch, summary, time.perf_counter() - t0)
+        self._account(["(all)"], summary, time.perf_counter() - t0)
 
     def _known_paths(self) -> list[str]:
-        mem = self._memory()
-        store = getattr(mem, "store", None)
-        fn = (getattr(mem, "indexed_paths", None) or getattr(store, "indexed_paths", None)
-              or getattr(store, "files", None))  # files(): {path: FileRecord}
-        if fn is None:
-            return []
         try:
             with self._mem_lock:
-                return list(fn())
+                return self._memory().indexed_paths()
         except Exception as exc:
             log.warning("cannot list indexed paths: %s", exc)
             return []
@@ -789,12 +795,7 @@ class Watcher:
             if mem is None:
                 self._model_loaded = False
                 return
-            release = getattr(mem, "release_model", None)
-            if release is not None:
-                release()
-            else:
-                mem.close()
-                self._mem = None
+            mem.release_model()
             self._unload_unused_engines()
         self._model_loaded = False
         log.info("idle for %.0fs: model released", self.idle_unload_s)
@@ -899,8 +900,7 @@ def run_watch(roots: list[Path], *, catch_up: bool = True, debounce_s: float = 0
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C / TERM kills at once
 
     signal.signal(signal.SIGINT, _on_signal)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     for w in started:
         while not w.join(timeout=3600):  # blocks in the kernel; wakes only when the worker ends
             pass

@@ -1,13 +1,17 @@
 """Repo-watch: debounce, coalescing, lock, status file, robustness, and the real memory end to end.
 
-Most tests drive the watcher with `RecordingMemory`, a real (if tiny) implementation of the
-`sync_paths` contract that hashes files like the store does and records every call, so they run in
-a second or two without a model. The integration tests at the end use RepoMemory and the test model.
+Most tests drive the watcher with `RecordingMemory`, a small implementation of the whole
+`WatchedMemory` protocol that hashes files like the store does and records every call, so they run in
+a second or two without a model. Folder moves and deletions, the mass-deletion grace, an emptied root
+and the compile order run against `PlaintextMemory`: a real RepoMemory and store whose compile step
+attaches a placeholder payload instead of running a model. The integration tests at the end use
+RepoMemory and the test model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import shutil
 import signal
@@ -16,32 +20,25 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
 from repomem.core.errors import RepomemError
+from repomem.core.memory import IndexSummary, RepoMemory
+from repomem.core.store import Cube
 from repomem.core.walk import IgnoreRules
-from repomem.core.watch import Watcher
+from repomem.core.watch import WatchedMemory, Watcher
 from repomem.core.watch_status import lock_path, watcher_status, write_status
 
 FAST = dict(debounce_s=0.15, max_delay_s=1.5, idle_unload_s=-1, missing_check_s=0.3)
-
-
-@dataclass
-class Summary:
-    files: int = 0
-    compiled: int = 0
-    changed_paths: list[str] = field(default_factory=list)
-    removed_paths: list[str] = field(default_factory=list)
-    skipped: dict[str, int] = field(default_factory=dict)
+Progress = Callable[[str, int, int], None]
 
 
 class RecordingMemory:
-    """The sync_paths contract in miniature: hash check, removal of vanished/ignored files, a call log."""
+    """The WatchedMemory protocol in miniature: hash check, removal of vanished/ignored files, a compile
+    queue taken most recently changed first (as the store orders it), a call log."""
 
     def __init__(self, root: Path, *, delay: float = 0.0, fail: Iterable[str] = ()):
         self.root = root
@@ -57,15 +54,14 @@ class RecordingMemory:
         self.pending: list[str] = []  # changed paths whose "KV" is not compiled yet
         self.compiled: list[str] = []
         self.rules = IgnoreRules(root)
-        self.store = SimpleNamespace(indexed_paths=lambda: sorted(self.known))
         self.lock = threading.Lock()
 
-    def sync_paths(self, rel_paths: Iterable[str], *, compile: bool = True,
-                   cancel: threading.Event | None = None) -> Summary:
+    def sync_paths(self, rel_paths: Iterable[str], *, compile: bool = True, cancel: threading.Event | None = None,
+                   progress: Progress | None = None) -> IndexSummary:
         paths = list(rel_paths)
         with self.lock:
             self.calls.append(paths)
-        s = Summary()
+        s = IndexSummary()
         for rel in paths:
             if rel in self.fail:
                 raise PermissionError(13, "Permission denied", str(self.root / rel))
@@ -83,15 +79,16 @@ class RecordingMemory:
             if self.known.get(rel) != sha:
                 self.known[rel] = sha
                 s.changed_paths.append(rel)
+        with self.lock:
+            self.pending = [p for p in self.pending if p not in s.changed_paths] + s.changed_paths
         if compile:
-            s.compiled = len(s.changed_paths)
-        else:
-            self.pending += [p for p in s.changed_paths if p not in self.pending]
+            s.compiled = self.compile_pending(cancel=cancel)
         if self.delay and cancel is not None and cancel.wait(self.delay):
             self.cancelled = True
         return s
 
-    def index(self, *, compile: bool = True, cancel: threading.Event | None = None) -> Summary:
+    def index(self, *, compile: bool = True, progress: Progress | None = None,
+              cancel: threading.Event | None = None) -> IndexSummary:
         self.index_calls += 1
         self.rules.reload()
         found = []
@@ -102,18 +99,29 @@ class RecordingMemory:
             found += [f"{rel_dir}/{f}".lstrip("/") for f in filenames]
         return self.sync_paths(sorted(set(found) | set(self.known)), compile=compile, cancel=cancel)
 
-    def compile_pending(self, *, limit: int | None = None, cancel: threading.Event | None = None) -> int:
+    def compile_pending(self, *, limit: int | None = None, progress: Progress | None = None,
+                        cancel: threading.Event | None = None) -> int:
         done = 0
         while self.pending and (limit is None or done < limit):
             if cancel is not None and cancel.wait(self.compile_delay):
                 return done
             with self.lock:
-                self.compiled.append(self.pending.pop(0))
+                self.compiled.append(self.pending.pop())
             done += 1
         return done
 
+    def next_compile_path(self) -> str | None:
+        with self.lock:
+            return self.pending[-1] if self.pending else None
+
+    def indexed_paths(self) -> list[str]:
+        return sorted(self.known)
+
     def reload_ignores(self) -> None:
         self.rules.reload()
+
+    def search(self, query: str, k: int = 5) -> list[Cube]:
+        return [Cube(id=p, path=p) for p in sorted(self.known) if query in p][:k]
 
     def release_model(self) -> None:
         self.released += 1
@@ -124,6 +132,53 @@ class RecordingMemory:
     def synced(self) -> list[str]:
         with self.lock:
             return [p for c in self.calls for p in c]
+
+
+PLACEHOLDER_FP = "placeholder-model"
+
+
+class PlaintextMemory(RepoMemory):
+    """A real RepoMemory and store; its compile step attaches a placeholder payload (no model), in the
+    store's own queue order, so what the watcher does to the memory can be checked without a model."""
+
+    compile_delay = 0.0
+
+    @classmethod
+    def at(cls, root: Path) -> PlaintextMemory:
+        mem = cls.open(root)
+        mem.compiled = []
+        return mem
+
+    def queued(self) -> int:
+        return len(self.store.compile_queue(PLACEHOLDER_FP, limit=None))
+
+    def compile_pending(self, *, limit: int | None = None, progress: Progress | None = None,
+                        cancel: threading.Event | None = None) -> int:
+        done = 0
+        for cube in self.store.compile_queue(PLACEHOLDER_FP, limit=limit):
+            if cancel is not None and cancel.wait(self.compile_delay):
+                break
+            rel, sha, n = self.store.write_payload(f"placeholder {cube.id} {cube.content_hash}".encode())
+            if self.store.attach_payload(cube.id, cube.content_hash, rel, sha, n, tokens=1, kept_tokens=1,
+                                         fingerprint=PLACEHOLDER_FP, encoding="f16"):
+                self.compiled.append(cube.path)
+                done += 1
+        return done
+
+    def next_compile_path(self) -> str | None:
+        queue = self.store.compile_queue(PLACEHOLDER_FP, limit=1)
+        return queue[0].path if queue else None
+
+
+def test_memories_implement_the_watcher_protocol() -> None:
+    """Same methods and parameters as WatchedMemory: the watcher calls them without probing."""
+    for impl in (RepoMemory, RecordingMemory, PlaintextMemory):
+        for name, want in inspect.getmembers(WatchedMemory, inspect.isfunction):
+            if name.startswith("_"):
+                continue
+            have = inspect.signature(getattr(impl, name)).parameters
+            for pname, param in inspect.signature(want).parameters.items():
+                assert pname in have and have[pname].kind == param.kind, (impl.__name__, name, pname)
 
 
 def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition",
@@ -157,6 +212,17 @@ def watched(repo: Path):
     mem = RecordingMemory(repo)
     w = Watcher(repo, memory_factory=lambda r: mem, **FAST).start()
     wait_for(lambda: w.status()["stats"]["batches"] >= 1, what="catch-up")
+    yield w, mem
+    w.stop()
+    assert w.join(10)
+
+
+@pytest.fixture
+def watched_store(repo: Path):
+    """A started watcher on `repo` with a PlaintextMemory (a real store), catch-up done and compiled."""
+    mem = PlaintextMemory.at(repo)
+    w = Watcher(repo, memory_factory=lambda r: mem, **FAST).start()
+    wait_for(lambda: idle(w, 1) and not mem.queued(), what="catch-up compiled", watcher=w)
     yield w, mem
     w.stop()
     assert w.join(10)
@@ -213,22 +279,25 @@ def test_recently_edited_first(repo: Path, home: Path) -> None:
         w.join(10)
 
 
-def test_new_edit_jumps_the_compile_backlog(watched) -> None:
-    w, mem = watched
-    wait_for(lambda: idle(w, 1) and not mem.pending, what="catch-up compiled")
+def test_new_edit_jumps_the_compile_backlog(watched_store) -> None:
+    w, mem = watched_store
     mem.compile_delay = 0.1  # 30 cubes: 3 s of backlog
+    start = len(mem.compiled)
     for i in range(30):
         (w.root / f"gen_{i:02}.py").write_text(f"V = {i}\n")
-    wait_for(lambda: len(mem.pending) >= 20 and w.status()["state"] == "compiling", what="backlog compiling")
-    assert w.status()["current"] is None or isinstance(w.status()["current"], str)
+    wait_for(lambda: mem.queued() >= 20 and w.status()["state"] == "compiling", what="backlog compiling", watcher=w)
+    assert (w.status()["current"] or "gen_").startswith("gen_")  # None between two compile steps
     t0 = time.monotonic()
-    (w.root / "a.py").write_text("def a():\n    return 'urgent'\n")
-    want = hashlib.sha256(b"def a():\n    return 'urgent'\n").hexdigest()
-    wait_for(lambda: mem.known.get("a.py") == want, what="urgent edit synced")
+    (w.root / "pkg" / "d.py").write_text("def d():\n    return 'urgent'\n")
+    wait_for(lambda: any("urgent" in c.text for c in w.search("urgent")), what="urgent edit searchable", watcher=w)
     assert time.monotonic() - t0 < 1.5, "an edit waited behind the compile backlog"
-    assert mem.pending, "the backlog should still be compiling"
-    wait_for(lambda: not mem.pending and w.status()["state"] == "idle", 20, "backlog drained")
-    assert mem.compiled.index("a.py") < len(mem.compiled) - 1 or mem.compiled[-1] == "a.py"
+    backlog = mem.queued() - 1
+    assert backlog >= 5, "the backlog should still be compiling"
+    wait_for(lambda: not mem.queued() and w.status()["state"] == "idle", 20, "backlog drained", w)
+    # compiled right after the cube in flight, ahead of what was left of the backlog
+    run = mem.compiled[start:]
+    after = run[run.index("pkg/d.py") + 1:]
+    assert sum(p.startswith("gen_") for p in after) >= backlog - 1, run
 
 
 def test_ignored_paths_never_wake_the_memory(watched) -> None:
@@ -253,17 +322,27 @@ def test_rename_and_delete(watched) -> None:
     assert {"renamed.py", "pkg/c.py"} <= set(mem.known)
 
 
-def test_folder_moved_within_out_of_and_into_the_repo(watched, tmp_path: Path) -> None:
-    w, mem = watched
+def test_folder_moved_within_out_of_and_into_the_repo(watched_store, tmp_path: Path) -> None:
+    w, mem = watched_store
+
+    def under(folder: str) -> set[str]:
+        return {p for p in mem.indexed_paths() if p.startswith(folder + "/")}
+
+    def searchable(path: str) -> bool:
+        return any(c.path == path for c in mem.search(path, k=20))
+
     os.rename(w.root / "pkg", w.root / "lib")
-    wait_for(lambda: {"lib/c.py", "lib/d.py"} <= set(mem.known) and not any(p.startswith("pkg/") for p in mem.known),
-             what="folder renamed")
+    wait_for(lambda: under("lib") == {"lib/c.py", "lib/d.py"} and not under("pkg"), what="folder renamed", watcher=w)
+    assert searchable("lib/c.py") and not searchable("pkg/c.py")
     os.rename(w.root / "lib", tmp_path / "outside")  # moved away: no per-file events, only the folder's
-    wait_for(lambda: not any(p.startswith("lib/") for p in mem.known), what="folder moved out")
+    wait_for(lambda: not under("lib"), what="folder moved out", watcher=w)
+    assert not searchable("lib/c.py")
     os.rename(tmp_path / "outside", w.root / "back")  # moved in
-    wait_for(lambda: {"back/c.py", "back/d.py"} <= set(mem.known), what="folder moved in")
+    wait_for(lambda: under("back") == {"back/c.py", "back/d.py"}, what="folder moved in", watcher=w)
+    assert searchable("back/d.py")
     shutil.rmtree(w.root / "back")
-    wait_for(lambda: not any(p.startswith("back/") for p in mem.known), what="folder deleted")
+    wait_for(lambda: not under("back"), what="folder deleted", watcher=w)
+    assert not searchable("back/d.py") and searchable("a.py")
 
 
 def test_editor_save_via_temp_file_and_rename(watched) -> None:
@@ -331,50 +410,55 @@ def test_symlink_loops_do_not_hurt(watched) -> None:
     assert w._thread is not None and w._thread.is_alive()
 
 
-def test_repository_deleted_then_back(watched, tmp_path: Path) -> None:
-    w, mem = watched
-    known = set(mem.known)
+def test_repository_deleted_then_back(watched_store, tmp_path: Path) -> None:
+    w, mem = watched_store
+    known = mem.indexed_paths()
     shutil.rmtree(w.root)
     wait_for(lambda: watcher_status(tmp_path / "repo")["state"] == "waiting_for_repo", what="waiting_for_repo")
     st = watcher_status(tmp_path / "repo")
     assert st["running"] and any("disappeared" in e["message"] or "missing" in e["message"] for e in st["errors"])
+    time.sleep(FAST["debounce_s"] * 3)  # the deletions of the files inside would have formed a batch by now
     # the memory of a vanished folder is kept (it may be an unplugged drive), not wiped
-    assert set(mem.known) == known or set(mem.known) >= known - {p for c in mem.calls for p in c}
+    assert mem.indexed_paths() == known
     (w.root / "pkg").mkdir(parents=True)
     (w.root / "pkg" / "c.py").write_text("def c():\n    return 3\n")
     (w.root / "new.py").write_text("N = 1\n")
-    wait_for(lambda: "new.py" in mem.known and w.status()["state"] == "idle", what="caught up after return")
-    assert "a.py" not in mem.known  # gone while away: removed by the catch-up
+    wait_for(lambda: "new.py" in mem.indexed_paths() and w.status()["state"] == "idle", what="caught up after return")
+    assert "a.py" not in mem.indexed_paths() and "pkg/c.py" in mem.indexed_paths()  # the catch-up
     (w.root / "new.py").write_text("N = 2\n")  # and the new folder is watched
-    wait_for(lambda: mem.known.get("new.py") == hashlib.sha256(b"N = 2\n").hexdigest(), what="watching again")
+    wait_for(lambda: any("N = 2" in c.text for c in mem.search("new", k=5)), what="watching again")
 
 
 def test_slow_rm_rf_of_the_repository_keeps_the_memory(repo: Path, home: Path) -> None:
     for i in range(60):
         (repo / "pkg" / f"m{i:02}.py").write_text(f"M = {i}\n")
-    mem = RecordingMemory(repo)
+    mem = PlaintextMemory.at(repo)
     w = Watcher(repo, memory_factory=lambda r: mem, **FAST).start()
     try:
-        wait_for(lambda: len(mem.known) == 65 and idle(w, 1), what="catch-up")
+        wait_for(lambda: len(mem.indexed_paths()) >= 64 and idle(w, 1), what="catch-up", watcher=w)
+        known = mem.indexed_paths()
         for p in sorted(repo.rglob("*.py")):  # `rm -rf` of a big tree: the files go first, slowly
             p.unlink()
         time.sleep(0.5)  # longer than the debounce: the file deletions form a batch of their own
         shutil.rmtree(repo)
         wait_for(lambda: w.status()["state"] == "waiting_for_repo", what="waiting_for_repo")
-        assert len(mem.known) == 65, "the memory of a deleted repository folder is kept"
+        assert mem.indexed_paths() == known, "the memory of a deleted repository folder is kept"
+        assert any(c.path == "pkg/m07.py" for c in mem.search("M m07", k=5))
     finally:
         w.stop()
         w.join(10)
 
 
-def test_emptied_root_is_treated_as_unmounted(watched) -> None:
-    w, mem = watched
+def test_emptied_root_is_treated_as_unmounted(watched_store) -> None:
+    w, mem = watched_store
+    known = mem.indexed_paths()
     for p in sorted(w.root.rglob("*"), reverse=True):
         p.rmdir() if p.is_dir() else p.unlink()
     wait_for(lambda: w.status()["state"] == "waiting_for_repo", what="empty root -> waiting")
-    assert mem.known, "an emptied mount point must not wipe the memory"
+    time.sleep(FAST["debounce_s"] * 3)
+    assert mem.indexed_paths() == known, "an emptied mount point must not wipe the memory"
     (w.root / "a.py").write_text("def a():\n    return 1\n")
-    wait_for(lambda: w.status()["state"] == "idle" and mem.index_calls >= 2, what="back")
+    wait_for(lambda: w.status()["state"] == "idle" and mem.indexed_paths() == ["a.py"], what="back")
 
 
 # -- idle cost, unload, shutdown ----------------------------------------------------------------------
