@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -109,12 +113,24 @@ def test_quantized_v_cache_needs_flash_attention(test_engine: Engine) -> None:
         assert ctx.v_trans is False
 
 
-def test_amx_guard_verdict_is_remembered(home, test_model_path) -> None:
+def test_amx_guard_verdict_is_what_the_probe_child_does(home, test_model_path) -> None:
     engine = Engine(test_model_path)
     v = amx_guard.verdict(engine.sha256)
     assert v is not None, "loading must have probed and stored a verdict"
-    assert v["probe"] in ("ok",) or v["probe"].startswith(("crashed", "failed", "timed out"))
+    # Run the probe child again by hand: the stored verdict must say how it ends on this machine.
+    rc = subprocess.run([sys.executable, "-m", "repomem.core.amx_guard", str(test_model_path)], capture_output=True,
+                        timeout=amx_guard.PROBE_TIMEOUT_S, env=dict(os.environ, REPOMEM_LLAMA_LOG="0")).returncode
+    want = "ok" if rc == 0 else f"crashed ({signal.Signals(-rc).name})" if rc < 0 else "failed"
+    assert (v["probe"], v["extra_bufts"]) == (want, rc == 0)
     assert engine.use_extra_bufts is v["extra_bufts"]
-    if "amx_tile" in amx_guard.cpu_flags():
-        # The machine kind this project runs CI on crashes with repacking: the guard must have seen it.
-        assert v["extra_bufts"] is False and v["probe"].startswith("crashed")
+    again = Engine(test_model_path)  # remembered: no second probe
+    assert amx_guard.verdict(engine.sha256) == v and again.use_extra_bufts is v["extra_bufts"]
+
+
+def test_amx_guard_failed_probe_turns_repacking_off(home, tmp_path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))  # the probe child cannot load it: exits non-zero
+    sha = "0" * 64
+    assert amx_guard.extra_bufts_allowed(broken, sha) is False
+    v = amx_guard.verdict(sha)
+    assert v is not None and v["probe"] == "failed" and v["extra_bufts"] is False
