@@ -103,9 +103,6 @@ class ModelInfo:
         """32 bytes that identify the weights; payloads compiled by another model never splice in."""
         return bytes.fromhex(self.sha256)
 
-    def kv_bytes_per_token(self, type_size: float = 2.0) -> int:
-        return int(self.n_layer * 2 * self.n_embd_k_gqa * type_size)
-
 
 @dataclass
 class SamplingParams:
@@ -191,15 +188,8 @@ class Engine:
             self._piece_cache[token] = cached
         return cached
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
-
     def is_eog(self, token: int) -> bool:
         return bool(llama().llama_vocab_is_eog(self._vocab, token))
-
-    def chat_template(self) -> str | None:
-        tmpl = llama().llama_model_chat_template(self._model, None)
-        return tmpl.decode() if tmpl else None
 
     def apply_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """Render messages with the model's own chat template (llama.cpp's built-in implementation)."""

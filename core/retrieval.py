@@ -28,9 +28,6 @@ Why this module looks the way it does:
   and slots are renumbered only when dead slots outnumber live ones, so purge work is amortised
   O(1) per removed posting. No edit ever rebuilds the whole index; :attr:`BM25Index.work` counts
   postings touched so tests can assert that structurally.
-
-Persistence is deliberately absent: the index is rebuilt from the store at startup (50K chunks in a
-few seconds, see ``benchmarks/recall.py``), so it can never disagree with the store.
 """
 
 from __future__ import annotations
@@ -688,23 +685,6 @@ class BM25Index:
             tids.append(self._fields[f].add(slot, dict.fromkeys(fields[f], 1)))
         self.work += sum(len(t) for t in tids)
         self._doc_tids.append(tuple(tids))
-
-    @_locked
-    def add_many(self, docs: Iterable[Mapping[str, Any]]) -> int:
-        """Index many documents (mappings with ``doc_id``, ``text`` and optional ``path``,
-        ``symbol``, ``start_line``, ``end_line``), e.g. every cube of the store at startup."""
-        n = 0
-        for d in docs:
-            self.add(
-                d["doc_id"],
-                d["text"],
-                d.get("path", ""),
-                d.get("symbol", ""),
-                start_line=d.get("start_line"),
-                end_line=d.get("end_line"),
-            )
-            n += 1
-        return n
 
     @_locked
     def update(

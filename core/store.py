@@ -164,11 +164,6 @@ class UpsertResult:
     removed: list[str] = field(default_factory=list)
     reactivated: list[str] = field(default_factory=list)
 
-    @property
-    def needs_compile(self) -> list[str]:
-        """Cubes whose text is new or changed."""
-        return self.created + self.updated + self.reactivated
-
 
 # --------------------------------------------------------------------------------------------
 # Schema
@@ -938,13 +933,6 @@ class CubeStore:
 
         return self._write(run)
 
-    def set_importance(self, cube_id: str, importance: float) -> bool:
-        def run(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute("UPDATE cubes SET importance = ? WHERE id = ?", (float(importance), cube_id))
-            return cur.rowcount > 0
-
-        return self._write(run)
-
     def forget(self, cube_id: str) -> bool:
         """Delete a cube now (the user asked); its history keeps a `forgotten` event, GC takes the payload."""
 
@@ -1215,7 +1203,7 @@ class CubeStore:
         fixed = self._write(run) if bad else 0
         return {"checked": len(rows), "missing": missing, "corrupt": corrupt, "fixed": fixed}
 
-    # ---- files, skips, settings ---------------------------------------------------------------
+    # ---- files, skips ---------------------------------------------------------------
 
     @staticmethod
     def _set_file(
@@ -1227,9 +1215,6 @@ class CubeStore:
             "size = excluded.size, indexed_at = excluded.indexed_at",
             (path, sha, mtime, size, now),
         )
-
-    def set_file(self, path: str, sha256: str, mtime: float | None = None, size: int | None = None) -> None:
-        self._write(lambda c: self._set_file(c, path, sha256, mtime, size, time.time()))
 
     def get_file(self, path: str) -> FileRecord | None:
         rows = self._rows("SELECT * FROM files WHERE path = ?", (path,))
@@ -1250,17 +1235,3 @@ class CubeStore:
 
     def skips(self) -> list[tuple[str, str]]:
         return [(r["path"], r["reason"]) for r in self._rows("SELECT path, reason FROM skips ORDER BY path")]
-
-    def get_setting(self, key: str, default: Any = None) -> Any:
-        rows = self._rows("SELECT value FROM settings_kv WHERE key = ?", (key,))
-        return json.loads(rows[0]["value"]) if rows else default
-
-    def set_setting(self, key: str, value: Any) -> None:
-        data = json.dumps(value)
-        self._write(
-            lambda c: c.execute(
-                "INSERT INTO settings_kv(key, value) VALUES (?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (key, data),
-            )
-        )

@@ -335,8 +335,6 @@ def test_pin_forget_notes_settings_skips_stats(store: CubeStore) -> None:
     with pytest.raises(ValueError):
         store.add_note_cube("x", "gossip")
 
-    store.set_setting("budget", {"bytes": 123})
-    assert store.get_setting("budget") == {"bytes": 123} and store.get_setting("nope", 7) == 7
     from repomem.core.walk import Skip
 
     store.set_skips([Skip(".env", "secret_name"), ("dist/", "vendored")])
