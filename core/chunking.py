@@ -185,8 +185,6 @@ _SPECS: dict[str, _Spec] = {
 }
 _SPECS["tsx"] = _SPECS["typescript"]
 
-_TYPE_DEF_KINDS = {"type_definition", "declaration"}  # C: only a chunk when they define a body
-
 
 def _load_language(language: str) -> Any:
     """The grammar capsule of one language (import only when a file of that language shows up)."""

@@ -232,22 +232,6 @@ _TOKEN_RE = re.compile(
 _QUOTED_VALUE_RE = re.compile(r"""[:=]\s*["']([A-Za-z0-9/+_\-]{16,})["']""")
 _SECRET_KEY_NAME_RE = re.compile(r"""(?i)(?:api[_-]?key|secret|token|passw(?:or)?d)[\w-]{0,24}["']?\s*$""")
 
-REASONS = (
-    "gitignore",
-    "repomemignore",
-    "extra_ignore",
-    "vendored",
-    "secret_name",
-    "secret_content",
-    "binary",
-    "encoding",
-    "too_large",
-    "symlink",
-    "symlink_outside",
-    "symlink_loop",
-    "unreadable",
-)
-
 
 @dataclass(frozen=True)
 class RepoFile:

@@ -193,10 +193,9 @@ def test_inspector_recompiles_and_excludes_a_path(qtbot, window: MainWindow, rep
 
 def test_conversations_new_rename_delete(qtbot, window: MainWindow, repo: Path):
     root = add_and_wait(qtbot, window, repo)
-    from repomem.app.gui import memory_ops as ops
-
     for _ in range(2):
-        with qtbot.waitSignal(window.stores.run_chat(root, ops.create_conversation).finished, timeout=10_000):
+        job = window.stores.run_chat(root, lambda convs, _job: convs.create())
+        with qtbot.waitSignal(job.finished, timeout=10_000):
             pass
     with qtbot.waitSignal(window.chat_ctl.conversations_changed, timeout=10_000):
         window.chat_ctl.reload_conversations()

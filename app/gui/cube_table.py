@@ -167,13 +167,6 @@ class CubeTableModel(QAbstractTableModel):
         self.filter = flt
         self._apply()
 
-    def update_row(self, cube: Any) -> None:
-        """Refresh one cube in place (after pin); a cube that is gone is dropped (after forget)."""
-        cube_id = str(pick(cube, "id"))
-        fresh = CubeRow.from_cube(cube)
-        self.all_rows = [fresh if r.id == cube_id else r for r in self.all_rows]
-        self._apply()
-
     def drop(self, cube_id: str) -> None:
         self.all_rows = [r for r in self.all_rows if r.id != cube_id]
         self._apply()

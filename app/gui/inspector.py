@@ -281,9 +281,6 @@ class Inspector(QWidget):
         if row >= 0:
             self.table.selectRow(row)
 
-    def selected_id(self) -> str:
-        return self._selected
-
     def _on_selection(self) -> None:
         rows = self.table.selectionModel().selectedRows()
         cube_id = str(self.model.rows[rows[0].row()].id) if rows else ""

@@ -45,13 +45,9 @@ def compile_pending(mem: Any, job: Job) -> int:
             return total
 
 
-def refresh_from_store(mem: Any, _job: Job) -> bool:
-    """Pick up cubes another process (the watcher) wrote, when core offers a way; False if it can't."""
-    refresh = getattr(mem, "refresh", None)
-    if refresh is None:
-        return False
-    refresh()
-    return True
+def refresh_from_store(mem: Any, _job: Job) -> int:
+    """Pick up cubes another process (the watcher) wrote; returns how many were re-indexed."""
+    return mem.refresh()
 
 
 def compile_for(question: str) -> Callable[[Any, Job], int]:
@@ -90,9 +86,7 @@ def exclude_path(rel_path: str) -> Callable[[Any, Job], int]:
     """
     def run(mem: Any, job: Job) -> int:
         add_ignore_line(Path(mem.root), rel_path)
-        reload = getattr(mem, "reload_ignores", None)
-        if reload is not None:
-            reload()
+        mem.reload_ignores()
         mem.sync_paths([rel_path], compile=False, cancel=job.cancel)
         gone = [c.id for c in mem.store.cubes(path_glob=glob_escape(rel_path)) if c.path == rel_path]
         for cube_id in gone:
@@ -198,10 +192,6 @@ def list_conversations(convs: Any, _job: Job) -> list[Any]:
 
 def conversation_messages(conversation_id: str) -> Callable[[Any, Job], list[Any]]:
     return lambda convs, _job: convs.messages(conversation_id)
-
-
-def create_conversation(convs: Any, _job: Job) -> Any:
-    return convs.create()
 
 
 def rename_conversation(conversation_id: str, title: str) -> Callable[[Any, Job], None]:

@@ -37,10 +37,6 @@ def singleton_refcount_leak() -> dict[str, int]:
     return {"None": max(0, before_none - after_none), "True": max(0, before_true - after_true)}
 
 
-def none_refcount_leak() -> int:
-    return singleton_refcount_leak()["None"]
-
-
 def guard_none_refcount() -> bool:
     """Make None, True and False effectively immortal if the binding leaks them; True if it did."""
     if sys.version_info >= (3, 12):
