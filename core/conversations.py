@@ -16,6 +16,9 @@ from pathlib import Path
 
 import sqlite_utils
 
+#: the file of a repository's conversations, beside its cube store
+DB_NAME = "conversations.db"
+
 
 @dataclass
 class Message:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from repomem import native
+
 from . import amx_guard
 from .errors import CancelledError, ContextOverflowError, ModelError
 from .gguf import GGUFInfo, read_gguf_info
@@ -29,7 +31,8 @@ _backend_ready = False
 _log_tail: deque[str] = deque(maxlen=40)
 _log_cb = None  # kept alive for the process lifetime: llama.cpp holds the pointer
 
-CACHE_TYPES = {"f16": 1, "q8_0": 8, "f32": 0, "bf16": 30, "q4_0": 2}
+#: KV cache types a context accepts (their ggml type ids come from repomem.native.GGML_TYPES)
+CACHE_TYPES = ("f16", "q8_0", "f32", "bf16", "q4_0")
 ROPE_NORM, ROPE_NEOX = 0, 2
 
 
@@ -253,7 +256,7 @@ class Context:
         p.n_seq_max = 1
         p.n_threads = p.n_threads_batch = n_threads or default_threads()
         p.flash_attn_type = 1 if flash_attn else 0
-        p.type_k = p.type_v = CACHE_TYPES[cache_type]
+        p.type_k = p.type_v = native.GGML_TYPES[cache_type]
         p.no_perf = True
         if cb_eval is not None:
             p.cb_eval = ctypes.cast(ctypes.c_void_p(cb_eval), ll.ggml_backend_sched_eval_callback)
@@ -268,7 +271,7 @@ class Context:
         self.n_batch = n_batch
         self.flash_attn = flash_attn
         self.cache_type = cache_type
-        self.type_k = self.type_v = CACHE_TYPES[cache_type]
+        self.type_k = self.type_v = native.GGML_TYPES[cache_type]
         self._batch = ll.llama_batch_init(n_batch, 0, 1)
         self.n_vocab = engine.info.n_vocab
 

@@ -26,6 +26,7 @@ from . import engine_pool, paths
 from . import settings as settings_mod
 from .chunking import chunk_text
 from .compiler import CompileOptions, Compiler
+from .conversations import DB_NAME as conversations_db
 from .conversations import ConversationStore
 from .engine import Context, Engine, SamplingParams
 from .errors import CancelledError, ContextOverflowError, RepomemError, StoreError
@@ -131,7 +132,7 @@ class RepoMemory:
         self.store = store
         self.settings = settings
         self.model_choice = model or settings.model or None
-        self.conversations = ConversationStore(paths.repo_dir(root) / "conversations.db")
+        self.conversations = ConversationStore(paths.repo_dir(root) / conversations_db)
         self.index_ = BM25Index()
         self._lock = threading.RLock()  # one model operation at a time per repository
         self._engine: Engine | None = None

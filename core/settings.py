@@ -12,6 +12,8 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from repomem import native
+
 from . import atomic, paths
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,11 @@ log = logging.getLogger(__name__)
 MODES = ("kv", "text", "none")
 PLACEMENTS = ("parallel", "sequential")
 POLICIES = ("all", "uniform", "attention", "structural")
-ENCODINGS = ("f16", "q8", "q4", "k4v3", "k3v3", "q2")
+#: what `encoding` may be: the payload encodings of an f16 cache, largest first (raw rows are kept
+#: only for a quantized cache, by the compiler)
+ENCODINGS = tuple(e for e in native.ENCODINGS if e != "raw")
+#: what `cache_type` may be: the KV cache types compiled memory is made for
+CACHE_TYPES = ("f16", "q8_0")
 
 
 @dataclass
@@ -72,7 +78,7 @@ class Settings:
             "keep_ratio": 0.05 <= self.keep_ratio <= 1.0, "top_k": 1 <= self.top_k <= 50,
             "boost_top": 0 <= self.boost_top <= 50,
             "n_ctx": 512 <= self.n_ctx <= 262144, "memory_tokens": 0 <= self.memory_tokens <= 200_000,
-            "cache_type": self.cache_type in ("f16", "q8_0"),
+            "cache_type": self.cache_type in CACHE_TYPES,
         }
         for name, ok in checks.items():
             if not ok:

@@ -64,6 +64,7 @@ from . import paths
 from .errors import CancelledError, RepomemError
 from .locks import LockHeld, ProcessLock
 from .watch_status import (
+    STATUS_VERSION,
     lock_path,
     log_path,
     read_status,
@@ -225,7 +226,7 @@ class Watcher:
         self._last_work = time.monotonic()
         self._status_written = 0.0
         self._status: dict[str, Any] = {
-            "version": 1, "root": str(self.root), "pid": os.getpid(), "state": "starting", "queue": 0,
+            "version": STATUS_VERSION, "root": str(self.root), "pid": os.getpid(), "state": "starting", "queue": 0,
             "current": None, "batch": [], "progress": None, "started": time.time(), "updated": None,
             "last_update": None, "last_change": None, "last_compile": None, "last_event": None,
             "model_loaded": False,

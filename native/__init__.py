@@ -51,8 +51,8 @@ __all__ = [
 Encoding = Literal["raw", "f16", "q8", "q4", "q2", "k3v3", "k4v3"]
 Placement = Literal["parallel", "sequential"]
 
-#: payload encodings and their header codes (see native/README.md)
-ENCODINGS: dict[str, int] = {"raw": 0, "f16": 1, "q8": 2, "q4": 3, "q2": 4, "k3v3": 5, "k4v3": 6}
+#: payload encodings and their header codes (see native/README.md); after raw, largest payload first
+ENCODINGS: dict[str, int] = {"raw": 0, "f16": 1, "q8": 2, "q4": 3, "k4v3": 6, "k3v3": 5, "q2": 4}
 _ENCODING_NAMES = {v: k for k, v in ENCODINGS.items()}
 #: k3v3 and k4v3 rotate value rows in Hadamard blocks of this many channels
 HADAMARD_BLOCK = 64

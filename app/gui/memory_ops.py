@@ -17,7 +17,6 @@ from typing import Any
 from .jobs import Job, run_detached
 
 IGNORE_FILE = ".repomemignore"
-CONVERSATIONS_DB = "conversations.db"  # beside the cube store, as RepoMemory opens it
 
 
 # -- on the memory worker (mem = RepoMemory) --------------------------------------------------
@@ -157,9 +156,9 @@ class StoreAccess:
 
                     obj = CubeStore.open(folder)
                 else:
-                    from repomem.core.conversations import ConversationStore
+                    from repomem.core.conversations import DB_NAME, ConversationStore
 
-                    obj = ConversationStore(folder / CONVERSATIONS_DB)
+                    obj = ConversationStore(folder / DB_NAME)
                 self._open[(root, kind)] = obj
             return obj
 

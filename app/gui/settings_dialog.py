@@ -26,14 +26,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from repomem.core.settings import ENCODINGS
+from repomem.core.settings import CACHE_TYPES, ENCODINGS, MODES
 
 from .model_setup import pick_gguf, start_download
 
-CACHE_TYPES = ("f16", "q8_0")
 #: bytes per source token on the default model (`repomem bench storage`, README)
 ENCODING_SIZES = {"f16": "12.3", "q8": "6.5", "q4": "4.0", "k4v3": "3.0", "k3v3": "2.9", "q2": "2.4"}
-MODES = ("kv", "text", "none")
 
 
 class SettingsDialog(QDialog):
