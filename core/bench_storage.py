@@ -89,8 +89,8 @@ def bench_storage(qa_file: Path, repo_root: Path, *, limit: int | None = None, m
 
         def attach(encoded: dict[str, bytes], enc: str) -> None:
             for c in cubes:
-                rel, sha, n = mem.store.write_payload(encoded[c.id])
-                mem.store.attach_payload(c.id, c.content_hash, rel, sha, n, c.tokens, c.kept_tokens,
+                sha, n = mem.store.write_payload(encoded[c.id])
+                mem.store.attach_payload(c.id, c.content_hash, sha, n, c.tokens, c.kept_tokens,
                                          mem.fingerprint, enc)
 
         def encode(payloads: dict[str, bytes], enc: str) -> dict[str, bytes]:

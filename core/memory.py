@@ -434,8 +434,8 @@ class RepoMemory:
                             self.store.promote(cube.id)
                         done["requeued"] += 1
                         continue
-                    rel, sha, nbytes = self.store.write_payload(data)
-                    if self.store.attach_payload(cube.id, cube.content_hash, rel, sha, nbytes, cube.tokens,
+                    sha, nbytes = self.store.write_payload(data)
+                    if self.store.attach_payload(cube.id, cube.content_hash, sha, nbytes, cube.tokens,
                                                  cube.kept_tokens, cube.model_fingerprint or "", target):
                         done["recoded"] += 1
         return done
@@ -495,8 +495,8 @@ class RepoMemory:
                     log.warning("cannot compile %s: %s", cube.location, exc)
                     self.store.archive(cube.id, reason=f"compile failed: {exc}")
                     continue
-                rel, sha, nbytes = self.store.write_payload(piece.payload)
-                if self.store.attach_payload(cube.id, cube.content_hash, rel, sha, nbytes, tokens=piece.tokens,
+                sha, nbytes = self.store.write_payload(piece.payload)
+                if self.store.attach_payload(cube.id, cube.content_hash, sha, nbytes, tokens=piece.tokens,
                                              kept_tokens=piece.kept, fingerprint=fp,
                                              encoding=compiler.options.encoding):
                     summary.compiled += 1

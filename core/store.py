@@ -1,15 +1,19 @@
-"""The MemCube store of one repository: SQLite rows (what each memory is) + payload files (its KV).
+"""The MemCube store of one repository: SQLite rows (what each memory is) + payloads (its KV).
 
 Why this shape (MemOS): every memory is a *cube* with a type (`plaintext` text only,
 `activation` text plus a compiled KV payload, `parameter` reserved), provenance (`source`:
 code / conversation / change), lifecycle (`status`: active / stale / archived), usage (access
-counts, last access, importance, pinned) and a version history. Payloads live outside the
-database as content-addressed files so the database stays small and a payload is written once.
+counts, last access, importance, pinned) and a version history. Payload bytes live outside the
+database in a `payloads.PayloadStore`, found by their sha256, so the database stays small and a
+payload is written once.
 
-Crash safety: every change is one short SQLite transaction (WAL); a payload file is complete
-(temp file, fsync, rename, directory fsync) before any row points at it. `kill -9` at any moment
-leaves a store that opens, where no cube points at a missing payload; orphan and temp files are
-removed by `gc_payloads()`.
+Crash safety: every change is one short SQLite transaction (WAL); a payload is complete before any
+row points at it. `kill -9` at any moment leaves a store that opens, where no cube points at a
+missing payload; orphan payloads and unfinished writes are removed by `gc_payloads()`.
+
+SQL: queries and updates are raw SQL, each write one `BEGIN IMMEDIATE` transaction retried while
+another process holds the lock; sqlite-utils does the table work that reads better through it
+(migrations' `transform`, the `files` upsert), nested inside those transactions as savepoints.
 
 Concurrency: one database per repository may be opened by several processes (watcher, CLI,
 GUI). `busy_timeout` is 5 s and writes start with `BEGIN IMMEDIATE` and are retried when the
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import sqlite3
 import threading
@@ -44,17 +47,15 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from repomem.core import atomic
 from repomem.core.errors import StoreError
+from repomem.core.payloads import LocalPayloads, PayloadCorrupt, PayloadMissing, PayloadStore
 
 DB_NAME = "cubes.db"
 PAYLOAD_DIR = "payloads"
-PAYLOAD_SUFFIX = ".kv"
-TEMP_SUFFIX = ".tmp"
 BUSY_TIMEOUT_MS = 5000
 LOCK_RETRIES = 8
-# A payload file is only garbage once it is older than this: a compiler in another process may
-# have written it and not attached it yet.
+# A payload is only garbage once it is older than this: a compiler in another process may have
+# written it and not attached it yet.
 GC_GRACE_S = 600.0
 # compile_queue: a cube edited within this many seconds counts as hot.
 RECENT_EDIT_S = 3600.0
@@ -66,13 +67,7 @@ STATUSES = ("active", "stale", "archived")
 
 T = TypeVar("T")
 
-
-class PayloadMissing(StoreError):
-    """A cube's payload file is gone."""
-
-
-class PayloadCorrupt(StoreError):
-    """A cube's payload file has the wrong size or checksum."""
+__all__ = ["Cube", "CubeStore", "FileRecord", "HistoryEvent", "PayloadCorrupt", "PayloadMissing", "UpsertResult"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +102,6 @@ class Cube:
     visibility: str = "shared"
     status: str = "active"
     model_fingerprint: str | None = None
-    payload_path: str | None = None
     payload_bytes: int | None = None
     payload_sha256: str | None = None
     encoding: str | None = None
@@ -117,7 +111,7 @@ class Cube:
 
     @property
     def has_payload(self) -> bool:
-        return self.kind == "activation" and self.payload_path is not None
+        return self.kind == "activation" and self.payload_sha256 is not None
 
     @property
     def location(self) -> str:
@@ -243,14 +237,28 @@ def _m1_initial(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE settings_kv (key TEXT PRIMARY KEY, value TEXT)")
 
 
+def _m2_payloads_by_sha256(conn: sqlite3.Connection) -> None:
+    """A cube names its payload by sha256 alone (the key of any PayloadStore): the file path column goes,
+    and so does the `settings_kv` table nothing used."""
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    conn.execute(
+        "UPDATE cubes SET kind = 'plaintext', payload_path = NULL, payload_bytes = NULL, model_fingerprint = NULL, "
+        "encoding = NULL, kept_tokens = NULL WHERE payload_path IS NOT NULL AND payload_sha256 IS NULL"
+    )
+    conn.execute("DROP INDEX cubes_payload")
+    db["cubes"].transform(drop={"payload_path"})
+    db["cubes"].create_index(["payload_sha256"], index_name="cubes_payload")
+    db["settings_kv"].drop()
+
+
 # Applied in order, each in its own transaction; `meta.schema_version` = how many have run.
 # Append only: never edit a migration that has shipped.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial, _m2_payloads_by_sha256]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _CUBE_COLUMNS = [f.name for f in fields(Cube)]
 _PAYLOAD_CLEAR = (
-    "kind = 'plaintext', model_fingerprint = NULL, payload_path = NULL, payload_bytes = NULL, "
+    "kind = 'plaintext', model_fingerprint = NULL, payload_bytes = NULL, "
     "payload_sha256 = NULL, encoding = NULL, kept_tokens = NULL"
 )
 
@@ -274,9 +282,9 @@ def _is_locked(exc: BaseException) -> bool:
 class CubeStore:
     """One repository's cubes. Create with `CubeStore.open(store_dir)`; close with `close()`."""
 
-    def __init__(self, store_dir: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, store_dir: Path, conn: sqlite3.Connection, payloads: PayloadStore | None = None) -> None:
         self.dir = Path(store_dir)
-        self.payload_dir = self.dir / PAYLOAD_DIR
+        self.payloads: PayloadStore = payloads or LocalPayloads(self.dir / PAYLOAD_DIR)
         self.conn = conn
         self.db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
         self._lock = threading.RLock()
@@ -602,7 +610,7 @@ class CubeStore:
                 res.removed.append(old.id)
 
             if file_sha is not None:
-                self._set_file(conn, path, file_sha, mtime, size, now)
+                self._set_file(path, file_sha, mtime, size, now)
             return res
 
         return self._write(run)
@@ -729,60 +737,34 @@ class CubeStore:
 
     # ---- payloads ---------------------------------------------------------------------------
 
-    def write_payload(self, data: bytes | bytearray | memoryview) -> tuple[str, str, int]:
-        """Store payload bytes content-addressed; returns (path relative to the store dir, sha256, size).
-
-        Complete on disk before it returns (temp file, fsync, atomic rename, directory fsync), so
-        a row may point at it right after. Writing the same bytes twice writes one file.
-        """
-        view = memoryview(data).cast("B")
-        sha = hashlib.sha256(view).hexdigest()
-        nbytes = view.nbytes
-        rel = f"{PAYLOAD_DIR}/{sha[:2]}/{sha}{PAYLOAD_SUFFIX}"
-        final = self.dir / rel
-        try:
-            if final.exists() and final.stat().st_size == nbytes:
-                os.utime(final)  # restart the GC grace period: a new reference is coming
-                return rel, sha, nbytes
-            final.parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_bytes(final, view, temp_suffix=TEMP_SUFFIX)
-        except OSError as exc:
-            raise StoreError(f"cannot write a payload in {self.payload_dir}: {exc}") from exc
-        return rel, sha, nbytes
-
-    def payload_file(self, cube: Cube) -> Path:
-        if not cube.payload_path:
-            raise PayloadMissing(f"cube {cube.id} ({cube.location}) has no payload")
-        return self.dir / cube.payload_path
+    def write_payload(self, data: bytes | bytearray | memoryview) -> tuple[str, int]:
+        """Store payload bytes; returns (sha256, size) for `attach_payload`. Complete before it returns,
+        so a row may point at it right after; the same bytes written twice are stored once."""
+        return self.payloads.write(data), memoryview(data).nbytes
 
     def read_payload(self, cube: Cube, *, verify: bool = False) -> memoryview:
-        """The payload bytes as a read-only memoryview over an mmap (no copy).
+        """A cube's payload bytes (a read-only memoryview, no copy where the payload store can map them).
 
         The size is always checked; `verify=True` also checks the sha256 (reads every byte).
         """
-        path = self.payload_file(cube)
+        if not cube.payload_sha256:
+            raise PayloadMissing(f"cube {cube.id} ({cube.location}) has no payload")
         try:
-            with open(path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if cube.payload_bytes is not None and size != cube.payload_bytes:
-                    raise PayloadCorrupt(f"payload of {cube.location} has {size} bytes, expected {cube.payload_bytes}")
-                if size == 0:
-                    view = memoryview(b"")
-                else:
-                    view = memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
-        except FileNotFoundError as exc:
-            raise PayloadMissing(f"payload of {cube.location} is missing ({cube.payload_path})") from exc
-        except OSError as exc:
-            raise PayloadMissing(f"payload of {cube.location} cannot be read: {exc}") from exc
-        if verify and cube.payload_sha256 and hashlib.sha256(view).hexdigest() != cube.payload_sha256:
-            raise PayloadCorrupt(f"payload of {cube.location} fails its checksum")
+            view = self.payloads.read(cube.payload_sha256, verify=verify)
+        except PayloadCorrupt as exc:
+            raise PayloadCorrupt(f"payload of {cube.location}: {exc}") from exc
+        except PayloadMissing as exc:
+            raise PayloadMissing(f"payload of {cube.location}: {exc}") from exc
+        size = view.nbytes
+        if cube.payload_bytes is not None and size != cube.payload_bytes:
+            view.release()
+            raise PayloadCorrupt(f"payload of {cube.location} has {size} bytes, expected {cube.payload_bytes}")
         return view
 
     def attach_payload(
         self,
         cube_id: str,
         expected_content_hash: str,
-        rel_path: str,
         sha: str,
         nbytes: int,
         tokens: int | None,
@@ -790,18 +772,17 @@ class CubeStore:
         fingerprint: str,
         encoding: str | None,
     ) -> bool:
-        """Make a cube `activation` with this payload, if its text is still what was compiled.
+        """Make a cube `activation` with this payload (from `write_payload`), if its text is still what
+        was compiled.
 
         Returns False (and changes nothing) when the cube changed, was archived or deleted since
-        the compile started: the caller just drops the work and GC takes the file.
+        the compile started: the caller just drops the work and GC takes the payload.
         """
-        target = self.dir / rel_path
-        try:
-            size = target.stat().st_size
-        except OSError as exc:
-            raise PayloadMissing(f"payload {rel_path} is not on disk") from exc
+        size = self.payloads.size(sha)
+        if size is None:
+            raise PayloadMissing(f"payload {sha[:12]} is not stored")
         if size != nbytes:
-            raise PayloadCorrupt(f"payload {rel_path} has {size} bytes, expected {nbytes}")
+            raise PayloadCorrupt(f"payload {sha[:12]} has {size} bytes, expected {nbytes}")
 
         def run(conn: sqlite3.Connection) -> bool:
             cube = self._get(conn, cube_id)
@@ -809,10 +790,10 @@ class CubeStore:
                 return False
             now = time.time()
             conn.execute(
-                "UPDATE cubes SET kind = 'activation', status = 'active', payload_path = ?, payload_bytes = ?, "
+                "UPDATE cubes SET kind = 'activation', status = 'active', payload_bytes = ?, "
                 "payload_sha256 = ?, tokens = ?, kept_tokens = ?, model_fingerprint = ?, encoding = ?, "
                 "archived_at = NULL WHERE id = ?",
-                (rel_path, nbytes, sha, tokens, kept_tokens, fingerprint, encoding, cube_id),
+                (nbytes, sha, tokens, kept_tokens, fingerprint, encoding, cube_id),
             )
             self._history(
                 conn,
@@ -845,7 +826,7 @@ class CubeStore:
 
     def _archive(self, conn: sqlite3.Connection, cube_id: str, now: float, reason: str) -> bool:
         cube = self._get(conn, cube_id)
-        if cube is None or (cube.payload_path is None and cube.kind != "activation"):
+        if cube is None or (cube.payload_sha256 is None and cube.kind != "activation"):
             return False
         status = "active" if cube.status == "stale" else cube.status
         conn.execute(
@@ -998,9 +979,9 @@ class CubeStore:
         """
         sql = (
             "SELECT * FROM cubes WHERE status IN ('active', 'stale') AND archived_at IS NULL "
-            "AND NOT (kind = 'activation' AND status = 'active' AND payload_path IS NOT NULL "
+            "AND NOT (kind = 'activation' AND status = 'active' AND payload_sha256 IS NOT NULL "
             "         AND model_fingerprint = ? AND (? IS NULL OR encoding IS ?)) "
-            "ORDER BY (kind = 'activation' AND status = 'active' AND payload_path IS NOT NULL), "
+            "ORDER BY (kind = 'activation' AND status = 'active' AND payload_sha256 IS NOT NULL), "
             "pinned DESC, (updated >= ?) DESC, (source = 'code') DESC, access_count DESC, importance DESC, "
             "updated DESC, "
             "path, start_line LIMIT ?"
@@ -1014,7 +995,7 @@ class CubeStore:
         through (one indexed query, cheap enough to run before every compile step)."""
         rows = self._read(lambda c: c.execute(
             "SELECT id, encoding FROM cubes WHERE kind = 'activation' AND status = 'active' "
-            "AND payload_path IS NOT NULL ORDER BY path, start_line, id").fetchall())
+            "AND payload_sha256 IS NOT NULL ORDER BY path, start_line, id").fetchall())
         out: dict[str, list[str]] = {}
         for cid, enc in rows:
             out.setdefault(enc or "", []).append(cid)
@@ -1029,10 +1010,10 @@ class CubeStore:
         return [Cube.from_row(r) for r in self._rows(sql, (int(min_access), int(limit)))]
 
     def payload_bytes(self) -> int:
-        """Bytes of payload files that cubes point at (each file counted once)."""
+        """Bytes of the payloads cubes point at (each payload counted once)."""
         rows = self._rows(
             "SELECT COALESCE(SUM(b), 0) AS n FROM (SELECT MAX(payload_bytes) AS b FROM cubes "
-            "WHERE payload_path IS NOT NULL GROUP BY payload_path)"
+            "WHERE payload_sha256 IS NOT NULL GROUP BY payload_sha256)"
         )
         return int(rows[0]["n"])
 
@@ -1046,29 +1027,29 @@ class CubeStore:
         def run(conn: sqlite3.Connection) -> list[str]:
             refs: dict[str, int] = {}
             sizes: dict[str, int] = {}
-            for path, nbytes in conn.execute(
-                "SELECT payload_path, payload_bytes FROM cubes WHERE payload_path IS NOT NULL"
+            for sha, nbytes in conn.execute(
+                "SELECT payload_sha256, payload_bytes FROM cubes WHERE payload_sha256 IS NOT NULL"
             ):
-                refs[path] = refs.get(path, 0) + 1
-                sizes[path] = max(sizes.get(path, 0), nbytes or 0)
+                refs[sha] = refs.get(sha, 0) + 1
+                sizes[sha] = max(sizes.get(sha, 0), nbytes or 0)
             total = sum(sizes.values())
             if total <= max_bytes:
                 return []
             now = time.time()
             out: list[str] = []
             cands = conn.execute(
-                "SELECT id, payload_path FROM cubes WHERE payload_path IS NOT NULL AND pinned = 0 "
+                "SELECT id, payload_sha256 FROM cubes WHERE payload_sha256 IS NOT NULL AND pinned = 0 "
                 "ORDER BY (status = 'stale') DESC, COALESCE(last_access, 0) ASC, access_count ASC, "
                 "importance ASC, updated ASC"
             ).fetchall()
-            for cid, path in cands:
+            for cid, sha in cands:
                 if total <= max_bytes:
                     break
                 if self._archive(conn, cid, now, "budget"):
                     out.append(cid)
-                    refs[path] -= 1
-                    if refs[path] == 0:
-                        total -= sizes[path]
+                    refs[sha] -= 1
+                    if refs[sha] == 0:
+                        total -= sizes[sha]
             return out
 
         return self._write(run)
@@ -1102,12 +1083,11 @@ class CubeStore:
         )[0]
         on_disk = 0
         n_files = 0
-        for p in self._payload_files():
-            try:
-                on_disk += p.stat().st_size
+        for sha in self.payloads.iterate():
+            size = self.payloads.size(sha)
+            if size is not None:
+                on_disk += size
                 n_files += 1
-            except OSError:
-                continue
         return {
             "schema_version": self.schema_version,
             "cubes": totals["cubes"],
@@ -1128,52 +1108,23 @@ class CubeStore:
 
     # ---- maintenance ------------------------------------------------------------------------
 
-    def _payload_files(self) -> list[Path]:
-        out: list[Path] = []
-        try:
-            subdirs = list(os.scandir(self.payload_dir))
-        except OSError:
-            return out
-        for sub in subdirs:
-            try:
-                if not sub.is_dir(follow_symlinks=False):
-                    continue
-                with os.scandir(sub.path) as it:
-                    out.extend(Path(e.path) for e in it if e.is_file(follow_symlinks=False))
-            except OSError:
-                continue
-        return out
-
     def gc_payloads(self, grace_s: float = GC_GRACE_S) -> int:
-        """Delete payload files no cube points at, and leftover temp files; returns how many.
+        """Delete payloads no cube points at, and unfinished writes; returns how many.
 
-        Files younger than `grace_s` are kept: another process may be about to attach them.
+        Payloads younger than `grace_s` are kept: another process may be about to attach them.
         """
         referenced = {
-            r["payload_path"]
-            for r in self._rows("SELECT DISTINCT payload_path FROM cubes WHERE payload_path IS NOT NULL")
+            r["payload_sha256"]
+            for r in self._rows("SELECT DISTINCT payload_sha256 FROM cubes WHERE payload_sha256 IS NOT NULL")
         }
-        cutoff = time.time() - grace_s
-        removed = 0
-        for path in self._payload_files():
-            rel = path.relative_to(self.dir).as_posix()
-            if rel in referenced:
-                continue
-            try:
-                if path.stat().st_mtime > cutoff:
-                    continue
-                path.unlink()
-                removed += 1
-            except OSError:  # vanished, or mapped by a reader on Windows: next time
-                continue
-        return removed
+        return self.payloads.gc(referenced, grace_s)
 
     def check(self, *, verify: bool = False) -> dict[str, int]:
         """Find cubes whose payload is missing or damaged and demote them to plaintext.
 
         Returns counts: checked, missing, corrupt, fixed. `verify=True` also hashes every payload.
         """
-        rows = self._rows("SELECT * FROM cubes WHERE payload_path IS NOT NULL")
+        rows = self._rows("SELECT * FROM cubes WHERE payload_sha256 IS NOT NULL")
         bad: list[tuple[str, str]] = []
         missing = corrupt = 0
         for r in rows:
@@ -1192,11 +1143,11 @@ class CubeStore:
             fixed = 0
             for cid, reason in bad:
                 cube = self._get(conn, cid)
-                if cube is None or cube.payload_path is None:
+                if cube is None or cube.payload_sha256 is None:
                     continue
                 status = "active" if cube.status == "stale" else cube.status
                 conn.execute(f"UPDATE cubes SET {_PAYLOAD_CLEAR}, status = ? WHERE id = ?", (status, cid))
-                self._history(conn, cube, "demoted", now, {"reason": reason, "payload": cube.payload_path})
+                self._history(conn, cube, "demoted", now, {"reason": reason, "payload": cube.payload_sha256})
                 fixed += 1
             return fixed
 
@@ -1205,16 +1156,10 @@ class CubeStore:
 
     # ---- files, skips ---------------------------------------------------------------
 
-    @staticmethod
-    def _set_file(
-        conn: sqlite3.Connection, path: str, sha: str, mtime: float | None, size: int | None, now: float
-    ) -> None:
-        conn.execute(
-            "INSERT INTO files(path, sha256, mtime, size, indexed_at) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(path) DO UPDATE SET sha256 = excluded.sha256, mtime = excluded.mtime, "
-            "size = excluded.size, indexed_at = excluded.indexed_at",
-            (path, sha, mtime, size, now),
-        )
+    def _set_file(self, path: str, sha: str, mtime: float | None, size: int | None, now: float) -> None:
+        """Inside a `_write` transaction (sqlite-utils nests its own as a savepoint)."""
+        self.db["files"].upsert({"path": path, "sha256": sha, "mtime": mtime, "size": size, "indexed_at": now},
+                                pk="path")
 
     def get_file(self, path: str) -> FileRecord | None:
         rows = self._rows("SELECT * FROM files WHERE path = ?", (path,))

@@ -113,7 +113,7 @@ def test_kv_mode_mixes_in_text_for_uncompiled_cubes(mem: RepoMemory) -> None:
 def test_corrupt_and_missing_payloads_are_detected(mem: RepoMemory) -> None:
     mem.index()
     target = [c for c in mem.store.cubes(kind="activation") if c.symbol == "Retry"][0]
-    path = mem.store.payload_file(target)
+    path = mem.store.payloads.path(target.payload_sha256)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.chmod(0o644)
@@ -210,7 +210,7 @@ def test_kill_9_during_indexing_leaves_a_usable_store(repo: Path, home: Path, te
             assert report.get("missing", 0) == 0
             m.store.gc_payloads(grace_s=0)
             for c in m.store.cubes(kind="activation"):
-                assert m.store.payload_file(c).exists()
+                assert m.store.payloads.size(c.payload_sha256) == c.payload_bytes
         finally:
             m.close()
     done = _cli("index", str(repo), "--json", env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -61,10 +62,11 @@ def by_symbol(store: CubeStore, path: str = "pkg/mod.py", status: str | None = "
     return {c.symbol: c for c in store.cubes(path_glob=path, status=status)}
 
 
-def compile_fake(store: CubeStore, cube, data: bytes | None = None, fp: str = "model-a") -> str:
-    rel, sha, n = store.write_payload(data if data is not None else f"kv:{cube.id}:{cube.version}".encode())
-    assert store.attach_payload(cube.id, cube.content_hash, rel, sha, n, 40, 20, fp, "f16")
-    return rel
+def compile_fake(store: CubeStore, cube, data: bytes | None = None, fp: str = "model-a") -> Path:
+    """Attach a payload; returns its file."""
+    sha, n = store.write_payload(data if data is not None else f"kv:{cube.id}:{cube.version}".encode())
+    assert store.attach_payload(cube.id, cube.content_hash, sha, n, 40, 20, fp, "f16")
+    return store.payloads.path(sha)
 
 
 # ---- opening and schema ----------------------------------------------------------------------
@@ -78,7 +80,7 @@ def test_open_creates_layout_wal_and_schema(tmp_path: Path) -> None:
         assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert s.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
         tables = {r[0] for r in s.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"meta", "cubes", "history", "files", "skips", "settings_kv"} <= tables
+        assert {"meta", "cubes", "history", "files", "skips"} <= tables and "settings_kv" not in tables
     with CubeStore.open(d) as s:  # reopening migrates nothing
         assert s.schema_version == SCHEMA_VERSION
 
@@ -97,6 +99,39 @@ def test_newer_schema_and_garbage_are_store_errors(tmp_path: Path) -> None:
     (bad / "cubes.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError):
         CubeStore.open(bad)
+
+
+def test_schema_1_store_migrates_to_payloads_by_sha256(tmp_path: Path) -> None:
+    """A store written before payloads were found by hash alone: its compiled cubes stay compiled."""
+    d = tmp_path / "old"
+    (d / "payloads" / "ab").mkdir(parents=True)
+    data = b"an old payload"
+    sha = hashlib.sha256(data).hexdigest()
+    (d / "payloads" / sha[:2]).mkdir(exist_ok=True)
+    (d / "payloads" / sha[:2] / f"{sha}.kv").write_bytes(data)
+    conn = sqlite3.connect(d / "cubes.db", isolation_level=None)
+    MIGRATIONS[0](conn)
+    conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '1')")
+    cols = "id, kind, path, text, content_hash, created, updated, payload_path, payload_bytes, payload_sha256"
+    conn.execute(f"INSERT INTO cubes({cols}) VALUES ('c1', 'activation', 'a.py', 'x = 1', 'h1', 1, 1, ?, ?, ?)",
+                 (f"payloads/{sha[:2]}/{sha}.kv", len(data), sha))
+    conn.execute(f"INSERT INTO cubes({cols}) VALUES ('c2', 'activation', 'b.py', 'y = 2', 'h2', 1, 1, "
+                 "'payloads/ab/lost.kv', 3, NULL)")  # a path without a hash cannot be found any more
+    conn.execute("INSERT INTO settings_kv(key, value) VALUES ('k', '1')")
+    conn.close()
+    with CubeStore.open(d) as s:
+        assert s.schema_version == SCHEMA_VERSION == 2
+        columns = {r[1] for r in s.conn.execute("PRAGMA table_info(cubes)")}
+        assert "payload_path" not in columns and "payload_sha256" in columns
+        indexes = {r[1]: r[2] for r in s.conn.execute("PRAGMA index_list(cubes)")}
+        assert {"cubes_path", "cubes_status_kind", "cubes_hash", "cubes_payload"} <= set(indexes)
+        assert [r[2] for r in s.conn.execute("PRAGMA index_info(cubes_payload)")] == ["payload_sha256"]
+        assert not s.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'settings_kv'").fetchone()
+        cube = s.get("c1")
+        assert cube.has_payload and bytes(s.read_payload(cube, verify=True)) == data
+        lost = s.get("c2")
+        assert lost.kind == "plaintext" and not lost.has_payload and lost.text == "y = 2"
+        assert s.gc_payloads(grace_s=0) == 0  # the old file is the referenced payload
 
 
 # ---- upsert identity ---------------------------------------------------------------------------
@@ -172,7 +207,7 @@ def test_update_drops_payload_and_remove_file(store: CubeStore) -> None:
     assert store.get(alpha.id).kind == "activation"
     store.upsert_chunks("pkg/mod.py", chunks(SRC_V1.replace("x + 1", "x + 2")), "repo", "sha2")
     got = store.get(alpha.id)
-    assert got.kind == "plaintext" and got.payload_path is None and got.version == 2
+    assert got.kind == "plaintext" and got.payload_sha256 is None and got.version == 2
     archived = store.remove_file("pkg/mod.py")
     assert len(archived) == 4
     assert store.cubes(status="active") == []
@@ -184,15 +219,16 @@ def test_update_drops_payload_and_remove_file(store: CubeStore) -> None:
 
 def test_payload_roundtrip_dedupe_and_errors(store: CubeStore) -> None:
     data = os.urandom(10_000)
-    rel, sha, n = store.write_payload(data)
-    assert rel == f"payloads/{sha[:2]}/{sha}.kv" and n == 10_000
-    assert (store.dir / rel).read_bytes() == data
-    assert store.write_payload(bytearray(data)) == (rel, sha, n)  # content-addressed: one file
+    sha, n = store.write_payload(data)
+    assert sha == hashlib.sha256(data).hexdigest() and n == 10_000
+    file = store.dir / "payloads" / sha[:2] / f"{sha}.kv"
+    assert file.read_bytes() == data and list(store.payloads.iterate()) == [sha]
+    assert store.write_payload(bytearray(data)) == (sha, n)  # content-addressed: one file
     assert not list((store.dir / "payloads").rglob("*.tmp"))
 
     store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
     cube = by_symbol(store)["alpha"]
-    assert store.attach_payload(cube.id, cube.content_hash, rel, sha, n, 100, 50, "fp", "q8")
+    assert store.attach_payload(cube.id, cube.content_hash, sha, n, 100, 50, "fp", "q8")
     cube = store.get(cube.id)
     assert cube.kind == "activation" and cube.has_payload and cube.tokens == 100 and cube.kept_tokens == 50
     view = store.read_payload(cube, verify=True)
@@ -200,14 +236,14 @@ def test_payload_roundtrip_dedupe_and_errors(store: CubeStore) -> None:
     view.release()
 
     # corrupt: same size, other bytes
-    (store.dir / rel).write_bytes(b"\0" * n)
+    file.write_bytes(b"\0" * n)
     assert bytes(store.read_payload(cube)) == b"\0" * n  # not verified: cheap path
     with pytest.raises(PayloadCorrupt):
         store.read_payload(cube, verify=True)
-    (store.dir / rel).write_bytes(b"short")
+    file.write_bytes(b"short")
     with pytest.raises(PayloadCorrupt):
         store.read_payload(cube)
-    (store.dir / rel).unlink()
+    file.unlink()
     with pytest.raises(PayloadMissing):
         store.read_payload(cube)
     assert issubclass(PayloadMissing, StoreError) and issubclass(PayloadCorrupt, StoreError)
@@ -216,13 +252,15 @@ def test_payload_roundtrip_dedupe_and_errors(store: CubeStore) -> None:
 def test_attach_refuses_changed_text_and_missing_file(store: CubeStore) -> None:
     store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
     cube = by_symbol(store)["alpha"]
-    rel, sha, n = store.write_payload(b"payload")
+    sha, n = store.write_payload(b"payload")
     store.upsert_chunks("pkg/mod.py", chunks(SRC_V1.replace("x + 1", "x - 1")), "repo", "s2")
-    assert not store.attach_payload(cube.id, cube.content_hash, rel, sha, n, 1, 1, "fp", None)
+    assert not store.attach_payload(cube.id, cube.content_hash, sha, n, 1, 1, "fp", None)
     assert store.get(cube.id).kind == "plaintext"
     with pytest.raises(PayloadMissing):
-        store.attach_payload(cube.id, store.get(cube.id).content_hash, "payloads/no/such.kv", sha, n, 1, 1, "fp", None)
-    assert not store.attach_payload("nope", "x", rel, sha, n, 1, 1, "fp", None)
+        store.attach_payload(cube.id, store.get(cube.id).content_hash, "0" * 64, n, 1, 1, "fp", None)
+    with pytest.raises(PayloadCorrupt):
+        store.attach_payload(cube.id, store.get(cube.id).content_hash, sha, n + 1, 1, 1, "fp", None)
+    assert not store.attach_payload("nope", "x", sha, n, 1, 1, "fp", None)
 
 
 def test_gc_and_check(store: CubeStore) -> None:
@@ -230,23 +268,23 @@ def test_gc_and_check(store: CubeStore) -> None:
     cubes = by_symbol(store)
     keep = compile_fake(store, cubes["alpha"])
     lost = compile_fake(store, cubes["beta"])
-    orphan, _, _ = store.write_payload(b"nobody points here")
+    orphan = store.payloads.path(store.write_payload(b"nobody points here")[0])
     tmp = store.dir / "payloads" / "ab" / ".deadbeef.123.tmp"
     tmp.parent.mkdir(exist_ok=True)
     tmp.write_bytes(b"half a payl")
     assert store.gc_payloads() == 0  # everything is younger than the grace period
     assert store.gc_payloads(grace_s=0) == 2
-    assert (store.dir / keep).exists() and (store.dir / lost).exists()
-    assert not (store.dir / orphan).exists() and not tmp.exists()
+    assert keep.exists() and lost.exists()
+    assert not orphan.exists() and not tmp.exists()
 
-    (store.dir / lost).unlink()
+    lost.unlink()
     report = store.check()
     assert report == {"checked": 2, "missing": 1, "corrupt": 0, "fixed": 1}
     beta = store.get(cubes["beta"].id)
-    assert beta.kind == "plaintext" and beta.payload_path is None
+    assert beta.kind == "plaintext" and beta.payload_sha256 is None
     assert store.history(beta.id)[-1].event == "demoted"
     assert store.check() == {"checked": 1, "missing": 0, "corrupt": 0, "fixed": 0}
-    (store.dir / keep).write_bytes(b"x" * store.get(cubes["alpha"].id).payload_bytes)
+    keep.write_bytes(b"x" * store.get(cubes["alpha"].id).payload_bytes)
     assert store.check(verify=True)["corrupt"] == 1
 
 
@@ -292,7 +330,7 @@ def test_mark_stale_for_model(store: CubeStore) -> None:
     compile_fake(store, c["beta"], fp="model-b")
     assert store.mark_stale_for_model("model-a") == 1
     assert store.get(c["beta"].id).status == "stale" and store.get(c["alpha"].id).status == "active"
-    assert store.get(c["beta"].id).payload_path is not None  # kept in case model-b comes back
+    assert store.get(c["beta"].id).payload_sha256 is not None  # kept in case model-b comes back
     assert c["beta"].id in {q.id for q in store.compile_queue("model-a", 100)}
     assert store.mark_stale_for_model("model-b") == 1
     assert store.get(c["beta"].id).status == "active" and store.get(c["alpha"].id).status == "stale"
@@ -361,9 +399,9 @@ def test_two_connections_write_concurrently(tmp_path: Path) -> None:
                 for j in range(15):
                     src = f"def f{i}_{j}():\n    return {j}\n"
                     s.upsert_chunks(f"w{i}/{j}.py", chunk_text("x.py", src, "python"), "repo", str(j))
-                    rel, sha, n = s.write_payload(f"{i}-{j}".encode())
+                    sha, n = s.write_payload(f"{i}-{j}".encode())
                     cube = s.cubes(path_glob=f"w{i}/{j}.py")[0]
-                    s.attach_payload(cube.id, cube.content_hash, rel, sha, n, 1, 1, "fp", None)
+                    s.attach_payload(cube.id, cube.content_hash, sha, n, 1, 1, "fp", None)
                     s.touch([cube.id])
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -394,8 +432,8 @@ while True:
     src = "".join(f"def g{k}():\n    return {rng.randrange(3)}\n\n\n" for k in range(rng.randrange(1, 5)))
     store.upsert_chunks(path, chunk_text(path, src, "python"), "repo", str(i))
     for cube in store.compile_queue("fp", 3):
-        rel, sha, n = store.write_payload(os.urandom(rng.randrange(1, 20000)))
-        store.attach_payload(cube.id, cube.content_hash, rel, sha, n, 5, 3, "fp", "f16")
+        sha, n = store.write_payload(os.urandom(rng.randrange(1, 20000)))
+        store.attach_payload(cube.id, cube.content_hash, sha, n, 5, 3, "fp", "f16")
     if i % 7 == 0:
         store.enforce_budget(60000)
     if i % 11 == 0:
@@ -429,8 +467,8 @@ def test_kill_9_leaves_a_consistent_store(tmp_path: Path) -> None:
         assert report["missing"] == 0 and report["corrupt"] == 0
         s.gc_payloads(grace_s=0)
         assert not list((d / "payloads").rglob("*.tmp"))
-        referenced = {c.payload_path for c in s.cubes() if c.payload_path}
-        on_disk = {p.relative_to(d).as_posix() for p in (d / "payloads").rglob("*.kv")}
+        referenced = {c.payload_sha256 for c in s.cubes() if c.payload_sha256}
+        on_disk = {p.stem for p in (d / "payloads").rglob("*.kv")}
         assert on_disk == referenced
         assert s.check()["missing"] == 0
         # and it is still writable

@@ -158,8 +158,8 @@ class PlaintextMemory(RepoMemory):
         for cube in self.store.compile_queue(PLACEHOLDER_FP, limit=limit):
             if cancel is not None and cancel.wait(self.compile_delay):
                 break
-            rel, sha, n = self.store.write_payload(f"placeholder {cube.id} {cube.content_hash}".encode())
-            if self.store.attach_payload(cube.id, cube.content_hash, rel, sha, n, tokens=1, kept_tokens=1,
+            sha, n = self.store.write_payload(f"placeholder {cube.id} {cube.content_hash}".encode())
+            if self.store.attach_payload(cube.id, cube.content_hash, sha, n, tokens=1, kept_tokens=1,
                                          fingerprint=PLACEHOLDER_FP, encoding="f16"):
                 self.compiled.append(cube.path)
                 done += 1
