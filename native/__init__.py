@@ -99,6 +99,10 @@ class StateInfo:
     v_row_bytes: int  # bytes of one cell's V (element size x n_embd_v_gqa when transposed)
     n_embd_v_gqa: int
     size: int
+    #: per layer, where in the blob its K rows start (n_cells x k_row_bytes) and its V data (n_cells x
+    #: v_row_bytes; transposed when v_trans): what lets a caller view or edit the rows in place
+    k_offsets: tuple[int, ...] = ()
+    v_offsets: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,8 @@ def parse_state(blob: bytes | memoryview) -> StateInfo:
         v_row_bytes=d["v_row_bytes"][0] if have else 0,
         n_embd_v_gqa=d["n_embd_v_gqa"][0] if have else 0,
         size=d["size"],
+        k_offsets=d["k_offsets"],
+        v_offsets=d["v_offsets"],
     )
 
 

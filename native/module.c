@@ -95,6 +95,23 @@ static uint32_t * rm_u32_array(PyObject * seq, uint32_t n, const char * what) {
     return out;
 }
 
+// Blob offsets where each layer's K rows (v: V data) start.
+static PyObject * rm_offset_tuple(const rm_state * st, bool v) {
+    PyObject * t = PyTuple_New(st->n_layer);
+    if (!t) {
+        return NULL;
+    }
+    for (uint32_t il = 0; il < st->n_layer; ++il) {
+        PyObject * x = PyLong_FromSize_t(v ? st->layers[il].v_off : st->layers[il].k_off);
+        if (!x) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, il, x);
+    }
+    return t;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 
 static PyObject * py_parse_state(PyObject * self, PyObject * args) {
@@ -137,19 +154,24 @@ static PyObject * py_parse_state(PyObject * self, PyObject * args) {
         PyObject * rk = rm_u32_tuple(k_row, st.n_layer);
         PyObject * rv = rm_u32_tuple(v_row, st.n_layer);
         PyObject * ev = rm_u32_tuple(e_v, st.n_layer);
-        if (tk && tv && rk && rv && ev) {
+        PyObject * ko = rm_offset_tuple(&st, false);
+        PyObject * vo = rm_offset_tuple(&st, true);
+        if (tk && tv && rk && rv && ev && ko && vo) {
             // ggml type ids are small non-negative ints; tuples of u32 are fine for them
-            result = Py_BuildValue("{s:i,s:I,s:I,s:I,s:O,s:I,s:I,s:O,s:O,s:O,s:O,s:O,s:I,s:n}", "seq_id", st.seq_id,
-                                   "n_stream", st.n_stream, "stream", st.stream, "n_cells", st.n_cells, "positions",
-                                   pos, "n_layer", st.n_layer, "v_trans", st.v_trans, "k_types", tk, "v_types", tv,
-                                   "k_row_bytes", rk, "v_row_bytes", rv, "n_embd_v_gqa", ev, "v_elem_bytes", v_el,
-                                   "size", (Py_ssize_t) st.size);
+            result = Py_BuildValue("{s:i,s:I,s:I,s:I,s:O,s:I,s:I,s:O,s:O,s:O,s:O,s:O,s:I,s:O,s:O,s:n}", "seq_id",
+                                   st.seq_id, "n_stream", st.n_stream, "stream", st.stream, "n_cells", st.n_cells,
+                                   "positions", pos, "n_layer", st.n_layer, "v_trans", st.v_trans, "k_types", tk,
+                                   "v_types", tv, "k_row_bytes", rk, "v_row_bytes", rv, "n_embd_v_gqa", ev,
+                                   "v_elem_bytes", v_el, "k_offsets", ko, "v_offsets", vo, "size",
+                                   (Py_ssize_t) st.size);
         }
         Py_XDECREF(tk);
         Py_XDECREF(tv);
         Py_XDECREF(rk);
         Py_XDECREF(rv);
         Py_XDECREF(ev);
+        Py_XDECREF(ko);
+        Py_XDECREF(vo);
     } else if (!PyErr_Occurred()) {
         PyErr_NoMemory();
     }

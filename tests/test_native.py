@@ -347,6 +347,18 @@ def test_rope_neox_and_normal_match_reference() -> None:
         assert np.array_equal(part.reshape(50, 2, 64)[:, :, 32:], k.reshape(50, 2, 64)[:, :, 32:])
 
 
+@pytest.mark.parametrize("v_trans", [True, False])
+def test_parse_state_gives_where_the_rows_are(v_trans: bool) -> None:
+    blob = B.make_state_blob(7, n_layer=3, n_embd_k=64, n_embd_v=96, v_trans=v_trans, rng=np.random.default_rng(2))
+    info, ref = N.parse_state(blob), R.parse_state(blob)
+    assert len(info.k_offsets) == len(info.v_offsets) == 3
+    for il in range(3):
+        k0, v0 = info.k_offsets[il], info.v_offsets[il]
+        assert blob[k0:k0 + info.n_cells * info.k_row_bytes] == ref.k[il].tobytes()
+        assert blob[v0:v0 + info.n_cells * info.v_row_bytes] == ref.v[il].tobytes()
+    assert N.parse_state(N.empty_state()).k_offsets == ()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # options: key scale, attention sinks, placement metadata; native == numpy reference
 
