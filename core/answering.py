@@ -1,0 +1,295 @@
+"""Answering, one part of `RepoMemory`: retrieval, placing the memory in the answer context (spliced KV
+or text), generation, and teacher-forced answer scores.
+
+Asking retrieves cubes with BM25 and either splices their compiled KV (`kv`), reads their text (`text`,
+also the path for remote endpoints), or uses no memory (`none`). The prompt layout is the same in every
+mode (prompt.py), so a compiled payload stands in exactly for its text.
+
+Reads from the facade: `store`, `settings`, `engine`, `layout`, `fingerprint`, `fingerprint_bytes`,
+`conversations`, `index_`, `_lock`, `_answer_ctx`, `_prefix_blob`, `_prefix_len`, `_splice_buf`; calls
+`refresh` (indexing), `_remember_exchange` (notes) and `_promote_hot` (compiling).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import settings as settings_mod
+from .engine import Context, SamplingParams
+from .errors import ContextOverflowError, RepomemError, StoreError
+from .prompt import Layout, memory_text
+from .retrieval import BM25Index
+from .store import Cube, CubeStore
+
+if TYPE_CHECKING:
+    from .conversations import ConversationStore
+    from .engine import Engine
+
+_PAST = re.compile(r"\b(we|us|our|decid\w*|agree\w*|discuss\w*|earlier|before|last (time|week|month)|yesterday|"
+                   r"today|changed?|changes|recent\w*|said|conversation|remember)\b", re.IGNORECASE)
+
+
+@dataclass
+class Source:
+    path: str
+    start_line: int
+    end_line: int
+    symbol: str | None
+    cube_id: str
+    kind: str = "plaintext"
+    source: str = "code"
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "start_line": self.start_line, "end_line": self.end_line,
+                "symbol": self.symbol, "cube_id": self.cube_id}
+
+
+@dataclass
+class Answer:
+    answer: str
+    mode: str
+    ttft_s: float
+    total_s: float
+    memory_tokens: int
+    sources: list[Source]
+    spliced: int = 0
+    as_text: int = 0
+    conversation_id: str | None = None
+    stop_reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"answer": self.answer, "mode": self.mode, "ttft_s": round(self.ttft_s, 4),
+                "total_s": round(self.total_s, 4), "memory_tokens": self.memory_tokens,
+                "sources": [s.as_dict() for s in self.sources], "spliced": self.spliced,
+                "as_text": self.as_text, "conversation_id": self.conversation_id,
+                "stop_reason": self.stop_reason, "warnings": self.warnings}
+
+
+@dataclass
+class AnswerScore:
+    """Teacher-forced view of one answer: log-probability of each of its tokens, and whether it was the top one."""
+
+    logprobs: list[float]
+    top1: list[bool]
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs)
+
+
+@dataclass
+class _Prepared:
+    ctx: Context
+    prompt: list[int]
+    start: int
+    chosen: list[Cube]
+    memory_tokens: int
+    spliced: int = 0
+    text_parts: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    splice_s: float = 0.0
+
+
+class AnsweringMixin:
+    store: CubeStore
+    settings: settings_mod.Settings
+    engine: Engine
+    layout: Layout
+    fingerprint: str
+    fingerprint_bytes: bytes
+    conversations: ConversationStore
+    index_: BM25Index
+    _lock: threading.RLock
+    _answer_ctx: Context | None
+    _prefix_blob: bytes | None
+    _prefix_len: int
+    _splice_buf: bytearray
+
+    def search(self, query: str, k: int = 5, *, allow_local: bool = True) -> list[Cube]:
+        """Top-k active cubes. Conversation and change notes rank below code unless the question asks
+        about the past ("what did we decide", "what changed"): an old answer, right or wrong, should not
+        crowd out the code it was about."""
+        self.refresh()
+        hits = self.index_.search(query, k=k * 3 + 6)
+        about_past = bool(_PAST.search(query))
+        scored: list[tuple[float, Cube]] = []
+        for h in hits:
+            cube = self.store.get(h.doc_id)
+            if cube is None or cube.status == "archived":
+                continue
+            if not allow_local and cube.visibility == "local":
+                continue
+            weight = 1.0 if cube.source == "code" or about_past else 0.5
+            scored.append((h.score * weight, cube))
+        scored.sort(key=lambda sc: -sc[0])
+        return [c for _, c in scored[:k]]
+
+    def _answer_context(self, need: int) -> Context:
+        """A context just big enough: llama.cpp's per-token cost grows with the cache size, not its use."""
+        size = min(self.settings.n_ctx, max(2048, -(-need // 1024) * 1024))
+        if self._answer_ctx is not None and self._answer_ctx.n_ctx != size:
+            self._answer_ctx.close()
+            self._answer_ctx = None
+        if self._answer_ctx is None:
+            cache = self.settings.cache_type
+            self._answer_ctx = self.engine.new_context(n_ctx=size, n_threads=self.settings.n_threads or None,
+                                                       flash_attn=cache != "f16", cache_type=cache)
+        return self._answer_ctx
+
+    def _prefix_state(self, ctx: Context) -> tuple[bytes, int]:
+        if self._prefix_blob is None:
+            ctx.clear()
+            toks = self.engine.tokenize(self.layout.prefix)
+            ctx.decode(toks, start_pos=0, logits="none")
+            self._prefix_blob = ctx.state_get()
+            self._prefix_len = len(toks)
+        return self._prefix_blob, self._prefix_len
+
+    def _load_payload(self, cube: Cube, warnings: list[str]) -> bytes | None:
+        from repomem import native
+
+        try:
+            buf = self.store.read_payload(cube)
+            native.payload_info(buf, verify=True)
+            return buf
+        except (StoreError, ValueError) as exc:
+            warnings.append(f"{cube.path}:{cube.start_line}: compiled memory unusable ({exc}); used its text "
+                            "and queued a recompile")
+            # Drop the payload and let the cube back into the compile queue at once.
+            self.store.archive(cube.id, reason=f"unusable payload: {exc}")
+            self.store.promote(cube.id)
+            return None
+
+    def _prepare(self, question: str, mode: str, history: list[tuple[str, str]], extra_tokens: int, *,
+                 touch: bool = True) -> _Prepared:
+        """Retrieve, then lay out the memory in the answer context: spliced KV (kv) or decoded text (text).
+
+        Returns the context and the tokens still to decode at `start`. `extra_tokens`: room to leave after
+        them (the answer). `touch`: count this as a recall of the chosen cubes (their hotness). Caller holds
+        self._lock."""
+        s = self.settings
+        engine = self.engine
+        q_tokens = engine.tokenize(self.layout.question_text(question, history))
+        n_prefix = len(engine.tokenize(self.layout.prefix))
+        room = s.n_ctx - n_prefix - len(q_tokens) - extra_tokens
+        if room < 0:
+            raise ContextOverflowError(
+                f"the question needs {len(q_tokens):,} tokens and the context holds {s.n_ctx:,}; "
+                "shorten it or raise the context size")
+        cubes = self.search(question, k=s.top_k) if mode != "none" else []
+        budget = min(s.memory_tokens, room)
+        # Boosted memories take their cells twice in the context, not twice from the memory budget.
+        boost = s.boost_top if mode == "kv" and s.placement == "parallel" else 0
+        chosen: list[tuple[Cube, str, int]] = []  # cube, its text, copies if spliced
+        used = cells = 0
+        for cube in cubes:
+            text = memory_text(cube.path, cube.start_line, cube.end_line, cube.symbol, cube.text)
+            n = cube.tokens or len(engine.tokenize(text))
+            copies = 2 if len(chosen) < boost and cells + 2 * n <= room else 1
+            if used + n > budget or cells + copies * n > room:
+                continue
+            chosen.append((cube, text, copies))
+            used += n
+            cells += copies * n
+        if touch:
+            self.store.touch([c.id for c, _, _ in chosen])
+        ctx = self._answer_context(n_prefix + cells + len(q_tokens) + extra_tokens)
+        prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _ in chosen], memory_tokens=used)
+        ctx.clear()
+        if mode == "kv":
+            from repomem import native
+
+            prefix_blob, _ = self._prefix_state(ctx)
+            payloads, repeat = [], []
+            for cube, text, copies in chosen:
+                buf = None
+                if cube.kind == "activation" and cube.model_fingerprint == self.fingerprint:
+                    buf = self._load_payload(cube, prep.warnings)
+                if buf is None:
+                    prep.text_parts.append(text)
+                else:
+                    payloads.append(buf)
+                    repeat.append(copies)
+            prep.spliced = len(payloads)
+            t_splice = time.perf_counter()
+            # Each payload was checksummed by _load_payload; the splice need not read them twice.
+            blob, next_pos = native.splice(
+                prefix_blob, payloads, mode=s.placement, key_scale=s.key_scale, repeat=repeat, drop_first=0,
+                rope_base=engine.info.rope_base, rope_dims=engine.info.rope_dims,
+                head_dim=engine.info.head_dim, rope_neox=engine.info.rope_neox, v_trans=ctx.v_trans,
+                fingerprint=self.fingerprint_bytes, verify=False, out=self._splice_buf)
+            ctx.state_set(blob)
+            prep.splice_s = time.perf_counter() - t_splice
+            prep.prompt = (engine.tokenize("".join(prep.text_parts)) + q_tokens) if prep.text_parts else q_tokens
+            prep.start = next_pos
+            if prep.text_parts:
+                prep.warnings.append(f"{len(prep.text_parts)} of {len(chosen)} memories are not compiled yet: "
+                                     "placed as text (mixed)")
+        else:
+            prep.text_parts = [t for _, t, _ in chosen]
+            prep.prompt = engine.tokenize(self.layout.prefix + "".join(prep.text_parts)) + q_tokens
+        return prep
+
+    def ask(self, question: str, *, mode: str | None = None, conversation_id: str | None = None,
+            on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
+            record: bool = True, sampling: SamplingParams | None = None) -> Answer:
+        question, mode = self._check_question(question, mode)
+        s = self.settings
+        with self._lock:
+            history = self.conversations.exchanges(conversation_id)[-3:] if conversation_id else []
+            prep = self._prepare(question, mode, history, s.max_answer_tokens)
+            params = sampling or SamplingParams(temperature=s.temperature, max_tokens=s.max_answer_tokens)
+            gen = prep.ctx.generate(prep.prompt, start_pos=prep.start, params=params, on_text=on_text,
+                                    cancel=cancel)
+            sources = [Source(c.path, c.start_line, c.end_line, c.symbol, c.id, c.kind, c.source)
+                       for c in prep.chosen]
+            ans = Answer(answer=gen.text.strip(), mode=mode, ttft_s=gen.ttft_s + prep.splice_s,
+                         total_s=gen.total_s + prep.splice_s, memory_tokens=prep.memory_tokens, sources=sources,
+                         spliced=prep.spliced, as_text=len(prep.text_parts), conversation_id=conversation_id,
+                         stop_reason=gen.stop_reason, warnings=prep.warnings)
+            if record and gen.stop_reason != "cancelled":
+                self._remember_exchange(question, ans)
+            self._promote_hot()
+            return ans
+
+    def score_answer(self, question: str, answer: str, *, mode: str | None = None) -> AnswerScore:
+        """How the model, given this question's memory, predicts a known answer token by token (teacher forcing).
+
+        Benchmarks use it to compare memory representations (payload encodings, placements) on the same
+        answer: greedy answers flip on tiny perturbations, the per-token log-probabilities move smoothly."""
+        question, mode = self._check_question(question, mode)
+        with self._lock:
+            targets = self.engine.tokenize(answer) if answer.strip() else []
+            if not targets:
+                raise RepomemError("the answer to score is empty")
+            prep = self._prepare(question, mode, [], len(targets), touch=False)  # a measurement, not a recall
+            ctx, prompt = prep.ctx, prep.prompt
+            if len(targets) > ctx.n_batch:
+                raise RepomemError(f"answers longer than {ctx.n_batch} tokens cannot be scored")
+            ctx.decode(prompt[:-1], start_pos=prep.start, logits="none")
+            # one batch from the last prompt token: output row j predicts answer token j
+            ctx.decode(prompt[-1:] + targets[:-1], start_pos=prep.start + len(prompt) - 1, logits="all")
+            logprobs, top1 = [], []
+            for j, tok in enumerate(targets):
+                z = ctx.logits(j).astype(np.float64)
+                z -= z.max()
+                logprobs.append(float(z[tok] - np.log(np.exp(z).sum())))
+                top1.append(int(np.argmax(z)) == tok)
+            return AnswerScore(logprobs=logprobs, top1=top1)
+
+    def _check_question(self, question: str, mode: str | None) -> tuple[str, str]:
+        question = question.strip()
+        if not question:
+            raise RepomemError("the question is empty")
+        mode = mode or self.settings.mode
+        if mode not in settings_mod.MODES:
+            raise RepomemError(f"unknown mode {mode!r}; use kv, text or none")
+        return question, mode

@@ -1,0 +1,197 @@
+"""Compiling, one part of `RepoMemory`: the compile queue (plaintext -> KV payloads, hottest first) and
+re-encoding payloads to the configured encoding.
+
+`compile_pending` first brings existing payloads to the configured `encoding` (f16 ones in C, lossy
+ones compiled again from text while they keep answering), then compiles queued cubes, then keeps the
+payloads within the disk budget. `_promote_hot` is the MemOS lifecycle step that queues plaintext
+memories recalled often (hot -> KV).
+
+Reads from the facade: `store`, `settings`, `engine`, `layout`, `fingerprint`, `fingerprint_bytes`,
+`_lock`, `_compiler`, `_compiler_options`, `_warned_encoding`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from . import settings as settings_mod
+from .compiler import CompileOptions, Compiler
+from .errors import CancelledError, RepomemError, StoreError
+from .indexing import IndexSummary, Progress
+from .prompt import Layout, memory_text
+from .store import Cube, CubeStore
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class CompilingMixin:
+    store: CubeStore
+    settings: settings_mod.Settings
+    engine: Engine
+    layout: Layout
+    fingerprint: str
+    fingerprint_bytes: bytes
+    _lock: threading.RLock
+    _compiler: Compiler | None
+    _compiler_options: CompileOptions | None
+    _warned_encoding: str
+
+    @property
+    def payload_encoding(self) -> str:
+        """The encoding new payloads get: the setting, except raw rows for a quantized cache (encodings
+        quantize f16 rows) and q4 where the model's value rows do not split into Hadamard blocks."""
+        s = self.settings
+        if s.cache_type != "f16":
+            return "raw"
+        from repomem import native
+
+        width = self.engine.info.n_embd_v_gqa
+        if not native.encoding_fits(s.encoding, width):
+            if self._warned_encoding != s.encoding:
+                self._warned_encoding = s.encoding
+                log.warning("%s needs value rows in blocks of %d; this model's are %d wide: using q4",
+                            s.encoding, native.HADAMARD_BLOCK, width)
+            return "q4"
+        return s.encoding
+
+    def compile_options(self) -> CompileOptions:
+        s = self.settings
+        return CompileOptions(policy=s.keep_policy, keep_ratio=s.keep_ratio, drop_sinks=s.drop_sinks,
+                              encoding=self.payload_encoding, cache_type=s.cache_type,
+                              n_threads=s.n_threads or None)
+
+    def compile_ids(self, cube_ids: Iterable[str], *, cancel: threading.Event | None = None) -> int:
+        """Compile these cubes now if they lack a payload for the current model in the configured
+        encoding (e.g. the ones a set of questions will retrieve), ahead of the rest of the queue."""
+        with self._lock:
+            fp, enc = self.fingerprint, self.payload_encoding
+            cubes = [c for c in (self.store.get(i) for i in dict.fromkeys(cube_ids)) if c is not None]
+            todo = [c for c in cubes if c.status != "archived"
+                    and not (c.has_payload and c.status == "active" and c.model_fingerprint == fp
+                             and c.encoding == enc)]
+            summary = IndexSummary()
+            self._compile_cubes(todo, summary, cancel=cancel)
+            return summary.compiled
+
+    def reencode(self, encoding: str | None = None, *, limit: int | None = None,
+                 cancel: threading.Event | None = None) -> dict[str, int]:
+        """Bring every payload to `encoding` (default: the configured one; every compile pass does this):
+        f16 sources are re-encoded in C (no model run); lossy ones are compiled again from text, in the
+        configured encoding. For that one a lossy payload keeps answering until the compile queue replaces
+        it; for another it is dropped to text now."""
+        from .recode import recode_payload
+
+        configured = self.payload_encoding
+        target = encoding or configured
+        keep_lossy = target == configured
+        done = {"recoded": 0, "requeued": 0}
+        with self._lock:
+            for source, ids in self.store.payloads_by_encoding().items():
+                if source == target:
+                    continue
+                # A lossy tag is known without reading the payload (compile passes run this often).
+                lossy = source in settings_mod.ENCODINGS and source != "f16"
+                if lossy and keep_lossy:
+                    done["requeued"] += len(ids)
+                    continue
+                for cid in ids:
+                    if (cancel is not None and cancel.is_set()) or (limit is not None and done["recoded"] >= limit):
+                        return done
+                    cube = self.store.get(cid)
+                    if cube is None or not cube.has_payload or cube.encoding != source:
+                        continue  # changed since the listing
+                    data = None
+                    if not lossy:
+                        try:
+                            data = recode_payload(self.store.read_payload(cube, verify=False), target)
+                        except (StoreError, ValueError):
+                            pass
+                    if data is None:
+                        # Lossy or unreadable source: compile it again from its text.
+                        if not keep_lossy:
+                            self.store.archive(cube.id, reason=f"re-encode {cube.encoding} -> {target}")
+                            self.store.promote(cube.id)
+                        done["requeued"] += 1
+                        continue
+                    sha, nbytes = self.store.write_payload(data)
+                    if self.store.attach_payload(cube.id, cube.content_hash, sha, nbytes, cube.tokens,
+                                                 cube.kept_tokens, cube.model_fingerprint or "", target):
+                        done["recoded"] += 1
+        return done
+
+    def next_compile_path(self) -> str | None:
+        """The file of the cube `compile_pending` takes next from the queue (None when it is empty)."""
+        queue = self.store.compile_queue(self.fingerprint, limit=1, encoding=self.payload_encoding)
+        return queue[0].path if queue else None
+
+    def compile_pending(self, *, limit: int | None = None, progress: Progress | None = None,
+                        cancel: threading.Event | None = None) -> int:
+        """Compile (or re-encode) up to `limit` queued cubes, hottest first; returns how many got a new
+        payload, so 0 means nothing is left."""
+        summary = IndexSummary()
+        self._compile_into(summary, limit=limit, progress=progress, cancel=cancel)
+        return summary.compiled + summary.recoded
+
+    def _compiler_for(self) -> Compiler:
+        options = self.compile_options()
+        if self._compiler is not None and self._compiler_options != options:  # settings changed
+            self._compiler.close()
+            self._compiler = None
+        if self._compiler is None:
+            self._compiler = Compiler(self.engine, self.layout, options, fingerprint=self.fingerprint_bytes)
+            self._compiler_options = options
+        return self._compiler
+
+    def _compile_into(self, summary: IndexSummary, *, limit: int | None = None, progress: Progress | None = None,
+                      cancel: threading.Event | None = None) -> None:
+        with self._lock:
+            # After a change of the encoding setting; a step of the watcher (limit 1) re-encodes one payload.
+            recoded = self.reencode(limit=limit, cancel=cancel)["recoded"]
+            summary.recoded += recoded
+            left = None if limit is None else limit - recoded
+            if left is None or left > 0:
+                queue = self.store.compile_queue(self.fingerprint, limit=left, encoding=self.payload_encoding)
+                self._compile_cubes(queue, summary, progress=progress, cancel=cancel)
+            budget = self.settings.disk_budget_mb * 1024 * 1024
+            for cid in self.store.enforce_budget(budget):
+                log.info("archived %s to stay within the disk budget", cid)
+
+    def _compile_cubes(self, queue: list[Cube], summary: IndexSummary, *, progress: Progress | None = None,
+                       cancel: threading.Event | None = None) -> None:
+        with self._lock:
+            fp = self.fingerprint
+            compiler = self._compiler_for()
+            for i, cube in enumerate(queue):
+                if cancel is not None and cancel.is_set():
+                    break
+                try:
+                    piece = compiler.compile_text(memory_text(cube.path, cube.start_line, cube.end_line,
+                                                              cube.symbol, cube.text), cancel=cancel)
+                except CancelledError:
+                    break  # nothing of this cube was written; it stays in the queue
+                except RepomemError as exc:
+                    # Keep one bad cube from stalling the queue: it stays searchable as text.
+                    log.warning("cannot compile %s: %s", cube.location, exc)
+                    self.store.archive(cube.id, reason=f"compile failed: {exc}")
+                    continue
+                sha, nbytes = self.store.write_payload(piece.payload)
+                if self.store.attach_payload(cube.id, cube.content_hash, sha, nbytes, tokens=piece.tokens,
+                                             kept_tokens=piece.kept, fingerprint=fp,
+                                             encoding=compiler.options.encoding):
+                    summary.compiled += 1
+                    summary.tokens += piece.tokens
+                    summary.kept_tokens += piece.kept
+                    summary.payload_bytes += nbytes
+                if progress:
+                    progress("compile", i + 1, len(queue))
+
+    def _promote_hot(self) -> None:
+        """MemOS lifecycle: plaintext memories recalled often are queued for compilation (hot -> KV)."""
+        for cube in self.store.promote_candidates(self.settings.promote_after):
+            self.store.promote(cube.id)

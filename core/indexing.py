@@ -1,0 +1,191 @@
+"""Indexing, one part of `RepoMemory`: files -> chunks -> plaintext cubes, and the search index over them.
+
+Every chunk becomes searchable at once as a plaintext cube (no model run); compilation to KV is the
+compile part's job (`compiling.py`). `index()` walks the whole repository, `sync_paths()` re-reads the
+files the watcher names; unchanged files cost a hash. `refresh()` follows cubes other processes wrote.
+
+Reads from the facade: `root`, `store`, `settings`, `index_`, `_lock`, `_rules`, `_stamps`,
+`_data_version`; calls `_compile_into` (compiling) and `_record_change` (notes).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .chunking import chunk_text
+from .errors import CancelledError
+from .retrieval import BM25Index
+from .store import Cube, CubeStore
+from .walk import IgnoreRules, RepoFile, load_file, walk_repo
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class IndexSummary:
+    files: int = 0
+    chunks: int = 0
+    compiled: int = 0
+    recoded: int = 0  # payloads brought to the configured encoding in C, without a model run
+    reused: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    kept_tokens: int = 0
+    payload_bytes: int = 0
+    seconds: float = 0.0
+    changed_paths: list[str] = field(default_factory=list)
+    removed_paths: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class IndexingMixin:
+    root: Path
+    store: CubeStore
+    settings: Settings
+    index_: BM25Index
+    _lock: threading.RLock
+    _rules: IgnoreRules | None
+    _stamps: dict[str, tuple[float, str, int]]
+    _data_version: int
+
+    def refresh(self) -> int:
+        """Bring the search index up to date with cubes other processes (the watcher) changed.
+
+        A no-op unless the database changed under another connection; then only changed cubes are
+        re-indexed. Returns how many were.
+        """
+        version = self.store.data_version()
+        if version == self._data_version:
+            return 0
+        self._data_version = version
+        stamps = self.store.cube_stamps()
+        changed = 0
+        for cid in set(self._stamps) - set(stamps):
+            self._unindex(cid)
+            changed += 1
+        for cid, stamp in stamps.items():
+            if self._stamps.get(cid) == stamp:
+                continue
+            changed += 1
+            cube = self.store.get(cid)
+            if cube is None or cube.status == "archived":
+                self._unindex(cid)
+            else:
+                self._index_cube(cube)
+        self._stamps = stamps
+        return changed
+
+    def _index_cube(self, cube: Cube) -> None:
+        self.index_.update(cube.id, cube.text, cube.path, cube.symbol or "",
+                           start_line=cube.start_line, end_line=cube.end_line)
+
+    def _unindex(self, cube_id: str) -> None:
+        if cube_id in self.index_:
+            self.index_.remove(cube_id)
+
+    def _visibility(self, rel: str) -> str:
+        return "local" if any(fnmatch.fnmatch(rel, pat) for pat in self.settings.private_paths) else "shared"
+
+    def _file_sha(self, rel: str) -> str | None:
+        rec = self.store.get_file(rel)
+        return rec.sha256 if rec else None
+
+    def _ingest(self, rel: str, text: str, language: str | None, file_sha: str, summary: IndexSummary,
+                record_change: bool) -> None:
+        old = {c.id: c for c in self.store.cubes(path=rel, source="code")} if record_change else {}
+        chunks = chunk_text(rel, text, language, max_tokens=self.settings.chunk_tokens)
+        res = self.store.upsert_chunks(rel, chunks, repo=str(self.root), file_sha=file_sha,
+                                       visibility=self._visibility(rel))
+        summary.chunks += len(chunks)
+        for cid in (*res.created, *res.updated):
+            cube = self.store.get(cid)
+            if cube:
+                self._index_cube(cube)
+        for cid in res.removed:
+            self._unindex(cid)
+        if res.created or res.updated or res.removed:
+            summary.changed_paths.append(rel)
+            if record_change and old:
+                self._record_change(rel, old, res)
+
+    def index(self, *, compile: bool = True, progress: Progress | None = None,
+              cancel: threading.Event | None = None) -> IndexSummary:
+        """Walk the repository, refresh plaintext cubes of changed files, then compile what is pending."""
+        t0 = time.perf_counter()
+        summary = IndexSummary()
+        with self._lock:
+            result = walk_repo(self.root, extra_ignores=())
+            summary.skipped = result.counts_by_reason()
+            self.store.set_skips(result.skipped)
+            seen = set()
+            total = len(result.files)
+            for i, f in enumerate(result.files):
+                if cancel is not None and cancel.is_set():
+                    raise CancelledError("indexing cancelled")
+                seen.add(f.rel)
+                summary.files += 1
+                if self._file_sha(f.rel) == f.sha256:
+                    summary.reused += 1
+                    continue
+                self._ingest(f.rel, f.text, f.language, f.sha256, summary, record_change=False)
+                if progress:
+                    progress("read", i + 1, total)
+            for rel in list(self.store.files()):
+                if rel not in seen:
+                    for cid in self.store.remove_file(rel):
+                        self._unindex(cid)
+                    summary.removed_paths.append(rel)
+        if compile:
+            self._compile_into(summary, progress=progress, cancel=cancel)
+        summary.seconds = round(time.perf_counter() - t0, 3)
+        return summary
+
+    def sync_paths(self, rel_paths: Iterable[str], *, compile: bool = True,
+                   cancel: threading.Event | None = None, progress: Progress | None = None) -> IndexSummary:
+        """Re-read exactly these files (changed, created or deleted), as the watcher reports them."""
+        t0 = time.perf_counter()
+        summary = IndexSummary()
+        with self._lock:
+            if self._rules is None:
+                self._rules = IgnoreRules(self.root)
+            for rel in dict.fromkeys(rel_paths):
+                if cancel is not None and cancel.is_set():
+                    break
+                got = load_file(self.root, rel, rules=self._rules)
+                if not isinstance(got, RepoFile):
+                    # Deleted, now ignored, or no longer text: its cubes leave the memory.
+                    removed = self.store.remove_file(rel)
+                    for cid in removed:
+                        self._unindex(cid)
+                    if removed:
+                        summary.removed_paths.append(rel)
+                    if (self.root / rel).exists():
+                        summary.skipped[got.reason] = summary.skipped.get(got.reason, 0) + 1
+                    continue
+                summary.files += 1
+                if self._file_sha(rel) == got.sha256:
+                    continue
+                self._ingest(rel, got.text, got.language, got.sha256, summary, record_change=True)
+        if compile and summary.changed_paths:
+            self._compile_into(summary, progress=progress, cancel=cancel)
+        summary.seconds = round(time.perf_counter() - t0, 3)
+        return summary
+
+    def reload_ignores(self) -> None:
+        """.gitignore or .repomemignore changed: the next `sync_paths` reads the rules again."""
+        self._rules = None
+
+    def indexed_paths(self) -> list[str]:
+        """The files this memory holds cubes of."""
+        return sorted(self.store.files())
