@@ -10,8 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from repomem.core import __version__
-from repomem.core.errors import RepomemError
+from repomem.core import RepomemError, __version__
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -43,9 +42,9 @@ def cli() -> None:
 @click.option("--model", default=None, help="Model name or GGUF path (default: $REPOMEM_MODEL or the default).")
 def doctor(as_json: bool, model: str | None) -> None:
     """Check versions, model, native extension, CPU features and GPU offload."""
-    from repomem.core.doctor import report
+    from repomem.core import doctor_report
 
-    rep = report(model)
+    rep = doctor_report(model)
     if as_json:
         _print_json(rep)
         return
@@ -113,8 +112,7 @@ def models_info(model: str, as_json: bool) -> None:
     """Load a GGUF (catalogue name or path) with llama.cpp and print its geometry."""
     from dataclasses import asdict
 
-    from repomem.core.engine import Engine
-    from repomem.core.models import resolve_model
+    from repomem.core import Engine, resolve_model
 
     engine = Engine(resolve_model(model))
     info = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(engine.info).items()}
@@ -139,7 +137,7 @@ def models_path(name: str | None) -> None:
 @click.option("-v", "--verbose", is_flag=True)
 def watch(paths: tuple[str, ...], foreground: bool, no_catch_up: bool, debounce: float, verbose: bool) -> None:
     """Keep the memory of PATH... current as files change (runs until Ctrl-C / SIGTERM)."""
-    from repomem.core.watch import run_watch, setup_logging
+    from repomem.core import run_watch, setup_logging
 
     roots = [_repo_arg(p) for p in paths]
     for r in roots:
@@ -147,9 +145,9 @@ def watch(paths: tuple[str, ...], foreground: bool, no_catch_up: bool, debounce:
             raise RepomemError(f"not a folder: {r}")
     setup_logging(roots, foreground=foreground, verbose=verbose)
     if not foreground:
-        from repomem.core.watch_status import log_path
+        from repomem.core import watcher_log_path
 
-        err.print(f"watching {', '.join(map(str, roots))}; log: {', '.join(str(log_path(r)) for r in roots)}",
+        err.print(f"watching {', '.join(map(str, roots))}; log: {', '.join(str(watcher_log_path(r)) for r in roots)}",
                   highlight=False)
     run_watch(roots, catch_up=not no_catch_up, debounce_s=debounce)
 
@@ -161,7 +159,7 @@ def status(path: str | None, as_json: bool) -> None:
     """Whether a watcher keeps PATH current: pid, queue, current file, last update, errors."""
     import time as _time
 
-    from repomem.core.watch_status import watcher_status
+    from repomem.core import watcher_status
 
     st = watcher_status(_repo_arg(path))
     if as_json:

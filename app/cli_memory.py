@@ -12,11 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from repomem.app.cli import _print_json, cli, console, err
-from repomem.core.errors import RepomemError
+from repomem.core import RepomemError
 
 
 def _open(path: str | None, model: str | None):
-    from repomem.core.memory import RepoMemory
+    from repomem.core import RepoMemory
 
     root = Path(path or ".").expanduser().resolve()
     if not root.exists():
@@ -90,8 +90,7 @@ def cubes(path: str | None, as_json: bool, path_glob: str | None, kind: str | No
     """List the MemCubes of a repository."""
     from dataclasses import asdict
 
-    from repomem.core import paths
-    from repomem.core.store import CubeStore
+    from repomem.core import CubeStore, paths
 
     root = Path(path or ".").expanduser().resolve()
     store = CubeStore.open(paths.repo_dir(root))
@@ -139,7 +138,7 @@ def ask(path: str, question: str, mode: str | None, as_json: bool, model: str | 
             raise RepomemError("the question is empty")
         _ensure_indexed(mem, not as_json)
         if endpoint:
-            from repomem.core.remote import ask_remote
+            from repomem.core import ask_remote
 
             ans = ask_remote(mem, question, endpoint, on_text=None if as_json else _stream)
         else:

@@ -39,6 +39,11 @@ class Conversation:
 
 
 class ConversationStore:
+    @classmethod
+    def in_folder(cls, store_dir: Path) -> ConversationStore:
+        """The conversations of the repository whose cube store is in `store_dir`."""
+        return cls(Path(store_dir) / DB_NAME)
+
     def __init__(self, db_path: Path):
         conn = sqlite3.connect(str(db_path), timeout=10, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)

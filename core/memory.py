@@ -22,7 +22,6 @@ from . import settings as settings_mod
 from .answering import Answer, AnsweringMixin, AnswerScore, Source
 from .compiler import CompileOptions, Compiler
 from .compiling import CompilingMixin
-from .conversations import DB_NAME as conversations_db
 from .conversations import ConversationStore
 from .engine import Context, Engine
 from .errors import RepomemError
@@ -48,7 +47,7 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
         self.store = store
         self.settings = settings
         self.model_choice = model or settings.model or None
-        self.conversations = ConversationStore(paths.repo_dir(root) / conversations_db)
+        self.conversations = ConversationStore.in_folder(paths.repo_dir(root))
         self.index_ = BM25Index()
         self._lock = threading.RLock()  # one model operation at a time per repository
         self._engine: Engine | None = None

@@ -68,7 +68,7 @@ class Job(QObject):
     # -- run on the worker thread -------------------------------------------------------------
     def execute(self, *args: Any) -> None:
         """Run fn and emit the outcome; never raises (a worker thread must survive any job)."""
-        from repomem.core.errors import CancelledError, RepomemError
+        from repomem.core import CancelledError, RepomemError
 
         try:
             self.result = self.fn(*args, self)

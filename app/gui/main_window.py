@@ -227,7 +227,7 @@ class MainWindow(QMainWindow):
             self.model_label.setText("no model — File › Settings")
             self.model_label.setToolTip(problem)
             return
-        from repomem.core.models import resolve_model
+        from repomem.core import resolve_model
 
         path = resolve_model(self.settings.model or None)
         self.model_label.setText(path.name)

@@ -32,7 +32,7 @@ def compile_pending(mem: Any, job: Job) -> int:
     normally with what it did, so it is turned into CancelledError here: "cancelled" must not read
     as "nothing left to compile".
     """
-    from repomem.core.errors import CancelledError
+    from repomem.core import CancelledError
 
     total = 0
     while True:
@@ -143,7 +143,7 @@ class StoreAccess:
     def _get(self, root: str, kind: str) -> Any:
         with self._lock:
             if self._closed:
-                from repomem.core.errors import CancelledError
+                from repomem.core import CancelledError
 
                 raise CancelledError("the window is closing")
             obj = self._open.get((root, kind))
@@ -152,13 +152,13 @@ class StoreAccess:
 
                 folder = paths.repo_dir(Path(root))
                 if kind == "cubes":
-                    from repomem.core.store import CubeStore
+                    from repomem.core import CubeStore
 
                     obj = CubeStore.open(folder)
                 else:
-                    from repomem.core.conversations import DB_NAME, ConversationStore
+                    from repomem.core import ConversationStore
 
-                    obj = ConversationStore(folder / DB_NAME)
+                    obj = ConversationStore.in_folder(folder)
                 self._open[(root, kind)] = obj
             return obj
 

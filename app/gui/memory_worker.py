@@ -134,7 +134,7 @@ class MemoryWorker(QThread):
     def _open(self, root: str) -> Any:
         mem = self._mems.get(root)
         if mem is None:
-            from repomem.core.memory import RepoMemory
+            from repomem.core import RepoMemory
 
             mem = RepoMemory.open(Path(root), settings=self._settings)
             self._mems[root] = mem

@@ -27,8 +27,7 @@ from .jobs import Job, run_detached
 
 def model_problem(model: str = "") -> str:
     """Why no model can be loaded ("" when one can): missing download, bad path."""
-    from repomem.core.errors import RepomemError
-    from repomem.core.models import resolve_model
+    from repomem.core import RepomemError, resolve_model
 
     try:
         resolve_model(model or None)
@@ -38,8 +37,7 @@ def model_problem(model: str = "") -> str:
 
 
 def _fetch(name: str | None, job: Job) -> Any:
-    from repomem.core import models
-    from repomem.core.errors import CancelledError
+    from repomem.core import CancelledError, models
 
     def progress(done: int, total: int) -> None:
         if job.cancel.is_set():

@@ -31,7 +31,7 @@ def available() -> bool:
 def status(root: str | Path) -> dict[str, Any]:
     """core's watcher snapshot ({} when core has no watcher)."""
     try:
-        from repomem.core.watch_status import watcher_status
+        from repomem.core import watcher_status
     except ImportError:
         return {}
     try:
@@ -52,13 +52,14 @@ def describe(st: dict[str, Any]) -> str:
 
 def stop(root: str | Path) -> bool:
     """Ask the repository's watcher to shut down (the repository was removed from the app). Blocks."""
-    from repomem.core.watch_status import stop_watcher
+    from repomem.core import stop_watcher
 
     return stop_watcher(root)
 
 
 def ensure_running(root: str | Path) -> int:
-    """Attach to the repository's watcher or start one; returns its pid. Blocks up to ~15 s."""
-    from repomem.core.watch_status import spawn_watcher
+    """Attach to the repository's watcher or start one; returns its pid. Blocks up to
+    `spawn_watcher`'s `wait_s` while a new one starts."""
+    from repomem.core import spawn_watcher
 
     return spawn_watcher(root)
