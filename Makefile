@@ -28,7 +28,7 @@ test: setup
 	$(BIN)/python -m pytest -q -ra
 
 lint: setup
-	$(BIN)/ruff check core app native tests benchmarks
+	$(BIN)/ruff check core app native bench tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info native/*.so

@@ -20,8 +20,8 @@ def bench() -> None:
 @click.option("--cells", "cells_per_fragment", default=512)
 @click.option("--fuzz", "fuzz_cases", default=10_000, help="Random/truncated blobs and payloads fed to the parsers.")
 def bench_splice_cmd(as_json: bool, fragments: int, cells_per_fragment: int, fuzz_cases: int) -> None:
-    """Native splice vs. a plain numpy implementation of the same splice, plus a fuzzing run."""
-    from repomem.native.bench import bench_splice, fuzz
+    """The native splice on synthetic payloads (fresh, verified, into a reused buffer), plus a fuzzing run."""
+    from repomem.bench.splice import bench_splice, fuzz
 
     out = bench_splice(fragments=fragments, cells_per_fragment=cells_per_fragment)
     if fuzz_cases:
@@ -35,7 +35,7 @@ def bench_splice_cmd(as_json: bool, fragments: int, cells_per_fragment: int, fuz
 @click.option("--tokens", "memory_tokens", default=4096)
 def bench_ttft_cmd(as_json: bool, model: str | None, memory_tokens: int) -> None:
     """Time to first token: spliced KV vs. prefilling the same text (default model)."""
-    from repomem.core.bench import bench_ttft
+    from repomem.bench.speed import bench_ttft
 
     _show(bench_ttft(model, memory_tokens), as_json)
 
@@ -46,7 +46,7 @@ def bench_ttft_cmd(as_json: bool, model: str | None, memory_tokens: int) -> None
 @click.option("--tokens", "memory_tokens", default=3000)
 def bench_compile_cmd(as_json: bool, model: str | None, memory_tokens: int) -> None:
     """Compile tokens/s vs. raw prefill tokens/s, and payload bytes per token for each policy."""
-    from repomem.core.bench import bench_compile
+    from repomem.bench.speed import bench_compile
 
     _show(bench_compile(model, memory_tokens), as_json)
 
@@ -57,7 +57,7 @@ def bench_compile_cmd(as_json: bool, model: str | None, memory_tokens: int) -> N
 @click.option("--edits", "n_edits", default=10, help="One-function edits to time.")
 def bench_watch_cmd(as_json: bool, model: str | None, n_edits: int) -> None:
     """Save-to-searchable latency for a one-function edit, and a 500-file touch burst."""
-    from repomem.core.bench_watch import bench_watch
+    from repomem.bench.watch import bench_watch
 
     _show(bench_watch(model=model, n_edits=n_edits), as_json)
 
@@ -80,7 +80,7 @@ def bench_storage_cmd(as_json: bool, qa_file: str, repo_root: str, limit: int | 
     import time
     from pathlib import Path
 
-    from repomem.core.bench_storage import bench_storage
+    from repomem.bench.storage import bench_storage
 
     chosen = tuple(e.strip() for e in encodings.split(",") if e.strip())
     unknown = [e for e in chosen if e not in ENCODINGS]

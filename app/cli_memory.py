@@ -229,7 +229,7 @@ def chat(path: str | None, mode: str | None, model: str | None) -> None:
 def eval_cmd(qa_file: str, repo_root: str, modes: str, out_path: str, limit: int | None, k: int,
              model: str | None, score: bool) -> None:
     """Answer a QA set greedily in every mode; write records and print accuracy, recall@k, median TTFT."""
-    from repomem.core.evaluate import run_eval
+    from repomem.bench.evaluate import run_eval
 
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     bar = _progress_bar(err.is_terminal)

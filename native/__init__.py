@@ -29,6 +29,8 @@ from ._kvsplice import PayloadError, StateFormatError
 __all__ = [
     "ENCODINGS",
     "GGML_TYPES",
+    "HADAMARD_BLOCK",
+    "STATE_MAGIC",
     "AttentionCapture",
     "PayloadError",
     "PayloadInfo",

@@ -7,19 +7,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import native_reference as native_ref
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from repomem.app.cli import cli
+from repomem.bench.evaluate import accepted
+from repomem.bench.splice import make_state_blob
+from repomem.bench.storage import bench_storage, nudged_payload
+from repomem.core import RepoMemory
 from repomem.core import settings as settings_mod
-from repomem.core.bench_storage import bench_storage, nudged_payload
-from repomem.core.evaluate import accepted
-from repomem.core.memory import RepoMemory
 from repomem.core.models import sha256_file
-from repomem.native import bench as native_bench
 from repomem.native import extract_fragment
-from repomem.native import reference as native_ref
 
 CODE = '''"""Connection settings."""
 
@@ -82,7 +82,7 @@ def test_eval_cli_writes_records_and_scores_reference_answers(tiny_qa: tuple[Pat
 
 
 def test_nudged_payload_moves_values_one_f16_step() -> None:
-    blob = native_bench.make_state_blob(40, n_layer=2, rng=np.random.default_rng(3), positions=np.arange(100, 140))
+    blob = make_state_blob(40, n_layer=2, rng=np.random.default_rng(3), positions=np.arange(100, 140))
     payload = extract_fragment(blob, range(40), fingerprint=bytes(32))
     before = native_ref.parse_payload(payload)
     after = native_ref.parse_payload(nudged_payload(payload, 1))

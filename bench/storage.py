@@ -5,16 +5,15 @@ cubes the QA set retrieves are compiled once in f16; every other encoding is mad
 those exact rows in C (no model run), then the same questions are answered in kv mode per encoding,
 and once in text mode, so all accuracies come from the same retrieval and the same model.
 
-Greedy answers to 30 questions flip on perturbations far smaller than any quantization (reordering the
-spliced pieces, which only changes float summation order, changes 5 of 30 answers), so each encoding is
-also scored teacher-forced on the f16 answers: the mean log-probability of their tokens and how often the
-encoding's top token is f16's (the KV-quantization papers' perplexity check, on this task's answers).
+Greedy answers to a few dozen questions flip on perturbations far smaller than any quantization (even
+reordering the spliced pieces, which only changes float summation order, changes some), so each encoding
+is also scored teacher-forced on the f16 answers: the mean log-probability of their tokens and how often
+the encoding's top token is f16's (the KV-quantization papers' perplexity check, on this task's answers).
 
 For the same reason accuracy is also measured over replicas: replica r > 0 moves every f16 value of every
 payload to a neighbouring f16 value with probability 1/2 (seed r) before encoding. That is a perturbation
-the size of f16's own rounding (0.05% RMS on the default model's KV, 17x below q8's error), yet it moves
-f16's own accuracy by up to three of 30 questions; the mean over replicas is what encodings can be
-compared on.
+the size of f16's own rounding, well below q8's error, yet it moves f16's own accuracy (docs/benchmarks.md
+has the numbers); the mean over replicas is what encodings can be compared on.
 """
 
 from __future__ import annotations
@@ -25,30 +24,28 @@ from pathlib import Path
 
 import numpy as np
 
-from . import paths
-from . import settings as settings_mod
-from .engine import SamplingParams
+from repomem import native
+from repomem.core import CubeStore, RepoMemory, SamplingParams, load_settings, paths
+from repomem.core.recode import recode_payload
+from repomem.core.settings import ENCODINGS
+
 from .evaluate import accepted, load_rows
-from .memory import RepoMemory
-from .recode import recode_payload
-from .store import CubeStore
 
 
 def nudged_payload(buf: bytes, seed: int) -> bytes:
     """The f16 payload with each finite nonzero value moved one f16 step up or down, each with
     probability 1/4 (same cells, positions and fingerprint): a perturbation no answer should depend on."""
-    from repomem import native
-    from repomem.native.reference import parse_state
-
     info = native.payload_info(buf, verify=True)
     if info.encoding != "f16":
         raise ValueError(f"only f16 payloads can be nudged, not {info.encoding}")
     blob, _ = native.splice(None, [buf], mode="parallel", v_trans=False, k_type="f16", v_type="f16", verify=False)
     blob = bytearray(blob)
     rng = np.random.default_rng(seed)
-    state = parse_state(blob)
-    for rows in [*state.k, *state.v]:  # views into blob
-        bits = rows.view(np.uint16)
+    state = native.parse_state(blob)
+    sections = [(off, state.k_row_bytes) for off in state.k_offsets] + [(off, state.v_row_bytes)
+                                                                         for off in state.v_offsets]
+    for offset, row_bytes in sections:
+        bits = np.frombuffer(blob, dtype=np.uint16, count=state.n_cells * row_bytes // 2, offset=offset)
         magnitude = bits & 0x7FFF
         step = rng.choice(np.array([-1, 0, 0, 1], dtype=np.int32), size=bits.shape)
         # the bit pattern of a finite f16 moves its magnitude one step; 0 and the largest finite value stay
@@ -58,16 +55,14 @@ def nudged_payload(buf: bytes, seed: int) -> bytes:
 
 
 def bench_storage(qa_file: Path, repo_root: Path, *, limit: int | None = None, model: str | None = None,
-                  encodings: tuple[str, ...] = settings_mod.ENCODINGS, max_tokens: int = 96, replicas: int = 8,
+                  encodings: tuple[str, ...] = ENCODINGS, max_tokens: int = 96, replicas: int = 8,
                   progress: Callable[[str], None] | None = None) -> dict:
-    from repomem import native
-
     if replicas < 1:
         raise ValueError("replicas must be at least 1")
 
     rows = load_rows(qa_file, limit)
     encodings = ("f16", *[e for e in encodings if e != "f16"])  # f16 answers are the fidelity reference
-    s = settings_mod.load()
+    s = load_settings()
     s.encoding, s.max_answer_tokens = "f16", max_tokens
     say = progress or (lambda msg: None)
     out: dict = {"rows": len(rows), "replicas": replicas, "encodings": {}}
@@ -111,7 +106,8 @@ def bench_storage(qa_file: Path, repo_root: Path, *, limit: int | None = None, m
             return [r["id"] for r, a, b in zip(rows, was, ok, strict=True) if b == now and a != now]
 
         def fidelity(reference: list[str]) -> dict:
-            """Teacher-forced on the f16 answers: what the greedy accuracy of 30 questions is too coarse to show."""
+            """Teacher-forced on the f16 answers: what greedy accuracy over a few dozen questions is too coarse to
+            show."""
             lps: list[float] = []
             top1: list[bool] = []
             for r, a in zip(rows, reference, strict=True):

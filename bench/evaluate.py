@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from .engine import SamplingParams
+from repomem.core import RepoMemory, SamplingParams, load_settings
 
 
 def accepted(answer: str, accept: list[str]) -> bool:
@@ -48,9 +48,6 @@ def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, lim
     """Answer every row in every mode. `score`: also the mean log-probability per token of the row's reference
     answer given the same memory (teacher-forced): smooth where accuracy over a few dozen greedy answers is not,
     but it also rewards the reference's wording, so compare modes with it, not absolute values."""
-    from . import settings as settings_mod
-    from .memory import RepoMemory
-
     rows = load_rows(qa_file, limit)
     records: list[dict] = []
     used: dict = {}
@@ -60,7 +57,7 @@ def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, lim
         for row in rows:
             mem = mems.get(row["repo"])
             if mem is None:
-                s = settings_mod.load()
+                s = load_settings()
                 for key, value in (settings_overrides or {}).items():
                     setattr(s, key, value)
                 mem = RepoMemory.open(repo_root / row["repo"], settings=s, model=model)

@@ -1,9 +1,7 @@
-"""Pure-numpy reference of the native splice (and of payload decoding and RoPE re-rotation).
-
-Why it exists: (1) tests compare the C code against an independent, readable implementation of the same
-byte formats; (2) ``repomem bench splice`` reports how much the C extension buys over the obvious numpy
-code (see native/bench.py). It is not used on the answer path. Minimal validation: inputs are assumed to
-come from :mod:`repomem.native` (which validates them).
+"""Pure-numpy reference of the native splice (and of payload decoding and RoPE re-rotation): the oracle
+tests/test_native.py checks the C code against, an independent, readable implementation of the same
+byte formats. Not part of the package. Minimal validation: inputs are assumed to come from
+:mod:`repomem.native` (which validates them).
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import HADAMARD_BLOCK
+from repomem.native import HADAMARD_BLOCK
 
 STATE_MAGIC = 0xAF143CD8
 PAYLOAD_MAGIC = b"RMKVFRAG"

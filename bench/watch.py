@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import paths
-from .errors import RepomemError
+from repomem.core import IndexSummary, RepomemError, Watcher, paths, resolve_model
+from repomem.core.watch import open_memory
 
 N_FUNCTIONS = 8
 
@@ -65,9 +65,6 @@ def bench_watch(model: str | None = None, n_edits: int = 10, burst_files: int = 
     "burst_files", "burst_s", "burst_compiles", "burst_batches", "debounce_s", "model"}.
     `model`: catalogue name or GGUF path (default: $REPOMEM_MODEL or the default).
     """
-    from .models import resolve_model
-    from .watch import Watcher, open_memory
-
     say = log or (lambda _msg: None)
     model_path = str(resolve_model(model))
     factory = lambda root: open_memory(root, model=model_path)  # noqa: E731
@@ -75,8 +72,8 @@ def bench_watch(model: str | None = None, n_edits: int = 10, burst_files: int = 
     with tempfile.TemporaryDirectory(prefix="repomem-bench-watch-") as tmp:
         roots = [Path(tmp) / "edits", Path(tmp) / "burst"]
         try:
-            out.update(_edits(roots[0], factory, n_edits, debounce_s, say, Watcher))
-            out.update(_burst(roots[1], factory, burst_files, debounce_s, say, Watcher))
+            out.update(_edits(roots[0], factory, n_edits, debounce_s, say))
+            out.update(_burst(roots[1], factory, burst_files, debounce_s, say))
         finally:
             for r in roots:
                 shutil.rmtree(paths.repo_dir(r.resolve()), ignore_errors=True)
@@ -84,11 +81,11 @@ def bench_watch(model: str | None = None, n_edits: int = 10, burst_files: int = 
 
 
 def _edits(root: Path, factory: Callable[[Path], Any], n_edits: int, debounce_s: float,
-           say: Callable[[str], None], watcher_cls: Any) -> dict[str, Any]:
+           say: Callable[[str], None]) -> dict[str, Any]:
     root.mkdir()
     (root / "helpers.py").write_text(_module({}))
     (root / "README.md").write_text("# bench\n\nA repository the watcher benchmark edits.\n")
-    w = watcher_cls(root, memory_factory=factory, debounce_s=debounce_s, idle_unload_s=-1).start()
+    w = Watcher(root, memory_factory=factory, debounce_s=debounce_s, idle_unload_s=-1).start()
     latencies: list[float] = []
     compiled: list[float] = []
     try:
@@ -133,7 +130,7 @@ def _edits(root: Path, factory: Callable[[Path], Any], n_edits: int, debounce_s:
 
 
 def _burst(root: Path, factory: Callable[[Path], Any], n_files: int, debounce_s: float,
-           say: Callable[[str], None], watcher_cls: Any) -> dict[str, Any]:
+           say: Callable[[str], None]) -> dict[str, Any]:
     for i in range(n_files):
         d = root / f"mod{i // 50:02}"
         d.mkdir(parents=True, exist_ok=True)
@@ -148,13 +145,13 @@ def _burst(root: Path, factory: Callable[[Path], Any], n_files: int, debounce_s:
     compiles = [0]
     done = threading.Event()
 
-    def on_batch(batch: list[str], summary: Any) -> None:
+    def on_batch(batch: list[str], summary: IndexSummary) -> None:
         synced[0] += len(batch)
-        compiles[0] += int(getattr(summary, "compiled", 0) or 0)
+        compiles[0] += summary.compiled
         if synced[0] >= n_files:
             done.set()
 
-    w = watcher_cls(root, memory_factory=factory, debounce_s=debounce_s, idle_unload_s=-1, catch_up=False,
+    w = Watcher(root, memory_factory=factory, debounce_s=debounce_s, idle_unload_s=-1, catch_up=False,
                     on_batch=on_batch).start()
     try:
         time.sleep(0.5)  # let the observer settle its watches

@@ -3,8 +3,10 @@
 Why a script and not a test: the numbers are for choosing defaults (tokenizer, boosts, top-k) and
 watching progress; they are printed, never asserted.
 
-    python benchmarks/recall.py --repo /tmp/reqsrc/requests-2.32.3 \
-        --rows /work/shared/eval/dev_requests.jsonl [--scale 50000] [--show-misses]
+    python -m repomem.bench.recall --repo REPOSITORY --rows QUESTIONS.jsonl [--scale 50000] [--show-misses]
+
+QUESTIONS.jsonl holds one question per line with its gold span (`question`, `path`, `start_line`,
+`end_line`), the format `repomem eval` reads.
 
 It walks and chunks the repository with ``repomem.core.walk`` and ``repomem.core.chunking``, the
 same way the indexer does, so the numbers describe the product's own chunks.
@@ -40,8 +42,8 @@ def build_index(chunks: list[Chunk], **kw: Any) -> BM25Index:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repo", default="/tmp/reqsrc/requests-2.32.3")
-    ap.add_argument("--rows", default="/work/shared/eval/dev_requests.jsonl")
+    ap.add_argument("--repo", required=True, type=Path, help="the repository the questions are about")
+    ap.add_argument("--rows", required=True, type=Path, help="questions with gold spans, one JSON object a line")
     ap.add_argument("--ks", default="1,3,5,10")
     ap.add_argument("--symbol-weight", type=float, default=None)
     ap.add_argument("--defs-weight", type=float, default=None)
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--show-misses", action="store_true")
     args = ap.parse_args(argv)
 
-    root = Path(args.repo)
-    rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()]
+    root = args.repo
+    rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     chunks = load_chunks(root)
     kw = {
         name: getattr(args, name)
@@ -123,7 +125,7 @@ def _scale(chunks: list[Chunk], n: int) -> None:
         index.search(q, k=5)
     s_ms = (time.perf_counter() - t0) / 3 * 1000
     print(
-        f"scale {n} chunks ({len(index._body.tid)} terms): build {build_s:.2f} s ({build_cpu:.2f} s CPU), "
+        f"scale {n} chunks: build {build_s:.2f} s ({build_cpu:.2f} s CPU), "
         f"update {up_ms:.2f} ms each, search {s_ms:.1f} ms"
     )
 

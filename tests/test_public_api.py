@@ -1,0 +1,53 @@
+"""The public surface: what `repomem.core` exports, and the shells and benchmarks using only that."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import repomem.core as core
+
+ROOT = Path(__file__).resolve().parent.parent
+# where a shell may still reach behind the surface, and why
+ALLOWED = {
+    "repomem.core.settings": "the settings dialog lists the allowed values (ENCODINGS, CACHE_TYPES, MODES)",
+}
+_IMPORT = re.compile(r"^\s*from (repomem\.core\.[\w.]+) import", re.MULTILINE)
+
+
+def test_every_exported_name_resolves() -> None:
+    assert len(core.__all__) == len(set(core.__all__))
+    for name in core.__all__:
+        assert getattr(core, name) is not None, name
+    assert set(core.__all__) - {"__version__", "models", "paths"} == set(core._EXPORTS)
+
+
+def test_importing_core_loads_neither_qt_nor_the_model_runtime() -> None:
+    code = ("import sys; from repomem.core import RepoMemory, CubeStore, watcher_status, paths, models; "
+            "print(sorted(m for m in ('PySide6', 'llama_cpp') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_shells_and_benchmarks_import_core_through_its_surface() -> None:
+    reached = {}
+    for folder in ("app", "bench"):
+        for py in sorted((ROOT / folder).rglob("*.py")):
+            for module in _IMPORT.findall(py.read_text()):
+                if module not in ALLOWED:
+                    reached.setdefault(module, []).append(py.relative_to(ROOT).as_posix())
+    # the measurement package drives lower layers on purpose (compiler, chunking, walk, prompt, recode,
+    # retrieval, watch.open_memory); the shells do not
+    shells = {m: files for m, files in reached.items() if any(f.startswith("app/") for f in files)}
+    assert shells == {}
+    assert all(not name.rsplit(".", 1)[-1].startswith("_") for name in reached)
+
+
+def test_benchmarks_need_no_test_oracle_and_no_private_names() -> None:
+    for py in sorted((ROOT / "bench").rglob("*.py")):
+        text = py.read_text()
+        imports = "\n".join(re.findall(r"^\s*(?:from|import) .*$", text, re.MULTILINE))
+        assert "reference" not in imports, py
+        assert not re.search(r"(?<!self)\._[a-z]\w*", text), (py, re.search(r"(?<!self)\._[a-z]\w*", text))
