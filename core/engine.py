@@ -37,7 +37,7 @@ ROPE_NORM, ROPE_NEOX = 0, 2
 
 
 def llama():
-    """Import llama_cpp lazily: loading its shared libraries costs ~0.3 s that `--help` should not pay."""
+    """Import llama_cpp lazily: loading its shared libraries takes a while that `--help` should not pay."""
     import llama_cpp
 
     return llama_cpp

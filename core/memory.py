@@ -57,7 +57,7 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
         self._answer_ctx: Context | None = None
         self._layout: Layout | None = None
         self._prefix_blob: bytes | None = None
-        self._splice_buf = bytearray()  # reused: a fresh few-hundred-MB buffer per question costs ~0.1 s
+        self._splice_buf = bytearray()  # reused: a fresh few-hundred-MB buffer per question costs page faults
         self._rules: IgnoreRules | None = None
         self._stamps: dict[str, tuple[float, str, int]] = {}
         self._data_version = -1

@@ -425,11 +425,11 @@ def _int_array(values: np.ndarray) -> array:
 class _Postings:
     """An inverted list for one field: term -> array('i') of interleaved (slot, tf) pairs.
 
-    ``array('i')`` rather than Python dicts/sets: 50K chunks x ~70 distinct terms would cost
-    hundreds of MB as dict entries and tens of MB this way. New documents are buffered and merged
-    into the lists in one numpy pass before the next read (a per-posting Python append was half of
-    the startup build time). Removed documents stay in the lists as tombstones (their slot is dead)
-    until a term's dead entries outnumber its live ones.
+    ``array('i')`` rather than Python dicts/sets: a large repository's postings take an order of
+    magnitude less memory this way. New documents are buffered and merged into the lists in one
+    numpy pass before the next read (a per-posting Python append dominated the startup build).
+    Removed documents stay in the lists as tombstones (their slot is dead) until a term's dead
+    entries outnumber its live ones.
     """
 
     __slots__ = ("tid", "lists", "df", "dead", "_pend_slots", "_pend_tids", "_pend_tfs")

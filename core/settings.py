@@ -1,6 +1,6 @@
 """User settings: one JSON file under the data home, read by the CLI, the GUI and the watcher alike.
 
-Defaults that affect answer quality or speed were chosen by measurement (see README, "Defaults").
+Defaults that affect answer quality or speed were chosen by measurement (docs/benchmarks.md).
 Unknown keys in the file are kept (a newer version may have written them); bad values fall back to
 the default with a warning instead of refusing to start.
 """
@@ -41,8 +41,8 @@ class Settings:
     keep_ratio: float = 1.0
     drop_sinks: int = 0
     key_scale: float = 1.0
-    boost_top: int = 2  # kv, parallel: the N best-ranked memories are spliced twice (README: measured)
-    encoding: str = "k4v3"  # measured: 3.0 KB/token, mean kv accuracy over nudged replicas >= f16's; README
+    boost_top: int = 2  # kv, parallel: the N best-ranked memories are spliced twice (docs/benchmarks.md)
+    encoding: str = "k4v3"  # smallest payload whose kv accuracy holds up against f16 (docs/benchmarks.md)
     top_k: int = 5
     memory_tokens: int = 3000
     max_answer_tokens: int = 384

@@ -1,4 +1,4 @@
-"""Repo-watch: keep one repository's memory current while the user edits, at ~0% CPU when nothing happens.
+"""Repo-watch: keep one repository's memory current while the user edits, asleep when nothing happens.
 
 How it works, and why:
 
@@ -16,7 +16,7 @@ How it works, and why:
 * A batch goes to `RepoMemory.sync_paths(..., compile=False)` most recently edited first; the memory
   hashes each file and compares with the store, so a touched-but-unchanged file costs a stat + read +
   hash and never a compile. Changed chunks are searchable as plaintext cubes (new version) as soon as
-  that returns (~milliseconds). KV compilation follows as separate jobs of one cube each
+  that returns. KV compilation follows as separate jobs of one cube each
   (`compile_pending(limit=1)`, hottest = recently edited first), and a newer debounced batch is taken
   between two cubes, so a fresh edit never waits behind a checkout's backlog. Large batches are cut
   into slices; between slices newer edits jump the queue too.
@@ -158,8 +158,8 @@ def watcher_threads() -> int:
     """Compile threads of a background watcher when the settings say "automatic": half the cores.
 
     Why not all: the watcher runs beside the editor and the GUI. And on a busy machine llama.cpp's
-    threads spin at barriers when the cores are oversubscribed: measured on a 2-core box at load 9,
-    a 200-token decode took 1.6-4.7 s with 1 thread and 4.8-17 s with 2.
+    threads spin at barriers when the cores are oversubscribed, so more threads can make a decode
+    slower, not faster (docs/benchmarks.md, "Watcher threads").
     """
     return max(1, (os.cpu_count() or 2) // 2)
 

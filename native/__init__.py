@@ -226,7 +226,7 @@ def extract_fragment(
 
 def payload_info(buf: bytes | memoryview, verify: bool = True) -> PayloadInfo:
     """Read and check a payload header against its body; with ``verify`` also the XXH64 checksum (a full
-    read of the payload; ~10 GB/s). Raises :class:`PayloadError`."""
+    read of the payload). Raises :class:`PayloadError`."""
     d = _kvsplice.payload_info(_buf(buf), bool(verify))
     return PayloadInfo(
         version=d["version"],

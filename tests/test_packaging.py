@@ -1,4 +1,4 @@
-"""The Linux package, built and used the way a user gets it (slow: about 3-5 minutes on 2 cores).
+"""The Linux package, built and used the way a user gets it (slow: minutes).
 
 `packaging/build-linux.sh` builds the .deb from this checkout with the Python environment running the tests
 (PyInstaller is installed into it when missing). The .deb is unpacked into a temporary prefix with
@@ -78,7 +78,7 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert path.is_file() and path.suffix == ".deb", res.stdout
     print(f"\n[packaging] built {path.name} in {time.perf_counter() - t0:.0f} s")
     yield path
-    shutil.rmtree(out, ignore_errors=True)  # ~300 MB; pytest keeps the last three runs' temp folders
+    shutil.rmtree(out, ignore_errors=True)  # hundreds of MB; pytest keeps the last three runs' temp folders
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_package_contents(deb: Path, prefix: Path) -> None:
 
     deb_mb = deb.stat().st_size / 1e6
     installed_mb = sum(f.stat().st_size for f in prefix.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
-    print(f"\n[packaging] {deb.name}: {deb_mb:.1f} MB (zstd; xz is ~25% smaller), installed {installed_mb:.0f} MB")
+    print(f"\n[packaging] {deb.name}: {deb_mb:.1f} MB (zstd; xz is smaller), installed {installed_mb:.0f} MB")
     assert deb_mb < MAX_DEB_MB and installed_mb < MAX_INSTALLED_MB
 
 

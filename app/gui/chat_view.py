@@ -78,7 +78,7 @@ class ChatView(QTextBrowser):
         self.anchorClicked.connect(self._on_anchor)
         self.document().setDocumentMargin(10)
         self._renderer = MarkdownRenderer()
-        self._renderer.render("```python\nx = 1\n```")  # warm-up: pygments' first use costs ~0.2 s
+        self._renderer.render("```python\nx = 1\n```")  # warm-up: pygments' first use is slow
         self.messages: list[ChatMessage] = []
         self._frames: list[QTextFrame] = []
         self._refresh = QTimer(self)

@@ -45,8 +45,8 @@ def _formatter() -> HtmlFormatter:
 @lru_cache(maxsize=64)
 def _lexer(lang: str):
     """Lexers are slow to look up; a streamed answer asks for the same one dozens of times."""
-    # Only by alias from pygments' static table: guessing scans every lexer (~0.25 s) and an unknown
-    # name makes get_lexer_by_name scan plugin entry points (~30 ms), and a streamed fence line
+    # Only by alias from pygments' static table: guessing scans every lexer and an unknown name makes
+    # get_lexer_by_name scan plugin entry points, and a streamed fence line
     # passes through every prefix of its language name ("p", "py", "pyt"...).
     name = _aliases().get(lang) if lang and _LANG_RE.fullmatch(lang) else None
     if name is None:

@@ -30,7 +30,7 @@ from repomem.core.settings import CACHE_TYPES, ENCODINGS, MODES
 
 from .model_setup import pick_gguf, start_download
 
-#: bytes per source token on the default model (`repomem bench storage`, README)
+#: bytes per source token on the default model, as measured by `repomem bench storage` (docs/benchmarks.md)
 ENCODING_SIZES = {"f16": "12.3", "q8": "6.5", "q4": "4.0", "k4v3": "3.0", "k3v3": "2.9", "q2": "2.4"}
 
 
