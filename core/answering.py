@@ -17,20 +17,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import settings as settings_mod
 from .engine import Context, SamplingParams
 from .errors import ContextOverflowError, RepomemError, StoreError
-from .prompt import Layout, memory_text
-from .retrieval import BM25Index
-from .store import Cube, CubeStore
-
-if TYPE_CHECKING:
-    from .conversations import ConversationStore
-    from .engine import Engine
+from .memory_state import MemoryState
+from .prompt import memory_text
+from .store import Cube
 
 _PAST = re.compile(r"\b(we|us|our|decid\w*|agree\w*|discuss\w*|earlier|before|last (time|week|month)|yesterday|"
                    r"today|changed?|changes|recent\w*|said|conversation|remember)\b", re.IGNORECASE)
@@ -98,16 +93,7 @@ class _Prepared:
     splice_s: float = 0.0
 
 
-class AnsweringMixin:
-    store: CubeStore
-    settings: settings_mod.Settings
-    engine: Engine
-    layout: Layout
-    fingerprint: str
-    fingerprint_bytes: bytes
-    conversations: ConversationStore
-    index_: BM25Index
-    _lock: threading.RLock
+class AnsweringMixin(MemoryState):
     _answer_ctx: Context | None
     _prefix_blob: bytes | None
     _prefix_len: int

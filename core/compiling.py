@@ -15,29 +15,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from . import settings as settings_mod
 from .compiler import CompileOptions, Compiler
 from .errors import CancelledError, RepomemError, StoreError
 from .indexing import IndexSummary, Progress
-from .prompt import Layout, memory_text
-from .store import Cube, CubeStore
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from .memory_state import MemoryState
+from .prompt import memory_text
+from .store import Cube
 
 log = logging.getLogger(__name__)
 
 
-class CompilingMixin:
-    store: CubeStore
-    settings: settings_mod.Settings
-    engine: Engine
-    layout: Layout
-    fingerprint: str
-    fingerprint_bytes: bytes
-    _lock: threading.RLock
+class CompilingMixin(MemoryState):
     _compiler: Compiler | None
     _compiler_options: CompileOptions | None
     _warned_encoding: str

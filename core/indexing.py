@@ -15,17 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .chunking import chunk_text
 from .errors import CancelledError
-from .retrieval import BM25Index
-from .store import Cube, CubeStore
+from .memory_state import MemoryState
+from .store import Cube
 from .walk import IgnoreRules, RepoFile, load_file, walk_repo
-
-if TYPE_CHECKING:
-    from .settings import Settings
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -49,12 +44,7 @@ class IndexSummary:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-class IndexingMixin:
-    root: Path
-    store: CubeStore
-    settings: Settings
-    index_: BM25Index
-    _lock: threading.RLock
+class IndexingMixin(MemoryState):
     _rules: IgnoreRules | None
     _stamps: dict[str, tuple[float, str, int]]
     _data_version: int

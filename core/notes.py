@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import difflib
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .store import Cube, CubeStore
+from .memory_state import MemoryState
+from .store import Cube
 
 if TYPE_CHECKING:
     from .answering import Answer
-    from .conversations import ConversationStore
 
 
-class NotesMixin:
-    root: Path
-    store: CubeStore
-    conversations: ConversationStore
-
+class NotesMixin(MemoryState):
     def _record_change(self, rel: str, old: dict[str, Cube], res) -> None:
         """A plaintext change cube: which symbols changed and a short unified diff."""
         lines, symbols = [], []
