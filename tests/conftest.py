@@ -45,6 +45,45 @@ def _model(name: str) -> Path:
     return path
 
 
+_DEFAULT_MODEL_FILE = (MODELS_DIR / _models.spec(_models.DEFAULT_MODEL).filename).resolve()
+_DEFAULT_MODEL_FIXTURES = {"default_model_path"}
+
+
+@pytest.fixture(autouse=True)
+def _default_model_needs_its_marker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Keep the `default_model` marker truthful: an unmarked test that asks for the default model, or loads
+    it in this process (directly or through the engine pool), fails."""
+    if request.node.get_closest_marker("default_model"):
+        yield
+        return
+    asked = _DEFAULT_MODEL_FIXTURES & set(request.fixturenames)
+    if asked:
+        pytest.fail(f"uses {', '.join(sorted(asked))} without @pytest.mark.default_model")
+    from repomem.core import engine as engine_mod
+    from repomem.core import engine_pool
+
+    loads: list[str] = []
+    real_init, real_acquire = engine_mod.Engine.__init__, engine_pool.acquire
+
+    def note(model_path: object) -> None:
+        if Path(str(model_path)).resolve() == _DEFAULT_MODEL_FILE:
+            loads.append(str(model_path))
+
+    def init(self: object, model_path: object, *args: object, **kwargs: object) -> None:
+        note(model_path)
+        real_init(self, model_path, *args, **kwargs)
+
+    def acquire(model_path: object, *args: object, **kwargs: object) -> object:
+        note(model_path)
+        return real_acquire(model_path, *args, **kwargs)
+
+    monkeypatch.setattr(engine_mod.Engine, "__init__", init)
+    monkeypatch.setattr(engine_pool, "acquire", acquire)
+    yield
+    if loads:
+        pytest.fail(f"loaded the default model ({loads[0]}) without @pytest.mark.default_model")
+
+
 @pytest.fixture(scope="session")
 def test_model_path() -> Path:
     return _model(_models.TEST_MODEL)
@@ -60,10 +99,3 @@ def test_engine(test_model_path: Path):
     from repomem.core.engine import Engine
 
     return Engine(test_model_path)
-
-
-@pytest.fixture(scope="session")
-def default_engine(default_model_path: Path):
-    from repomem.core.engine import Engine
-
-    return Engine(default_model_path)

@@ -174,6 +174,7 @@ def test_conversation_memory_reaches_a_later_session(repo: Path, home: Path, tes
         second.close()
 
 
+@pytest.mark.default_model
 def test_model_change_marks_payloads_stale(repo: Path, home: Path, test_model_path: Path,
                                            default_model_path: Path) -> None:
     small = RepoMemory.open(repo, settings=settings_mod.Settings(model=str(test_model_path)))

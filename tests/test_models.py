@@ -18,12 +18,14 @@ from repomem.core.errors import ModelError
 from repomem.core.gguf import read_gguf_info
 
 
+@pytest.mark.default_model
 def test_catalogue_models_are_fetched_and_verified(test_model_path: Path, default_model_path: Path) -> None:
     for name, path in ((models.TEST_MODEL, test_model_path), (models.DEFAULT_MODEL, default_model_path)):
         assert models.cached_sha256(path) == models.spec(name).sha256
         assert models.fetch(name) == path  # idempotent: verified file reused, nothing downloaded
 
 
+@pytest.mark.default_model
 def test_gguf_info_default_model(default_model_path: Path) -> None:
     info = read_gguf_info(default_model_path)
     assert (info.architecture, info.n_layer, info.n_head_kv, info.head_dim) == ("qwen2", 24, 2, 64)
