@@ -32,6 +32,7 @@ from .errors import CancelledError, ContextOverflowError, RepomemError, StoreErr
 from .models import resolve_model
 from .prompt import Layout, make_layout, memory_text
 from .retrieval import BM25Index
+from .search_index import SAVE_AFTER_CHANGES, SearchIndex
 from .store import Cube, CubeStore
 from .walk import IgnoreRules, RepoFile, load_file, walk_repo
 
@@ -132,7 +133,7 @@ class RepoMemory:
         self.settings = settings
         self.model_choice = model or settings.model or None
         self.conversations = ConversationStore(paths.repo_dir(root) / "conversations.db")
-        self.index_ = BM25Index()
+        self._search = SearchIndex.open(store)  # the saved index, brought up to date with the store
         self._lock = threading.RLock()  # one model operation at a time per repository
         self._engine: Engine | None = None
         self._compiler: Compiler | None = None
@@ -143,9 +144,11 @@ class RepoMemory:
         self._prefix_blob: bytes | None = None
         self._splice_buf = bytearray()  # reused: a fresh few-hundred-MB buffer per question costs ~0.1 s
         self._rules: IgnoreRules | None = None
-        self._stamps: dict[str, tuple[float, str, int]] = {}
-        self._data_version = -1
-        self.refresh()
+
+    @property
+    def index_(self) -> BM25Index:
+        """The BM25 index over the live cubes (see `search_index.SearchIndex`)."""
+        return self._search.bm25
 
     def refresh(self) -> int:
         """Bring the search index up to date with cubes other processes (the watcher) changed.
@@ -153,26 +156,7 @@ class RepoMemory:
         A no-op unless the database changed under another connection; then only changed cubes are
         re-indexed. Returns how many were.
         """
-        version = self.store.data_version()
-        if version == self._data_version:
-            return 0
-        self._data_version = version
-        stamps = self.store.cube_stamps()
-        changed = 0
-        for cid in set(self._stamps) - set(stamps):
-            self._unindex(cid)
-            changed += 1
-        for cid, stamp in stamps.items():
-            if self._stamps.get(cid) == stamp:
-                continue
-            changed += 1
-            cube = self.store.get(cid)
-            if cube is None or cube.status == "archived":
-                self._unindex(cid)
-            else:
-                self._index_cube(cube)
-        self._stamps = stamps
-        return changed
+        return self._search.sync()
 
     @classmethod
     def open(cls, root: str | Path, settings: settings_mod.Settings | None = None,
@@ -229,6 +213,7 @@ class RepoMemory:
 
     def close(self) -> None:
         self.release_model()
+        self._search.close()
         self.conversations.close()
         self.store.close()
 
@@ -257,14 +242,6 @@ class RepoMemory:
                               n_threads=s.n_threads or None)
 
     # -- indexing -------------------------------------------------------------------------------
-    def _index_cube(self, cube: Cube) -> None:
-        self.index_.update(cube.id, cube.text, cube.path, cube.symbol or "",
-                           start_line=cube.start_line, end_line=cube.end_line)
-
-    def _unindex(self, cube_id: str) -> None:
-        if cube_id in self.index_:
-            self.index_.remove(cube_id)
-
     def _visibility(self, rel: str) -> str:
         return "local" if any(fnmatch.fnmatch(rel, pat) for pat in self.settings.private_paths) else "shared"
 
@@ -279,12 +256,7 @@ class RepoMemory:
         res = self.store.upsert_chunks(rel, chunks, repo=str(self.root), file_sha=file_sha,
                                        visibility=self._visibility(rel))
         summary.chunks += len(chunks)
-        for cid in (*res.created, *res.updated):
-            cube = self.store.get(cid)
-            if cube:
-                self._index_cube(cube)
-        for cid in res.removed:
-            self._unindex(cid)
+        self._search.refresh_ids([*res.created, *res.updated, *res.reactivated, *res.moved, *res.removed])
         if res.created or res.updated or res.removed:
             summary.changed_paths.append(rel)
             if record_change and old:
@@ -307,7 +279,7 @@ class RepoMemory:
                 + "\n".join(lines)[:3000])
         cube = self.store.add_note_cube(text, source="change", path=f"change:{rel}",
                                         symbol=", ".join(sorted(set(symbols)))[:200], repo=str(self.root))
-        self._index_cube(cube)
+        self._search.add_cube(cube)
 
     def index(self, *, compile: bool = True, progress: Progress | None = None,
               cancel: threading.Event | None = None) -> IndexSummary:
@@ -333,9 +305,9 @@ class RepoMemory:
                     progress("read", i + 1, total)
             for rel in list(self.store.files()):
                 if rel not in seen:
-                    for cid in self.store.remove_file(rel):
-                        self._unindex(cid)
+                    self._search.refresh_ids(self.store.remove_file(rel))
                     summary.removed_paths.append(rel)
+            self._search.save()  # the next start opens this index instead of rebuilding it
         if compile:
             self._compile_into(summary, progress=progress, cancel=cancel)
         summary.seconds = round(time.perf_counter() - t0, 3)
@@ -356,8 +328,7 @@ class RepoMemory:
                 if not isinstance(got, RepoFile):
                     # Deleted, now ignored, or no longer text: its cubes leave the memory.
                     removed = self.store.remove_file(rel)
-                    for cid in removed:
-                        self._unindex(cid)
+                    self._search.refresh_ids(removed)
                     if removed:
                         summary.removed_paths.append(rel)
                     if (self.root / rel).exists():
@@ -367,6 +338,7 @@ class RepoMemory:
                 if self._file_sha(rel) == got.sha256:
                     continue
                 self._ingest(rel, got.text, got.language, got.sha256, summary, record_change=True)
+        self._search.save(min_changes=SAVE_AFTER_CHANGES)  # e.g. after a branch switch
         if compile and summary.changed_paths:
             self._compile_into(summary, progress=progress, cancel=cancel)
         summary.seconds = round(time.perf_counter() - t0, 3)
@@ -693,7 +665,7 @@ class RepoMemory:
             text += "Files: " + ", ".join(files) + "\n"
         cube = self.store.add_note_cube(text, source="conversation", path=f"conversation:{cid}",
                                         symbol=question[:80], repo=str(self.root))
-        self._index_cube(cube)
+        self._search.add_cube(cube)
 
     def _promote_hot(self) -> None:
         """MemOS lifecycle: plaintext memories recalled often are queued for compilation (hot -> KV)."""

@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -254,6 +254,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _CUBE_COLUMNS = [f.name for f in fields(Cube)]
+_STAMP_SQL = "updated, status, version, start_line, end_line"
 _PAYLOAD_CLEAR = (
     "kind = 'plaintext', model_fingerprint = NULL, payload_path = NULL, payload_bytes = NULL, "
     "payload_sha256 = NULL, encoding = NULL, kept_tokens = NULL"
@@ -995,10 +996,37 @@ class CubeStore:
         """Changes whenever another connection (the watcher, the GUI) commits to this database."""
         return int(self._read(lambda c: c.execute("PRAGMA data_version").fetchone()[0]))
 
-    def cube_stamps(self) -> dict[str, tuple[float, str, int]]:
-        """(updated, status, version) of every cube: cheap enough to diff against an index."""
-        rows = self._read(lambda c: c.execute("SELECT id, updated, status, version FROM cubes").fetchall())
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+    def cube_stamps(self) -> dict[str, tuple[float, str, int, int, int]]:
+        """(updated, status, version, start_line, end_line) of every cube: cheap enough to diff against
+        an index. Every change of a cube's text, symbol, status or lines changes its stamp."""
+        rows = self._read(lambda c: c.execute(f"SELECT id, {_STAMP_SQL} FROM cubes").fetchall())
+        return {r[0]: r[1:] for r in rows}
+
+    def search_rows(self, ids: Iterable[str] | None = None, page: int = 2000) -> Iterator[list[tuple]]:
+        """What a search index reads, in pages: `(id, stamp, text, path, symbol, start_line, end_line)`
+        of these cubes (any status; an archived cube's text is left out), or of every cube in rowid
+        order. One query per page instead of one per cube."""
+        cols = (f"id, {_STAMP_SQL}, CASE WHEN status = 'archived' THEN '' ELSE text END, "
+                "path, symbol, start_line, end_line")
+
+        def shape(rows: list[tuple]) -> list[tuple]:
+            return [(r[0], r[1:6], *r[6:]) for r in rows]
+
+        if ids is not None:
+            wanted = list(dict.fromkeys(ids))
+            for i in range(0, len(wanted), 500):
+                part = wanted[i : i + 500]
+                sql = f"SELECT {cols} FROM cubes WHERE id IN ({', '.join('?' * len(part))})"
+                yield shape(self._read(lambda c, sql=sql, part=part: c.execute(sql, part).fetchall()))
+            return
+        after = -1
+        while True:
+            rows = self._read(lambda c, after=after: c.execute(
+                f"SELECT rowid, {cols} FROM cubes WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, page)).fetchall())
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield shape([r[1:] for r in rows])
 
     def compile_queue(self, fingerprint: str, limit: int | None = 64, encoding: str | None = None) -> list[Cube]:
         """Cubes to compile for model `fingerprint`, hottest first.
