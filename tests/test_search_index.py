@@ -116,6 +116,13 @@ def test_reopened_index_equals_a_fresh_build_after_edits_deletes_notes_and_a_mod
     doomed = next(c for c in other.store.cubes() if c.symbol == "Ledger")
     other.store.forget(doomed.id)
     other.close()
+    store = CubeStore.open(mem.store.dir)
+    try:  # caught up before the model change too (that one re-reads every compiled cube)
+        index = SearchIndex.open(store)
+        assert index.report.source == "file" and index.report.applied >= 5
+        _assert_same(index.bm25, _fresh(store), _queries(store))
+    finally:
+        store.close()
     # Another model: the small model's payloads go stale (status changes, text does not).
     switched = RepoMemory.open(repo, settings=_settings(default_model_path))
     assert switched.engine is not None and switched.store.cubes(status="stale")
