@@ -8,7 +8,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from repomem.app.cli import _print_json, cli, console, err
@@ -25,11 +25,11 @@ def _open(path: str | None, model: str | None):
 
 
 def _progress_bar(enabled: bool):
-    """A rich progress bar on a terminal; nothing when piped or --json."""
+    """A rich progress bar with counts and an ETA on a terminal; nothing when piped or --json."""
     if not enabled:
         return None
     return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err, transient=True)
+                    TimeElapsedColumn(), "eta", TimeRemainingColumn(), console=err, transient=True)
 
 
 def _run_index(mem, *, compile: bool, show: bool):

@@ -299,8 +299,8 @@ class RepoMemory:
                 summary.files += 1
                 if self._file_sha(f.rel) == f.sha256:
                     summary.reused += 1
-                    continue
-                self._ingest(f.rel, f.text, f.language, f.sha256, summary, record_change=False)
+                else:
+                    self._ingest(f.rel, f.text, f.language, f.sha256, summary, record_change=False)
                 if progress:
                     progress("read", i + 1, total)
             for rel in list(self.store.files()):
