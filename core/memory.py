@@ -14,6 +14,7 @@ import fnmatch
 import hashlib
 import logging
 import re
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,7 +29,7 @@ from .chunking import chunk_text
 from .compiler import CompileOptions, Compiler
 from .conversations import ConversationStore
 from .engine import Context, Engine, SamplingParams
-from .errors import CancelledError, ContextOverflowError, RepomemError, StoreError
+from .errors import CancelledError, ContextOverflowError, RepomemError, StoreDamagedError, StoreError, storage_error
 from .models import resolve_model
 from .prompt import Layout, make_layout, memory_text
 from .retrieval import BM25Index
@@ -104,6 +105,22 @@ class _Prepared:
     splice_s: float = 0.0
 
 
+def conversation_note(question: str, answer: str, files: list[str], when: str) -> str:
+    """The text of a conversation cube (also rebuilt from the conversations by `repomem check --repair`)."""
+    text = f"Conversation on {when}.\nQuestion: {question}\nAnswer: {answer}\n"
+    return text + ("Files: " + ", ".join(files) + "\n" if files else "")
+
+
+@dataclass
+class _UnsavedExchange:
+    """A question and its answer on their way into the conversation and the memory."""
+
+    question: str
+    answer: Answer
+    when: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M", time.localtime()))
+    done: set[str] = field(default_factory=set)  # steps already stored: "user", "assistant"
+
+
 @dataclass
 class IndexSummary:
     files: int = 0
@@ -144,6 +161,7 @@ class RepoMemory:
         self._prefix_blob: bytes | None = None
         self._splice_buf = bytearray()  # reused: a fresh few-hundred-MB buffer per question costs ~0.1 s
         self._rules: IgnoreRules | None = None
+        self._unsaved_exchanges: list[_UnsavedExchange] = []
 
     @property
     def index_(self) -> BM25Index:
@@ -164,7 +182,14 @@ class RepoMemory:
         root = Path(root).expanduser().resolve()
         if not root.is_dir():
             raise RepomemError(f"not a folder: {root}")
-        store = CubeStore.open(paths.repo_dir(root))
+        try:
+            store_dir = paths.repo_dir(root)
+        except OSError as exc:
+            raise storage_error(exc, "cannot create this repository's memory folder", paths.home()) from exc
+        try:
+            store = CubeStore.open(store_dir)
+        except StoreDamagedError as exc:
+            raise StoreDamagedError(str(exc).replace("<repository>", shlex.quote(str(root)))) from exc
         return cls(root, store, settings or settings_mod.load(), model)
 
     # -- model ----------------------------------------------------------------------------------
@@ -174,7 +199,11 @@ class RepoMemory:
             path = resolve_model(self.model_choice)
             self._engine = engine_pool.acquire(path, None if self.settings.n_gpu_layers < 0
                                                else self.settings.n_gpu_layers)
-            stale = self.store.mark_stale_for_model(self.fingerprint)
+            try:
+                stale = self.store.mark_stale_for_model(self.fingerprint)
+            except StoreError as exc:  # read-only or full: payloads are checked against the model anyway
+                log.warning("cannot mark other models' payloads stale: %s", exc)
+                stale = 0
             if stale:
                 log.info("%d compiled cubes belong to another model: marked stale", stale)
         return self._engine
@@ -213,6 +242,10 @@ class RepoMemory:
 
     def close(self) -> None:
         self.release_model()
+        if not self._save_exchanges([]):
+            for ex in self._unsaved_exchanges:  # the last place they can still be read
+                log.error("exchange not saved (the data home cannot be written): Q: %s A: %s",
+                          ex.question, ex.answer.answer)
         self._search.close()
         self.conversations.close()
         self.store.close()
@@ -519,8 +552,9 @@ class RepoMemory:
             warnings.append(f"{cube.path}:{cube.start_line}: compiled memory unusable ({exc}); used its text "
                             "and queued a recompile")
             # Drop the payload and let the cube back into the compile queue at once.
-            self.store.archive(cube.id, reason=f"unusable payload: {exc}")
-            self.store.promote(cube.id)
+            reason = f"unusable payload: {exc}"
+            self._try_write(lambda: (self.store.archive(cube.id, reason=reason), self.store.promote(cube.id)),
+                            warnings)
             return None
 
     def _prepare(self, question: str, mode: str, history: list[tuple[str, str]], extra_tokens: int, *,
@@ -554,10 +588,10 @@ class RepoMemory:
             chosen.append((cube, text, copies))
             used += n
             cells += copies * n
-        if touch:
-            self.store.touch([c.id for c, _, _ in chosen])
         ctx = self._answer_context(n_prefix + cells + len(q_tokens) + extra_tokens)
         prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _ in chosen], memory_tokens=used)
+        if touch:
+            self._try_write(lambda: self.store.touch([c.id for c in prep.chosen]), prep.warnings)
         ctx.clear()
         if mode == "kv":
             from repomem import native
@@ -611,8 +645,12 @@ class RepoMemory:
                          spliced=prep.spliced, as_text=len(prep.text_parts), conversation_id=conversation_id,
                          stop_reason=gen.stop_reason, warnings=prep.warnings)
             if record and gen.stop_reason != "cancelled":
-                self._remember_exchange(question, ans)
-            self._promote_hot()
+                self._unsaved_exchanges.append(_UnsavedExchange(question, ans))
+            self._save_exchanges(ans.warnings)
+            try:
+                self._promote_hot()
+            except StoreError as exc:  # read-only or full: hotness waits for a writable store
+                log.info("cannot promote hot memories: %s", exc)
             return ans
 
     def score_answer(self, question: str, answer: str, *, mode: str | None = None) -> AnswerScore:
@@ -649,23 +687,49 @@ class RepoMemory:
             raise RepomemError(f"unknown mode {mode!r}; use kv, text or none")
         return question, mode
 
-    def _remember_exchange(self, question: str, ans: Answer) -> None:
-        """Conversation memory: the exchange becomes a plaintext cube a later session can retrieve."""
+    def _save_exchanges(self, warnings: list[str]) -> bool:
+        """Save the exchanges not saved yet, oldest first. When the data home cannot be written (full disk,
+        read-only) they stay in this process, the answer says so, and the next exchange or `close()`
+        saves them. Returns whether none is left."""
+        while self._unsaved_exchanges:
+            try:
+                self._remember_exchange(self._unsaved_exchanges[0])
+            except StoreError as exc:
+                n = len(self._unsaved_exchanges)
+                warnings.append(f"{n} exchange{'s' if n > 1 else ''} of this conversation not saved yet ({exc}); "
+                                "kept in this session and saved once the data folder can be written again")
+                return False
+            self._unsaved_exchanges.pop(0)
+        return True
+
+    def _remember_exchange(self, ex: _UnsavedExchange) -> None:
+        """Conversation memory: the exchange is stored in its conversation and becomes a plaintext cube a
+        later session can retrieve. Each step runs once, so a retry after a failure duplicates nothing."""
+        question, ans = ex.question, ex.answer
         if ans.conversation_id is None:
             ans.conversation_id = self.conversations.create(question[:60]).id
         cid = ans.conversation_id
-        self.conversations.add(cid, "user", question)
-        self.conversations.add(cid, "assistant", ans.answer,
-                               {"sources": [s.as_dict() for s in ans.sources], "mode": ans.mode,
-                                "ttft_s": ans.ttft_s})
+        if "user" not in ex.done:
+            self.conversations.add(cid, "user", question)
+            ex.done.add("user")
+        if "assistant" not in ex.done:
+            self.conversations.add(cid, "assistant", ans.answer,
+                                   {"sources": [s.as_dict() for s in ans.sources], "mode": ans.mode,
+                                    "ttft_s": ans.ttft_s})
+            ex.done.add("assistant")
         files = sorted({s.path for s in ans.sources if s.source == "code"})
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
-        text = f"Conversation on {when}.\nQuestion: {question}\nAnswer: {ans.answer}\n"
-        if files:
-            text += "Files: " + ", ".join(files) + "\n"
+        text = conversation_note(question, ans.answer, files, ex.when)
         cube = self.store.add_note_cube(text, source="conversation", path=f"conversation:{cid}",
                                         symbol=question[:80], repo=str(self.root))
         self._search.add_cube(cube)
+
+    def _try_write(self, write: Callable[[], object], warnings: list[str]) -> None:
+        """A bookkeeping write (usage counts, dropping a bad payload) that must not cost the user an answer."""
+        try:
+            write()
+        except StoreError as exc:
+            if str(exc) not in warnings:
+                warnings.append(str(exc))
 
     def _promote_hot(self) -> None:
         """MemOS lifecycle: plaintext memories recalled often are queued for compilation (hot -> KV)."""

@@ -38,14 +38,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import sqlite_utils
 
 from repomem.core import atomic
-from repomem.core.errors import StoreError
+from repomem.core.errors import ReadOnlyStoreError, StoreError, storage_error
 
 DB_NAME = "cubes.db"
 PAYLOAD_DIR = "payloads"
@@ -267,6 +268,14 @@ def cube_id_for(repo: str, path: str, symbol: str | None, chunk_kind: str | None
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _is_locked(exc: BaseException) -> bool:
     msg = str(exc).lower()
     return "locked" in msg or "busy" in msg
@@ -280,10 +289,12 @@ def _is_locked(exc: BaseException) -> bool:
 class CubeStore:
     """One repository's cubes. Create with `CubeStore.open(store_dir)`; close with `close()`."""
 
-    def __init__(self, store_dir: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, store_dir: Path, conn: sqlite3.Connection, *, read_only: bool = False) -> None:
         self.dir = Path(store_dir)
         self.payload_dir = self.dir / PAYLOAD_DIR
         self.conn = conn
+        #: Opened from a data home this process cannot write: every write raises ReadOnlyStoreError.
+        self.read_only = read_only
         self.db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
         self._lock = threading.RLock()
 
@@ -291,14 +302,19 @@ class CubeStore:
 
     @classmethod
     def open(cls, store_dir: str | os.PathLike[str]) -> CubeStore:
-        """Open (creating if needed) `store_dir/cubes.db` and `store_dir/payloads/`, migrating the schema."""
+        """Open (creating if needed) `store_dir/cubes.db` and `store_dir/payloads/`, migrating the schema.
+
+        In a folder this process cannot write (a read-only data home) an existing store opens
+        read-only (`read_only`): it can be searched and answered from, not changed."""
         store_dir = Path(store_dir)
+        db_path = store_dir / DB_NAME
+        if db_path.is_file() and not os.access(store_dir, os.W_OK):
+            return cls._open_read_only(store_dir)
         try:
             store_dir.mkdir(parents=True, exist_ok=True)
             (store_dir / PAYLOAD_DIR).mkdir(exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot create the store folder {store_dir}: {exc}") from exc
-        db_path = store_dir / DB_NAME
+            raise storage_error(exc, "cannot create the store folder", store_dir) from exc
         try:
             conn = sqlite3.connect(
                 str(db_path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
@@ -311,11 +327,34 @@ class CubeStore:
             store._migrate()
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise StoreError(f"{db_path} is not a usable repomem store ({exc})") from exc
+            raise storage_error(exc, f"{db_path} is not a usable repomem store", store_dir) from exc
         except BaseException:
             conn.close()
             raise
         return store
+
+    @classmethod
+    def _open_read_only(cls, store_dir: Path) -> CubeStore:
+        db_path = store_dir / DB_NAME
+        uri = f"file:{quote(str(db_path.resolve()))}"
+        # mode=ro reads a WAL database whose -shm file exists; without one (the last writer closed
+        # cleanly) SQLite cannot create it here, and immutable=1 (nobody can write this folder) is safe.
+        for params in ("?mode=ro", "?mode=ro&immutable=1"):
+            conn = sqlite3.connect(uri + params, uri=True, isolation_level=None, check_same_thread=False,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
+            store = cls(store_dir, conn, read_only=True)
+            try:
+                version = store._read(store._schema_version)
+            except StoreError as exc:
+                conn.close()
+                last: StoreError = exc
+                continue
+            if version != SCHEMA_VERSION:
+                conn.close()
+                raise ReadOnlyStoreError(f"{store_dir} is read-only and its store has schema {version}, "
+                                         f"this repomem needs {SCHEMA_VERSION}")
+            return store
+        raise last
 
     def _configure(self) -> None:
         self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -379,6 +418,9 @@ class CubeStore:
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in one `BEGIN IMMEDIATE` transaction, retrying while the database is locked."""
+        if self.read_only:
+            raise ReadOnlyStoreError(f"{self.dir} is read-only: the memory of this repository can be searched, "
+                                     "not changed")
         last: BaseException | None = None
         for attempt in range(LOCK_RETRIES):
             with self._lock:
@@ -386,7 +428,7 @@ class CubeStore:
                     self.conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as exc:
                     if not _is_locked(exc):
-                        raise StoreError(f"store write failed: {exc}") from exc
+                        raise storage_error(exc, "store write failed", self.dir) from exc
                     last = exc
                 else:
                     try:
@@ -399,7 +441,7 @@ class CubeStore:
                         if isinstance(exc, sqlite3.OperationalError) and _is_locked(exc):
                             last = exc
                         elif isinstance(exc, sqlite3.Error):
-                            raise StoreError(f"store write failed: {exc}") from exc
+                            raise storage_error(exc, "store write failed", self.dir) from exc
                         else:
                             raise
             time.sleep(min(0.05 * 2**attempt, 1.0))
@@ -413,8 +455,10 @@ class CubeStore:
                     return fn(self.conn)
                 except sqlite3.OperationalError as exc:
                     if not _is_locked(exc):
-                        raise StoreError(f"store read failed: {exc}") from exc
+                        raise storage_error(exc, "store read failed", self.dir) from exc
                     last = exc
+                except sqlite3.DatabaseError as exc:  # "malformed", "not a database"
+                    raise storage_error(exc, "store read failed", self.dir) from exc
             time.sleep(min(0.05 * 2**attempt, 1.0))
         raise StoreError(f"the store in {self.dir} stayed locked by another process ({last})")
 
@@ -733,6 +777,27 @@ class CubeStore:
 
         return self._write(run)
 
+    def restore_notes(self, notes: Iterable[Cube], event: str = "salvaged") -> int:
+        """Put conversation and change notes back as they were (id, text, times, importance, pin), as
+        plaintext without payload; notes whose id is present are left alone. For `repomem check --repair`
+        after a damaged database was set aside. Returns how many were added."""
+        notes = [n for n in notes if n.source != "code"]
+
+        def run(conn: sqlite3.Connection) -> int:
+            added = 0
+            now = time.time()
+            for n in notes:
+                if self._get(conn, n.id) is not None:
+                    continue
+                cube = replace(n, kind="plaintext", model_fingerprint=None, payload_path=None, payload_bytes=None,
+                               payload_sha256=None, encoding=None, kept_tokens=None, archived_at=None)
+                self._insert(conn, cube)
+                self._history(conn, cube, event, now, {"source": cube.source})
+                added += 1
+            return added
+
+        return self._write(run)
+
     # ---- payloads ---------------------------------------------------------------------------
 
     def write_payload(self, data: bytes | bytearray | memoryview) -> tuple[str, str, int]:
@@ -747,13 +812,14 @@ class CubeStore:
         rel = f"{PAYLOAD_DIR}/{sha[:2]}/{sha}{PAYLOAD_SUFFIX}"
         final = self.dir / rel
         try:
-            if final.exists() and final.stat().st_size == nbytes:
+            # Same name is same content only if the file is intact: a damaged one is replaced.
+            if final.exists() and final.stat().st_size == nbytes and _file_sha256(final) == sha:
                 os.utime(final)  # restart the GC grace period: a new reference is coming
                 return rel, sha, nbytes
             final.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_bytes(final, view, temp_suffix=TEMP_SUFFIX)
         except OSError as exc:
-            raise StoreError(f"cannot write a payload in {self.payload_dir}: {exc}") from exc
+            raise storage_error(exc, "cannot write a payload", self.payload_dir) from exc
         return rel, sha, nbytes
 
     def payload_file(self, cube: Cube) -> Path:
