@@ -90,3 +90,35 @@ def bench_storage_cmd(as_json: bool, qa_file: str, repo_root: str, limit: int | 
     _show(bench_storage(Path(qa_file), Path(repo_root), limit=limit, model=model, replicas=replicas,
                         encodings=chosen, max_tokens=answer_tokens,
                         progress=lambda m: err.print(f"[dim]{time.strftime('%H:%M:%S')} {m}[/]")), as_json)
+
+
+@bench.command("scale")
+@click.argument("repo", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--questions", "n_questions", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Questions made from the repository's docstrings (the same ones every run).")
+@click.option("--model", default=None, help="Model loaded for the memory measurement (default: the default model).")
+@click.option("--no-model", is_flag=True, help="Skip loading the model.")
+@click.option("--no-cold", is_flag=True, help="Skip the reopen without the saved search index.")
+@click.option("--home", type=click.Path(file_okay=False), default=None,
+              help="Data home to index into and keep (default: a temporary one, removed afterwards).")
+def bench_scale_cmd(repo: str, as_json: bool, n_questions: int, model: str | None, no_model: bool, no_cold: bool,
+                    home: str | None) -> None:
+    """Index a big repository as plaintext, reopen it, search it and measure memory (each phase in a new process)."""
+    import time
+    from pathlib import Path
+
+    from repomem.bench.scale import bench_scale
+
+    out = bench_scale(Path(repo), n_questions=n_questions, model=model, home=Path(home) if home else None,
+                      with_model=not no_model, cold=not no_cold,
+                      log=lambda m: err.print(f"[dim]{time.strftime('%H:%M:%S')} {m}[/]"))
+    if as_json:
+        _show(out, True)
+        return
+    flat = {"repo": out["repo"], "goals": out["goals"],
+            "machine": f"{out['machine_start']} -> {out.get('machine_end')}"}
+    for phase in ("index", "open", "cold_open"):
+        for k, v in out.get(phase, {}).items():
+            flat[f"{phase}.{k}"] = v
+    _show(flat, False)

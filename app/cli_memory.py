@@ -8,7 +8,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from repomem.app.cli import _print_json, cli, console, err
@@ -25,11 +25,11 @@ def _open(path: str | None, model: str | None):
 
 
 def _progress_bar(enabled: bool):
-    """A rich progress bar on a terminal; nothing when piped or --json."""
+    """A rich progress bar with counts and an ETA on a terminal; nothing when piped or --json."""
     if not enabled:
         return None
     return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err, transient=True)
+                    TimeElapsedColumn(), "eta", TimeRemainingColumn(), console=err, transient=True)
 
 
 def _run_index(mem, *, compile: bool, show: bool):
@@ -253,3 +253,44 @@ def eval_cmd(qa_file: str, repo_root: str, modes: str, out_path: str, limit: int
                   *([f"{r['reference_logprob']:.3f}"] if score else []))
     console.print(t)
     err.print(f"[dim]records written to {out_path}[/]")
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option("--repair", is_flag=True, help="Rebuild what can be rebuilt (never touches conversations or notes).")
+@click.option("--json", "as_json", is_flag=True)
+def check(path: str | None, repair: bool, as_json: bool) -> None:
+    """Verify a repository's store: database integrity, every payload's sha256, orphan files, search index."""
+    from repomem.core import check_store
+
+    bar = _progress_bar(not as_json and err.is_terminal)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if bar is not None:
+            if not bar.tasks:
+                bar.add_task("verifying payloads", total=total)
+            bar.update(bar.tasks[0].id, completed=done, total=total)
+
+    with bar if bar is not None else nullcontext():
+        report = check_store(Path(path or "."), repair=repair, progress=progress)
+    data = report.as_dict()
+    if as_json:
+        _print_json(data)
+    else:
+        t = Table(show_header=False, box=None)
+        t.add_row("store", data["store"])
+        t.add_row("database", data["database"] if data["database"] == "ok"
+                  else f"[red]{data['database']}[/]: {'; '.join(data['integrity'][:3])}")
+        t.add_row("payloads", f"{data['payloads_checked']:,} checked, {len(data['payloads_missing'])} missing, "
+                  f"{len(data['payloads_corrupt'])} damaged")
+        t.add_row("orphan files", f"{len(data['orphans'])} ({data['orphans_recent']} recent), "
+                  f"{data['temp_files']} temp files")
+        t.add_row("search index", data["index_file"])
+        t.add_row("conversations", data["conversations"])
+        for k, v in data["repaired"].items():
+            t.add_row(f"repaired: {k}", str(v))
+        console.print(t)
+    if data["problems"] and not repair:
+        if not as_json:
+            err.print("[yellow]problems found:[/] run with --repair to fix what can be rebuilt")
+        sys.exit(1)

@@ -48,6 +48,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "watcher_log_path": ("watch_status", "log_path"),
     # one-shot reports and the remote text mode
     "doctor_report": ("doctor", "report"),
+    "check_store": ("store_check", "check_store"),
     "ask_remote": ("remote", "ask_remote"),
     # errors a user can act on
     "RepomemError": ("errors", "RepomemError"),
@@ -85,6 +86,7 @@ __all__ = [
     "watcher_status",
     "watcher_log_path",
     "doctor_report",
+    "check_store",
     "ask_remote",
     "RepomemError",
     "ModelError",
@@ -123,6 +125,7 @@ if TYPE_CHECKING:
     from .settings import load as load_settings
     from .settings import save as save_settings
     from .store import Cube, CubeStore
+    from .store_check import check_store
     from .watch import WatchedMemory, Watcher, run_watch, setup_logging
     from .watch_status import log_path as watcher_log_path
     from .watch_status import spawn_watcher, stop_watcher, watcher_status

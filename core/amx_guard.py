@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import signal
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 from . import atomic, paths
+
+log = logging.getLogger(__name__)
 
 VERDICT_FILE = "extra-bufts.json"
 PROBE_TIMEOUT_S = 120
@@ -65,7 +68,10 @@ def _load() -> dict:
 
 
 def _save(data: dict) -> None:
-    atomic.write_text(_verdict_path(), json.dumps(data, indent=1))
+    try:
+        atomic.write_text(_verdict_path(), json.dumps(data, indent=1))
+    except OSError as exc:  # a read-only or full data home: probe again next time
+        log.warning("cannot remember the repacking probe's verdict: %s", exc)
 
 
 def verdict(model_sha256: str) -> dict | None:

@@ -7,11 +7,12 @@ mode (prompt.py), so a compiled payload stands in exactly for its text.
 
 Reads from the facade: `store`, `settings`, `engine`, `layout`, `fingerprint`, `fingerprint_bytes`,
 `conversations`, `index_`, `_lock`, `_answer_ctx`, `_prefix_blob`, `_prefix_len`, `_splice_buf`; calls
-`refresh` (indexing), `_remember_exchange` (notes) and `_promote_hot` (compiling).
+`refresh` (indexing), `_save_exchanges` (notes) and `_promote_hot` (compiling).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -24,8 +25,11 @@ from . import settings as settings_mod
 from .engine import Context, SamplingParams
 from .errors import ContextOverflowError, RepomemError, StoreError
 from .memory_state import MemoryState
+from .notes import UnsavedExchange
 from .prompt import memory_text
 from .store import Cube
+
+log = logging.getLogger(__name__)
 
 _PAST = re.compile(r"\b(we|us|our|decid\w*|agree\w*|discuss\w*|earlier|before|last (time|week|month)|yesterday|"
                    r"today|changed?|changes|recent\w*|said|conversation|remember)\b", re.IGNORECASE)
@@ -150,8 +154,9 @@ class AnsweringMixin(MemoryState):
             warnings.append(f"{cube.path}:{cube.start_line}: compiled memory unusable ({exc}); used its text "
                             "and queued a recompile")
             # Drop the payload and let the cube back into the compile queue at once.
-            self.store.archive(cube.id, reason=f"unusable payload: {exc}")
-            self.store.promote(cube.id)
+            reason = f"unusable payload: {exc}"
+            self._try_write(lambda: (self.store.archive(cube.id, reason=reason), self.store.promote(cube.id)),
+                            warnings)
             return None
 
     def _prepare(self, question: str, mode: str, history: list[tuple[str, str]], extra_tokens: int, *,
@@ -185,10 +190,10 @@ class AnsweringMixin(MemoryState):
             chosen.append((cube, text, copies))
             used += n
             cells += copies * n
-        if touch:
-            self.store.touch([c.id for c, _, _ in chosen])
         ctx = self._answer_context(n_prefix + cells + len(q_tokens) + extra_tokens)
         prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _ in chosen], memory_tokens=used)
+        if touch:
+            self._try_write(lambda: self.store.touch([c.id for c in prep.chosen]), prep.warnings)
         ctx.clear()
         if mode == "kv":
             from repomem import native
@@ -242,8 +247,12 @@ class AnsweringMixin(MemoryState):
                          spliced=prep.spliced, as_text=len(prep.text_parts), conversation_id=conversation_id,
                          stop_reason=gen.stop_reason, warnings=prep.warnings)
             if record and gen.stop_reason != "cancelled":
-                self._remember_exchange(question, ans)
-            self._promote_hot()
+                self._unsaved_exchanges.append(UnsavedExchange(question, ans))
+            self._save_exchanges(ans.warnings)
+            try:
+                self._promote_hot()
+            except StoreError as exc:  # read-only or full: hotness waits for a writable store
+                log.info("cannot promote hot memories: %s", exc)
             return ans
 
     def score_answer(self, question: str, answer: str, *, mode: str | None = None) -> AnswerScore:
@@ -279,3 +288,11 @@ class AnsweringMixin(MemoryState):
         if mode not in settings_mod.MODES:
             raise RepomemError(f"unknown mode {mode!r}; use kv, text or none")
         return question, mode
+
+    def _try_write(self, write: Callable[[], object], warnings: list[str]) -> None:
+        """A bookkeeping write (usage counts, dropping a bad payload) that must not cost the user an answer."""
+        try:
+            write()
+        except StoreError as exc:
+            if str(exc) not in warnings:
+                warnings.append(str(exc))

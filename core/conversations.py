@@ -7,14 +7,20 @@ retrievable from a later session.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import sqlite_utils
+
+from .errors import ReadOnlyStoreError, storage_error
 
 #: the file of a repository's conversations, beside its cube store
 DB_NAME = "conversations.db"
@@ -39,16 +45,53 @@ class Conversation:
 
 
 class ConversationStore:
+    """A write that fails (full disk, read-only data home) raises a `StoreError` saying so and leaves
+    every stored conversation as it was. In a folder this process cannot write, an existing file opens
+    read-only: conversations can be read, not added to (`read_only`)."""
+
     @classmethod
     def in_folder(cls, store_dir: Path) -> ConversationStore:
         """The conversations of the repository whose cube store is in `store_dir`."""
         return cls(Path(store_dir) / DB_NAME)
 
-    def __init__(self, db_path: Path):
-        conn = sqlite3.connect(str(db_path), timeout=10, check_same_thread=False)
-        self.db = sqlite_utils.Database(conn)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
+    def __init__(self, db_path: Path, *, read_only: bool = False):
+        self.path = Path(db_path)
+        self.read_only = read_only or (self.path.is_file() and not os.access(self.path.parent, os.W_OK))
+        if self.read_only:
+            self.db = sqlite_utils.Database(self._connect_read_only())
+            return
+        try:
+            conn = sqlite3.connect(str(db_path), timeout=10, check_same_thread=False)
+            self.db = sqlite_utils.Database(conn)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            self._create_tables()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, "cannot open the conversations", self.path.parent) from exc
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        uri = f"file:{quote(str(self.path.resolve()))}"
+        for params in ("?mode=ro", "?mode=ro&immutable=1"):  # see CubeStore._open_read_only
+            conn = sqlite3.connect(uri + params, uri=True, check_same_thread=False)
+            try:
+                conn.execute("SELECT count(*) FROM conversations").fetchone()
+                return conn
+            except sqlite3.Error as exc:
+                conn.close()
+                last = exc
+        raise storage_error(last, "cannot read the conversations", self.path.parent)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        if self.read_only:
+            raise ReadOnlyStoreError(f"{what}: {self.path.parent} is read-only")
+        try:
+            with self.db.conn:
+                yield
+        except sqlite3.Error as exc:
+            raise storage_error(exc, what, self.path.parent) from exc
+
+    def _create_tables(self) -> None:
         with self.db.conn:
             self.db.execute("""CREATE TABLE IF NOT EXISTS conversations (
                 id TEXT PRIMARY KEY, title TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL)""")
@@ -65,7 +108,7 @@ class ConversationStore:
     def create(self, title: str = "New conversation") -> Conversation:
         now = time.time()
         c = Conversation(uuid.uuid4().hex[:12], title, now, now)
-        with self.db.conn:
+        with self._writing("cannot save the new conversation"):
             self.db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?)", (c.id, c.title, c.created, c.updated))
         return c
 
@@ -75,17 +118,17 @@ class ConversationStore:
         return Conversation(*row) if row else None
 
     def rename(self, conversation_id: str, title: str) -> None:
-        with self.db.conn:
+        with self._writing("cannot rename the conversation"):
             self.db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
 
     def delete(self, conversation_id: str) -> None:
-        with self.db.conn:
+        with self._writing("cannot delete the conversation"):
             self.db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
             self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
     def add(self, conversation_id: str, role: str, content: str, meta: dict | None = None) -> Message:
         now = time.time()
-        with self.db.conn:
+        with self._writing("cannot save the message"):
             cur = self.db.execute(
                 "INSERT INTO messages (conversation_id, role, content, created, meta) VALUES (?, ?, ?, ?, ?)",
                 (conversation_id, role, content, now, json.dumps(meta or {})))
@@ -112,7 +155,7 @@ class ConversationStore:
         """Drop the last answer and its question (for "regenerate")."""
         msgs = self.messages(conversation_id)
         drop = [m.id for m in msgs[-2:] if m.role in ("user", "assistant")]
-        with self.db.conn:
+        with self._writing("cannot delete the last exchange"):
             self.db.conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in drop])
 
     def close(self) -> None:

@@ -4,8 +4,8 @@ Every chunk becomes searchable at once as a plaintext cube (no model run); compi
 compile part's job (`compiling.py`). `index()` walks the whole repository, `sync_paths()` re-reads the
 files the watcher names; unchanged files cost a hash. `refresh()` follows cubes other processes wrote.
 
-Reads from the facade: `root`, `store`, `settings`, `index_`, `_lock`, `_rules`, `_stamps`,
-`_data_version`; calls `_compile_into` (compiling) and `_record_change` (notes).
+Reads from the facade: `root`, `store`, `settings`, `_search`, `_lock`, `_rules`; calls `_compile_into`
+(compiling) and `_record_change` (notes).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .chunking import chunk_text
 from .errors import CancelledError
 from .memory_state import MemoryState
-from .store import Cube
+from .search_index import SAVE_AFTER_CHANGES, SearchIndex
 from .walk import IgnoreRules, RepoFile, load_file, walk_repo
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -46,8 +46,7 @@ class IndexSummary:
 
 class IndexingMixin(MemoryState):
     _rules: IgnoreRules | None
-    _stamps: dict[str, tuple[float, str, int]]
-    _data_version: int
+    _search: SearchIndex
 
     def refresh(self) -> int:
         """Bring the search index up to date with cubes other processes (the watcher) changed.
@@ -55,34 +54,7 @@ class IndexingMixin(MemoryState):
         A no-op unless the database changed under another connection; then only changed cubes are
         re-indexed. Returns how many were.
         """
-        version = self.store.data_version()
-        if version == self._data_version:
-            return 0
-        self._data_version = version
-        stamps = self.store.cube_stamps()
-        changed = 0
-        for cid in set(self._stamps) - set(stamps):
-            self._unindex(cid)
-            changed += 1
-        for cid, stamp in stamps.items():
-            if self._stamps.get(cid) == stamp:
-                continue
-            changed += 1
-            cube = self.store.get(cid)
-            if cube is None or cube.status == "archived":
-                self._unindex(cid)
-            else:
-                self._index_cube(cube)
-        self._stamps = stamps
-        return changed
-
-    def _index_cube(self, cube: Cube) -> None:
-        self.index_.update(cube.id, cube.text, cube.path, cube.symbol or "",
-                           start_line=cube.start_line, end_line=cube.end_line)
-
-    def _unindex(self, cube_id: str) -> None:
-        if cube_id in self.index_:
-            self.index_.remove(cube_id)
+        return self._search.sync()
 
     def _visibility(self, rel: str) -> str:
         return "local" if any(fnmatch.fnmatch(rel, pat) for pat in self.settings.private_paths) else "shared"
@@ -98,12 +70,7 @@ class IndexingMixin(MemoryState):
         res = self.store.upsert_chunks(rel, chunks, repo=str(self.root), file_sha=file_sha,
                                        visibility=self._visibility(rel))
         summary.chunks += len(chunks)
-        for cid in (*res.created, *res.updated):
-            cube = self.store.get(cid)
-            if cube:
-                self._index_cube(cube)
-        for cid in res.removed:
-            self._unindex(cid)
+        self._search.refresh_ids([*res.created, *res.updated, *res.reactivated, *res.moved, *res.removed])
         if res.created or res.updated or res.removed:
             summary.changed_paths.append(rel)
             if record_change and old:
@@ -127,15 +94,15 @@ class IndexingMixin(MemoryState):
                 summary.files += 1
                 if self._file_sha(f.rel) == f.sha256:
                     summary.reused += 1
-                    continue
-                self._ingest(f.rel, f.text, f.language, f.sha256, summary, record_change=False)
+                else:
+                    self._ingest(f.rel, f.text, f.language, f.sha256, summary, record_change=False)
                 if progress:
                     progress("read", i + 1, total)
             for rel in list(self.store.files()):
                 if rel not in seen:
-                    for cid in self.store.remove_file(rel):
-                        self._unindex(cid)
+                    self._search.refresh_ids(self.store.remove_file(rel))
                     summary.removed_paths.append(rel)
+            self._search.save()  # the next start opens this index instead of rebuilding it
         if compile:
             self._compile_into(summary, progress=progress, cancel=cancel)
         summary.seconds = round(time.perf_counter() - t0, 3)
@@ -156,8 +123,7 @@ class IndexingMixin(MemoryState):
                 if not isinstance(got, RepoFile):
                     # Deleted, now ignored, or no longer text: its cubes leave the memory.
                     removed = self.store.remove_file(rel)
-                    for cid in removed:
-                        self._unindex(cid)
+                    self._search.refresh_ids(removed)
                     if removed:
                         summary.removed_paths.append(rel)
                     if (self.root / rel).exists():
@@ -167,6 +133,7 @@ class IndexingMixin(MemoryState):
                 if self._file_sha(rel) == got.sha256:
                     continue
                 self._ingest(rel, got.text, got.language, got.sha256, summary, record_change=True)
+        self._search.save(min_changes=SAVE_AFTER_CHANGES)  # e.g. after a branch switch
         if compile and summary.changed_paths:
             self._compile_into(summary, progress=progress, cancel=cancel)
         summary.seconds = round(time.perf_counter() - t0, 3)

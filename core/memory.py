@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shlex
 import threading
 from pathlib import Path
 
@@ -24,12 +25,13 @@ from .compiler import CompileOptions, Compiler
 from .compiling import CompilingMixin
 from .conversations import ConversationStore
 from .engine import Context, Engine
-from .errors import RepomemError
+from .errors import RepomemError, StoreDamagedError, StoreError, storage_error
 from .indexing import IndexingMixin, IndexSummary
 from .models import resolve_model
-from .notes import NotesMixin
+from .notes import NotesMixin, UnsavedExchange
 from .prompt import Layout, make_layout
 from .retrieval import BM25Index
+from .search_index import OpenReport, SearchIndex
 from .store import CubeStore
 from .walk import IgnoreRules
 
@@ -48,7 +50,7 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
         self.settings = settings
         self.model_choice = model or settings.model or None
         self.conversations = ConversationStore.in_folder(paths.repo_dir(root))
-        self.index_ = BM25Index()
+        self._search = SearchIndex.open(store)  # the saved index, brought up to date with the store
         self._lock = threading.RLock()  # one model operation at a time per repository
         self._engine: Engine | None = None
         self._compiler: Compiler | None = None
@@ -59,9 +61,17 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
         self._prefix_blob: bytes | None = None
         self._splice_buf = bytearray()  # reused: a fresh few-hundred-MB buffer per question costs page faults
         self._rules: IgnoreRules | None = None
-        self._stamps: dict[str, tuple[float, str, int]] = {}
-        self._data_version = -1
-        self.refresh()
+        self._unsaved_exchanges: list[UnsavedExchange] = []
+
+    @property
+    def index_(self) -> BM25Index:
+        """The BM25 index over the live cubes (see `search_index.SearchIndex`)."""
+        return self._search.bm25
+
+    @property
+    def index_report(self) -> OpenReport:
+        """How this process got its search index: opened from the saved file or rebuilt, and why."""
+        return self._search.report
 
     @classmethod
     def open(cls, root: str | Path, settings: settings_mod.Settings | None = None,
@@ -69,7 +79,14 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
         root = Path(root).expanduser().resolve()
         if not root.is_dir():
             raise RepomemError(f"not a folder: {root}")
-        store = CubeStore.open(paths.repo_dir(root))
+        try:
+            store_dir = paths.repo_dir(root)
+        except OSError as exc:
+            raise storage_error(exc, "cannot create this repository's memory folder", paths.home()) from exc
+        try:
+            store = CubeStore.open(store_dir)
+        except StoreDamagedError as exc:
+            raise StoreDamagedError(str(exc).replace("<repository>", shlex.quote(str(root)))) from exc
         return cls(root, store, settings or settings_mod.load(), model)
 
     # -- model ----------------------------------------------------------------------------------
@@ -79,7 +96,11 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
             path = resolve_model(self.model_choice)
             self._engine = engine_pool.acquire(path, None if self.settings.n_gpu_layers < 0
                                                else self.settings.n_gpu_layers)
-            stale = self.store.mark_stale_for_model(self.fingerprint)
+            try:
+                stale = self.store.mark_stale_for_model(self.fingerprint)
+            except StoreError as exc:  # read-only or full: payloads are checked against the model anyway
+                log.warning("cannot mark other models' payloads stale: %s", exc)
+                stale = 0
             if stale:
                 log.info("%d compiled cubes belong to another model: marked stale", stale)
         return self._engine
@@ -118,5 +139,10 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
 
     def close(self) -> None:
         self.release_model()
+        if not self._save_exchanges([]):
+            for ex in self._unsaved_exchanges:  # the last place they can still be read
+                log.error("exchange not saved (the data home cannot be written): Q: %s A: %s",
+                          ex.question, ex.answer.answer)
+        self._search.close()
         self.conversations.close()
         self.store.close()

@@ -111,14 +111,16 @@ def cached_sha256(path: Path) -> str:
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = _sha_cache()
     try:
-        cache = json.loads(cache_file.read_text())
+        cache = json.loads(_sha_cache().read_text())
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
         cache[key] = sha256_file(path)
-        atomic.write_text(cache_file, json.dumps(cache, indent=1))
+        try:
+            atomic.write_text(_sha_cache(), json.dumps(cache, indent=1))
+        except OSError:  # a read-only or full data home: hash again next time
+            pass
     return cache[key]
 
 

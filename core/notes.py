@@ -2,23 +2,48 @@
 conversation memory (each finished exchange, kept in the conversation store and as a plaintext cube a
 later session can retrieve: "what did we decide last week?").
 
-Reads from the facade: `root`, `store`, `conversations`; calls `_index_cube` (indexing).
+Exchanges wait in `_unsaved_exchanges` until they are stored: when the data home cannot be written (full
+disk, read-only) the answer says so, and the next exchange or `close()` saves them.
+
+Reads from the facade: `root`, `store`, `conversations`, `_search`.
 """
 
 from __future__ import annotations
 
 import difflib
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .errors import StoreError
 from .memory_state import MemoryState
 from .store import Cube
 
 if TYPE_CHECKING:
     from .answering import Answer
+    from .search_index import SearchIndex
+
+
+def conversation_note(question: str, answer: str, files: list[str], when: str) -> str:
+    """The text of a conversation cube (also rebuilt from the conversations by `repomem check --repair`)."""
+    text = f"Conversation on {when}.\nQuestion: {question}\nAnswer: {answer}\n"
+    return text + ("Files: " + ", ".join(files) + "\n" if files else "")
+
+
+@dataclass
+class UnsavedExchange:
+    """A question and its answer on their way into the conversation and the memory."""
+
+    question: str
+    answer: Answer
+    when: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M", time.localtime()))
+    done: set[str] = field(default_factory=set)  # steps already stored: "user", "assistant"
 
 
 class NotesMixin(MemoryState):
+    _search: SearchIndex
+    _unsaved_exchanges: list[UnsavedExchange]
+
     def _record_change(self, rel: str, old: dict[str, Cube], res) -> None:
         """A plaintext change cube: which symbols changed and a short unified diff."""
         lines, symbols = [], []
@@ -36,22 +61,39 @@ class NotesMixin(MemoryState):
                 + "\n".join(lines)[:3000])
         cube = self.store.add_note_cube(text, source="change", path=f"change:{rel}",
                                         symbol=", ".join(sorted(set(symbols)))[:200], repo=str(self.root))
-        self._index_cube(cube)
+        self._search.add_cube(cube)
 
-    def _remember_exchange(self, question: str, ans: Answer) -> None:
-        """Conversation memory: the exchange becomes a plaintext cube a later session can retrieve."""
+    def _save_exchanges(self, warnings: list[str]) -> bool:
+        """Save the exchanges not saved yet, oldest first; on a store error add a warning and keep them.
+        Returns whether none is left."""
+        while self._unsaved_exchanges:
+            try:
+                self._remember_exchange(self._unsaved_exchanges[0])
+            except StoreError as exc:
+                n = len(self._unsaved_exchanges)
+                warnings.append(f"{n} exchange{'s' if n > 1 else ''} of this conversation not saved yet ({exc}); "
+                                "kept in this session and saved once the data folder can be written again")
+                return False
+            self._unsaved_exchanges.pop(0)
+        return True
+
+    def _remember_exchange(self, ex: UnsavedExchange) -> None:
+        """Conversation memory: the exchange is stored in its conversation and becomes a plaintext cube a
+        later session can retrieve. Each step runs once, so a retry after a failure duplicates nothing."""
+        question, ans = ex.question, ex.answer
         if ans.conversation_id is None:
             ans.conversation_id = self.conversations.create(question[:60]).id
         cid = ans.conversation_id
-        self.conversations.add(cid, "user", question)
-        self.conversations.add(cid, "assistant", ans.answer,
-                               {"sources": [s.as_dict() for s in ans.sources], "mode": ans.mode,
-                                "ttft_s": ans.ttft_s})
+        if "user" not in ex.done:
+            self.conversations.add(cid, "user", question)
+            ex.done.add("user")
+        if "assistant" not in ex.done:
+            self.conversations.add(cid, "assistant", ans.answer,
+                                   {"sources": [s.as_dict() for s in ans.sources], "mode": ans.mode,
+                                    "ttft_s": ans.ttft_s})
+            ex.done.add("assistant")
         files = sorted({s.path for s in ans.sources if s.source == "code"})
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
-        text = f"Conversation on {when}.\nQuestion: {question}\nAnswer: {ans.answer}\n"
-        if files:
-            text += "Files: " + ", ".join(files) + "\n"
+        text = conversation_note(question, ans.answer, files, ex.when)
         cube = self.store.add_note_cube(text, source="conversation", path=f"conversation:{cid}",
                                         symbol=question[:80], repo=str(self.root))
-        self._index_cube(cube)
+        self._search.add_cube(cube)

@@ -25,11 +25,19 @@ from pathlib import Path
 from typing import Protocol
 
 from . import atomic
-from .errors import StoreError
+from .errors import StoreError, storage_error
 
 SUFFIX = ".kv"
 TEMP_SUFFIX = ".tmp"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 class PayloadMissing(StoreError):
@@ -75,13 +83,14 @@ class LocalPayloads:
         sha = hashlib.sha256(view).hexdigest()
         final = self.path(sha)
         try:
-            if final.exists() and final.stat().st_size == view.nbytes:
+            # Same name is same content only if the file is intact: a damaged one is replaced.
+            if final.exists() and final.stat().st_size == view.nbytes and _file_sha256(final) == sha:
                 os.utime(final)  # restart the GC grace period: a new reference is coming
                 return sha
             final.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_bytes(final, view, temp_suffix=TEMP_SUFFIX)
         except OSError as exc:
-            raise StoreError(f"cannot write a payload in {self.folder}: {exc}") from exc
+            raise storage_error(exc, "cannot write a payload", self.folder) from exc
         return sha
 
     def read(self, sha256: str, *, verify: bool = False) -> memoryview:

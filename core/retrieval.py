@@ -28,6 +28,11 @@ Why this module looks the way it does:
   and slots are renumbered only when dead slots outnumber live ones, so purge work is amortised
   O(1) per removed posting. No edit ever rebuilds the whole index; :attr:`BM25Index.work` counts
   postings touched so tests can assert that structurally.
+
+Persistence: :meth:`BM25Index.export_state` / :meth:`BM25Index.restore_state` turn the index into
+flat arrays and back; ``repomem.core.index_file`` writes them to disk and ``repomem.core.search_index``
+keeps the saved index in step with the store. A restored index builds each postings list lazily, on
+first use, so a big index opens in well under a second.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import re
 import threading
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, wraps
 from itertools import chain
@@ -416,6 +421,79 @@ def _grow(arr: np.ndarray, need: int) -> np.ndarray:
     return new
 
 
+class _PackedArrays:
+    """A list of array('i') restored from one buffer, each piece made an array when first used.
+
+    A saved index of a big repository holds hundreds of thousands of postings lists and per-document
+    term-id lists; making them all at startup was most of the time it took to open. Reading a piece
+    makes (and keeps) its array, so in-place changes stick; iterating does not keep what it makes.
+    """
+
+    __slots__ = ("_raw", "_bounds", "_made")
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
+        self._raw = np.ascontiguousarray(data, dtype=np.int32).tobytes()
+        self._bounds = np.asarray(offsets, dtype=np.int64) * 4
+        self._made: list[array | None] = [None] * (len(self._bounds) - 1)
+
+    def _make(self, i: int) -> array:
+        return array("i", self._raw[self._bounds[i] : self._bounds[i + 1]])
+
+    def __getitem__(self, i: int) -> array:
+        got = self._made[i]
+        if got is None:
+            got = self._made[i] = self._make(i)
+        return got
+
+    def __setitem__(self, i: int, value: array) -> None:
+        self._made[i] = value
+
+    def append(self, value: array) -> None:
+        self._made.append(value)
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def __iter__(self) -> Iterator[array]:
+        for i, got in enumerate(self._made):
+            yield self._make(i) if got is None else got
+
+
+class _PackedRows:
+    """slot -> (body, *fields) term-id arrays of a restored index, made on first use (None: dead slot)."""
+
+    __slots__ = ("_cols", "_rows")
+
+    def __init__(self, cols: Sequence[_PackedArrays], alive: np.ndarray) -> None:
+        self._cols = cols
+        self._rows: list[Any] = np.where(alive, _UNMADE, None).tolist()
+
+    def _make(self, slot: int) -> tuple[array, ...]:
+        return tuple(c._make(slot) for c in self._cols)
+
+    def __getitem__(self, slot: int) -> tuple[array, ...] | None:
+        got = self._rows[slot]
+        if got is _UNMADE:
+            got = self._rows[slot] = self._make(slot)
+        return got
+
+    def __setitem__(self, slot: int, value: tuple[array, ...] | None) -> None:
+        self._rows[slot] = value
+
+    def append(self, value: tuple[array, ...]) -> None:
+        self._rows.append(value)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[tuple[array, ...] | None]:
+        for slot, got in enumerate(self._rows):
+            yield self._make(slot) if got is _UNMADE else got
+
+
+_UNMADE = object()
+
+
 def _int_array(values: np.ndarray) -> array:
     out = array("i")
     out.frombytes(np.ascontiguousarray(values, dtype=np.int32).tobytes())
@@ -542,6 +620,27 @@ class _Postings:
         self.flush()
         df = self.df[: len(self.lists)]
         return df[df > 0]
+
+    def export(self) -> dict[str, Any]:
+        """The lists as one array with offsets, plus the vocabulary in term-id order (for saving)."""
+        self.flush()
+        n = len(self.lists)
+        lengths = np.fromiter(map(len, self.lists), dtype=np.int64, count=n)
+        return {
+            "terms": sorted(self.tid, key=self.tid.__getitem__),
+            "data": np.frombuffer(b"".join(map(array.tobytes, self.lists)), dtype=np.int32),
+            "offsets": np.concatenate(([0], np.cumsum(lengths))),
+            "df": self.df[:n].copy(),
+            "dead": self.dead[:n].copy(),
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """The inverse of :meth:`export` (the state is trusted: the file layer checked it)."""
+        terms = state["terms"]
+        self.tid = dict(zip(terms, range(len(terms)), strict=True))
+        self.lists = _PackedArrays(state["data"], state["offsets"])  # type: ignore[assignment]
+        self.df = _grow(np.asarray(state["df"], dtype=np.int64).copy(), len(terms))
+        self.dead = _grow(np.asarray(state["dead"], dtype=np.int64).copy(), len(terms))
 
 
 _FIELDS = ("symbol", "defs", "path")
@@ -743,6 +842,71 @@ class BM25Index:
         self._alive[:n] = True
         self._slot_of = {d: i for i, d in enumerate(self._id_of) if d is not None}
         self._n_slots = n
+
+    # ---------------------------------------------------------------- persistence
+
+    @_locked
+    def export_state(self) -> dict[str, Any]:
+        """Everything the index holds as strings, scalars and flat numpy arrays: what
+        ``repomem.core.index_file`` writes. Queued postings are merged first; arrays are copies."""
+        n = self._n_slots
+        metas = [self._meta.get(d) if d is not None else None for d in self._id_of]
+        state: dict[str, Any] = {
+            "n_slots": n,
+            "n_live": self._n_live,
+            "total_len": self._total_len,
+            "ids": [d or "" for d in self._id_of],
+            "paths": [m.path if m else "" for m in metas],
+            "symbols": [m.symbol if m else "" for m in metas],
+            # -1: no line span (documents are 1-based)
+            "start_line": np.array([-1 if m is None or m.start_line is None else m.start_line for m in metas],
+                                   dtype=np.int64),
+            "end_line": np.array([-1 if m is None or m.end_line is None else m.end_line for m in metas],
+                                 dtype=np.int64),
+            "doc_len": self._doc_len[:n].copy(),
+            "alive": self._alive[:n].copy(),
+            "is_test": self._is_test[:n].copy(),
+        }
+        for i, name in enumerate(("body", *_FIELDS)):
+            pieces = [t[i] if t is not None else array("i") for t in self._doc_tids]
+            lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=n)
+            state[f"tids.{name}"] = np.frombuffer(b"".join(map(array.tobytes, pieces)), dtype=np.int32)
+            state[f"tids.{name}.offsets"] = np.concatenate(([0], np.cumsum(lengths)))
+        for name, post in (("body", self._body), *self._fields.items()):
+            for key, value in post.export().items():
+                state[f"postings.{name}.{key}"] = value
+        return state
+
+    @_locked
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Replace this (empty) index's contents with an :meth:`export_state`; the scoring parameters
+        stay this object's own. The state is trusted: the file layer validated it."""
+        if self._n_slots:
+            raise ValueError("restore_state needs an empty index")
+        n = int(state["n_slots"])
+        alive = np.asarray(state["alive"], dtype=bool)
+        ids = state["ids"]
+        self._id_of = [d if alive[i] else None for i, d in enumerate(ids)]
+        self._slot_of = {d: i for i, d in enumerate(self._id_of) if d is not None}
+        starts, ends = state["start_line"].tolist(), state["end_line"].tolist()
+        self._meta = {
+            d: DocMeta(p, sym, None if a < 0 else a, None if b < 0 else b)
+            for d, p, sym, a, b in zip(self._id_of, state["paths"], state["symbols"], starts, ends, strict=True)
+            if d is not None
+        }
+        self._doc_len = _grow(np.asarray(state["doc_len"], dtype=np.float64).copy(), n)
+        self._alive = _grow(alive.copy(), n)
+        self._is_test = _grow(np.asarray(state["is_test"], dtype=bool).copy(), n)
+        cols = [_PackedArrays(state[f"tids.{name}"], state[f"tids.{name}.offsets"]) for name in ("body", *_FIELDS)]
+        self._doc_tids = _PackedRows(cols, alive)  # type: ignore[assignment]
+        self._n_slots = n
+        self._n_live = int(state["n_live"])
+        self._total_len = int(state["total_len"])
+        for name, post in (("body", self._body), *self._fields.items()):
+            prefix = f"postings.{name}."
+            post.restore({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        self._version += 1
+        self._avg_idf_cache = None
 
     # ---------------------------------------------------------------- scoring
 

@@ -40,14 +40,15 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import sqlite_utils
 
-from repomem.core.errors import StoreError
+from repomem.core.errors import ReadOnlyStoreError, StoreError, storage_error
 from repomem.core.payloads import LocalPayloads, PayloadCorrupt, PayloadMissing, PayloadStore
 
 DB_NAME = "cubes.db"
@@ -257,6 +258,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial, _m2_paylo
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _CUBE_COLUMNS = [f.name for f in fields(Cube)]
+_STAMP_SQL = "updated, status, version, start_line, end_line"
 _PAYLOAD_CLEAR = (
     "kind = 'plaintext', model_fingerprint = NULL, payload_bytes = NULL, "
     "payload_sha256 = NULL, encoding = NULL, kept_tokens = NULL"
@@ -282,10 +284,13 @@ def _is_locked(exc: BaseException) -> bool:
 class CubeStore:
     """One repository's cubes. Create with `CubeStore.open(store_dir)`; close with `close()`."""
 
-    def __init__(self, store_dir: Path, conn: sqlite3.Connection, payloads: PayloadStore | None = None) -> None:
+    def __init__(self, store_dir: Path, conn: sqlite3.Connection, payloads: PayloadStore | None = None, *,
+                 read_only: bool = False) -> None:
         self.dir = Path(store_dir)
         self.payloads: PayloadStore = payloads or LocalPayloads(self.dir / PAYLOAD_DIR)
         self.conn = conn
+        #: Opened from a data home this process cannot write: every write raises ReadOnlyStoreError.
+        self.read_only = read_only
         self.db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
         self._lock = threading.RLock()
 
@@ -293,14 +298,19 @@ class CubeStore:
 
     @classmethod
     def open(cls, store_dir: str | os.PathLike[str]) -> CubeStore:
-        """Open (creating if needed) `store_dir/cubes.db` and `store_dir/payloads/`, migrating the schema."""
+        """Open (creating if needed) `store_dir/cubes.db` and `store_dir/payloads/`, migrating the schema.
+
+        In a folder this process cannot write (a read-only data home) an existing store opens
+        read-only (`read_only`): it can be searched and answered from, not changed."""
         store_dir = Path(store_dir)
+        db_path = store_dir / DB_NAME
+        if db_path.is_file() and not os.access(store_dir, os.W_OK):
+            return cls._open_read_only(store_dir)
         try:
             store_dir.mkdir(parents=True, exist_ok=True)
             (store_dir / PAYLOAD_DIR).mkdir(exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot create the store folder {store_dir}: {exc}") from exc
-        db_path = store_dir / DB_NAME
+            raise storage_error(exc, "cannot create the store folder", store_dir) from exc
         try:
             conn = sqlite3.connect(
                 str(db_path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
@@ -313,11 +323,34 @@ class CubeStore:
             store._migrate()
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise StoreError(f"{db_path} is not a usable repomem store ({exc})") from exc
+            raise storage_error(exc, f"{db_path} is not a usable repomem store", store_dir) from exc
         except BaseException:
             conn.close()
             raise
         return store
+
+    @classmethod
+    def _open_read_only(cls, store_dir: Path) -> CubeStore:
+        db_path = store_dir / DB_NAME
+        uri = f"file:{quote(str(db_path.resolve()))}"
+        # mode=ro reads a WAL database whose -shm file exists; without one (the last writer closed
+        # cleanly) SQLite cannot create it here, and immutable=1 (nobody can write this folder) is safe.
+        for params in ("?mode=ro", "?mode=ro&immutable=1"):
+            conn = sqlite3.connect(uri + params, uri=True, isolation_level=None, check_same_thread=False,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
+            store = cls(store_dir, conn, read_only=True)
+            try:
+                version = store._read(store._schema_version)
+            except StoreError as exc:
+                conn.close()
+                last: StoreError = exc
+                continue
+            if version != SCHEMA_VERSION:
+                conn.close()
+                raise ReadOnlyStoreError(f"{store_dir} is read-only and its store has schema {version}, "
+                                         f"this repomem needs {SCHEMA_VERSION}")
+            return store
+        raise last
 
     def _configure(self) -> None:
         self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -381,6 +414,9 @@ class CubeStore:
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in one `BEGIN IMMEDIATE` transaction, retrying while the database is locked."""
+        if self.read_only:
+            raise ReadOnlyStoreError(f"{self.dir} is read-only: the memory of this repository can be searched, "
+                                     "not changed")
         last: BaseException | None = None
         for attempt in range(LOCK_RETRIES):
             with self._lock:
@@ -388,7 +424,7 @@ class CubeStore:
                     self.conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as exc:
                     if not _is_locked(exc):
-                        raise StoreError(f"store write failed: {exc}") from exc
+                        raise storage_error(exc, "store write failed", self.dir) from exc
                     last = exc
                 else:
                     try:
@@ -401,7 +437,7 @@ class CubeStore:
                         if isinstance(exc, sqlite3.OperationalError) and _is_locked(exc):
                             last = exc
                         elif isinstance(exc, sqlite3.Error):
-                            raise StoreError(f"store write failed: {exc}") from exc
+                            raise storage_error(exc, "store write failed", self.dir) from exc
                         else:
                             raise
             time.sleep(min(0.05 * 2**attempt, 1.0))
@@ -415,8 +451,10 @@ class CubeStore:
                     return fn(self.conn)
                 except sqlite3.OperationalError as exc:
                     if not _is_locked(exc):
-                        raise StoreError(f"store read failed: {exc}") from exc
+                        raise storage_error(exc, "store read failed", self.dir) from exc
                     last = exc
+                except sqlite3.DatabaseError as exc:  # "malformed", "not a database"
+                    raise storage_error(exc, "store read failed", self.dir) from exc
             time.sleep(min(0.05 * 2**attempt, 1.0))
         raise StoreError(f"the store in {self.dir} stayed locked by another process ({last})")
 
@@ -735,6 +773,27 @@ class CubeStore:
 
         return self._write(run)
 
+    def restore_notes(self, notes: Iterable[Cube], event: str = "salvaged") -> int:
+        """Put conversation and change notes back as they were (id, text, times, importance, pin), as
+        plaintext without payload; notes whose id is present are left alone. For `repomem check --repair`
+        after a damaged database was set aside. Returns how many were added."""
+        notes = [n for n in notes if n.source != "code"]
+
+        def run(conn: sqlite3.Connection) -> int:
+            added = 0
+            now = time.time()
+            for n in notes:
+                if self._get(conn, n.id) is not None:
+                    continue
+                cube = replace(n, kind="plaintext", model_fingerprint=None, payload_bytes=None,
+                               payload_sha256=None, encoding=None, kept_tokens=None, archived_at=None)
+                self._insert(conn, cube)
+                self._history(conn, cube, event, now, {"source": cube.source})
+                added += 1
+            return added
+
+        return self._write(run)
+
     # ---- payloads ---------------------------------------------------------------------------
 
     def write_payload(self, data: bytes | bytearray | memoryview) -> tuple[str, int]:
@@ -964,10 +1023,37 @@ class CubeStore:
         """Changes whenever another connection (the watcher, the GUI) commits to this database."""
         return int(self._read(lambda c: c.execute("PRAGMA data_version").fetchone()[0]))
 
-    def cube_stamps(self) -> dict[str, tuple[float, str, int]]:
-        """(updated, status, version) of every cube: cheap enough to diff against an index."""
-        rows = self._read(lambda c: c.execute("SELECT id, updated, status, version FROM cubes").fetchall())
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+    def cube_stamps(self) -> dict[str, tuple[float, str, int, int, int]]:
+        """(updated, status, version, start_line, end_line) of every cube: cheap enough to diff against
+        an index. Every change of a cube's text, symbol, status or lines changes its stamp."""
+        rows = self._read(lambda c: c.execute(f"SELECT id, {_STAMP_SQL} FROM cubes").fetchall())
+        return {r[0]: r[1:] for r in rows}
+
+    def search_rows(self, ids: Iterable[str] | None = None, page: int = 2000) -> Iterator[list[tuple]]:
+        """What a search index reads, in pages: `(id, stamp, text, path, symbol, start_line, end_line)`
+        of these cubes (any status; an archived cube's text is left out), or of every cube in rowid
+        order. One query per page instead of one per cube."""
+        cols = (f"id, {_STAMP_SQL}, CASE WHEN status = 'archived' THEN '' ELSE text END, "
+                "path, symbol, start_line, end_line")
+
+        def shape(rows: list[tuple]) -> list[tuple]:
+            return [(r[0], r[1:6], *r[6:]) for r in rows]
+
+        if ids is not None:
+            wanted = list(dict.fromkeys(ids))
+            for i in range(0, len(wanted), 500):
+                part = wanted[i : i + 500]
+                sql = f"SELECT {cols} FROM cubes WHERE id IN ({', '.join('?' * len(part))})"
+                yield shape(self._read(lambda c, sql=sql, part=part: c.execute(sql, part).fetchall()))
+            return
+        after = -1
+        while True:
+            rows = self._read(lambda c, after=after: c.execute(
+                f"SELECT rowid, {cols} FROM cubes WHERE rowid > ? ORDER BY rowid LIMIT ?", (after, page)).fetchall())
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield shape([r[1:] for r in rows])
 
     def compile_queue(self, fingerprint: str, limit: int | None = 64, encoding: str | None = None) -> list[Cube]:
         """Cubes to compile for model `fingerprint`, hottest first.

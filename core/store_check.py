@@ -1,0 +1,274 @@
+"""`repomem check PATH [--repair]`: is a repository's store whole, and rebuild what can be rebuilt.
+
+What is checked:
+* `cubes.db`: SQLite's `PRAGMA integrity_check` (and that it opens at all);
+* every payload a cube points at: present, of its recorded size and sha256 (every byte is read);
+* payload files no cube points at (orphans) and leftover temp files;
+* the saved search index (`index_file`): readable and from this version;
+* `conversations.db`: `integrity_check` only. It is the user's own data: never written here.
+
+What `--repair` does, and only that (compiled memory can always be rebuilt; notes and conversations
+are never dropped):
+* a damaged `cubes.db` is moved aside (`cubes.db.damaged-<time>`, with its -wal/-shm; never deleted),
+  conversation and change notes readable in it are copied into a new store, conversation notes it
+  lost are written again from `conversations.db`, and the repository is indexed again as plaintext;
+* a cube whose payload is missing or damaged goes back to plaintext and into the compile queue;
+* orphan payload files and temp files older than the GC grace period are deleted (younger ones may be
+  a compile in another process that has not attached its payload yet);
+* a missing or unusable search index file is rebuilt.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from . import index_file, paths
+from .conversations import ConversationStore
+from .errors import RepomemError, StoreError
+from .payloads import TEMP_SUFFIX, PayloadMissing
+from .store import DB_NAME, GC_GRACE_S, PAYLOAD_DIR, Cube, CubeStore
+
+Progress = Callable[[str, int, int], None]
+CONVERSATIONS_DB = "conversations.db"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+@dataclass
+class CheckReport:
+    """What `check_store` found (and, with repair, did). Plain types: `as_dict()` is the JSON."""
+
+    store: str
+    database: str = "ok"  # "ok", "missing", or what is wrong
+    integrity: list[str] = field(default_factory=list)  # integrity_check messages when not ok
+    cubes: int = 0
+    payloads_checked: int = 0
+    payloads_missing: list[str] = field(default_factory=list)  # cube ids
+    payloads_corrupt: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # payload files (relative to the store)
+    orphans_recent: int = 0  # of which younger than the grace period
+    temp_files: int = 0
+    index_file: str = "ok"
+    conversations: str = "ok"
+    repaired: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> int:
+        """Things wrong. Recent orphans are not: a compile in another process may be about to attach them."""
+        return (int(self.database != "ok") + len(self.payloads_missing) + len(self.payloads_corrupt)
+                + len(self.orphans) - self.orphans_recent + self.temp_files + int(self.index_file != "ok")
+                + int(self.conversations != "ok"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "problems": self.problems}
+
+
+def _integrity(db_path: Path) -> list[str]:
+    """[] when SQLite finds the database whole, else its messages (or why it does not open)."""
+    try:
+        conn = sqlite3.connect(str(db_path), timeout=5)
+    except sqlite3.Error as exc:
+        return [str(exc)]
+    try:
+        rows = conn.execute("PRAGMA integrity_check(20)").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+    finally:
+        conn.close()
+    return [] if rows == [("ok",)] else [str(r[0]) for r in rows]
+
+
+def _payload_files(store_dir: Path) -> list[Path]:
+    root = store_dir / PAYLOAD_DIR
+    return sorted(p for p in root.glob("*/*") if p.is_file()) if root.is_dir() else []
+
+
+def check_store(repo_root: str | Path, *, repair: bool = False, progress: Progress | None = None) -> CheckReport:
+    """Check (and with `repair`, fix) the store of the repository at `repo_root`."""
+    root = Path(repo_root).expanduser().resolve()
+    store_dir = paths.home() / "repos" / paths.repo_key(root)
+    if not store_dir.is_dir():
+        raise RepomemError(f"no memory of {root} yet (nothing under {store_dir})")
+    report = CheckReport(store=str(store_dir))
+    conv_db = store_dir / CONVERSATIONS_DB
+    if conv_db.exists() and (problems := _integrity(conv_db)):
+        report.conversations = "; ".join(problems)
+    db_path = store_dir / DB_NAME
+    report.integrity = _integrity(db_path) if db_path.exists() else []
+    if not db_path.exists():
+        report.database = "missing"
+    elif report.integrity:
+        report.database = "damaged"
+    if report.database != "ok":
+        report.orphans = [p.relative_to(store_dir).as_posix() for p in _payload_files(store_dir)
+                          if not p.name.endswith(TEMP_SUFFIX)]
+        if repair:
+            _rebuild_database(root, store_dir, report)
+        return report
+
+    store = CubeStore.open(store_dir)
+    try:
+        _check_payloads(store, report, progress)
+        _check_files(store, report)
+        try:
+            index_file.load(index_file.path_for(store_dir))
+        except index_file.IndexFileInvalid as exc:
+            report.index_file = str(exc)
+        if repair:
+            _repair(store, report)
+    finally:
+        store.close()
+    return report
+
+
+def _check_payloads(store: CubeStore, report: CheckReport, progress: Progress | None) -> None:
+    cubes = store.cubes()
+    report.cubes = len(cubes)
+    with_payload = [c for c in cubes if c.payload_sha256]
+    for i, cube in enumerate(with_payload):
+        try:
+            view = store.payloads.read(str(cube.payload_sha256), verify=True)
+        except PayloadMissing:
+            report.payloads_missing.append(cube.id)
+        except StoreError:
+            report.payloads_corrupt.append(cube.id)
+        else:
+            if cube.payload_bytes is not None and view.nbytes != cube.payload_bytes:
+                report.payloads_corrupt.append(cube.id)
+        report.payloads_checked += 1
+        if progress:
+            progress("payloads", i + 1, len(with_payload))
+
+
+def _check_files(store: CubeStore, report: CheckReport) -> None:
+    referenced = {c.payload_sha256 for c in store.cubes() if c.payload_sha256}
+    cutoff = time.time() - GC_GRACE_S
+    for p in _payload_files(store.dir):
+        rel = p.relative_to(store.dir).as_posix()
+        if p.name.endswith(TEMP_SUFFIX):
+            report.temp_files += 1
+        elif p.stem not in referenced:
+            report.orphans.append(rel)
+            try:
+                report.orphans_recent += p.stat().st_mtime > cutoff
+            except OSError:
+                pass
+
+
+def _repair(store: CubeStore, report: CheckReport) -> None:
+    demoted = 0
+    for cid in (*report.payloads_missing, *report.payloads_corrupt):
+        # back to plaintext and into the compile queue: it answers as text until compiled again
+        if store.archive(cid, reason="repomem check: payload missing or damaged"):
+            store.promote(cid)
+            demoted += 1
+    report.repaired["payloads_requeued"] = demoted
+    if report.orphans or report.temp_files:
+        report.repaired["files_deleted"] = store.gc_payloads()
+    if report.index_file != "ok":
+        from .search_index import SearchIndex
+
+        SearchIndex.open(store).save(min_changes=0)
+        report.repaired["index_file"] = "rebuilt"
+
+
+def _salvage_notes(db_path: Path) -> list[Cube]:
+    """Conversation and change notes still readable in a damaged database (row by row where needed;
+    through a copy with SQLite's magic string written back when that is what was overwritten)."""
+    notes = _read_notes(db_path)
+    if notes or db_path.read_bytes()[:16] == SQLITE_MAGIC:
+        return notes
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / DB_NAME
+        data = bytearray(db_path.read_bytes())
+        data[:16] = SQLITE_MAGIC
+        copy.write_bytes(bytes(data))
+        return _read_notes(copy)
+
+
+def _read_notes(db_path: Path) -> list[Cube]:
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(db_path))}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return []
+    conn.row_factory = sqlite3.Row
+    out: list[Cube] = []
+    try:
+        try:
+            rows = conn.execute("SELECT * FROM cubes WHERE source != 'code'").fetchall()
+            return [Cube.from_row(dict(r)) for r in rows]
+        except sqlite3.DatabaseError:
+            pass
+        try:
+            top = conn.execute("SELECT MAX(rowid) FROM cubes").fetchone()[0] or 0
+        except sqlite3.DatabaseError:
+            return []
+        for start in range(0, top + 1, 256):  # smaller bites around the damaged pages
+            try:
+                rows = conn.execute("SELECT * FROM cubes WHERE rowid BETWEEN ? AND ? AND source != 'code'",
+                                    (start, start + 255)).fetchall()
+            except sqlite3.DatabaseError:
+                continue
+            out.extend(Cube.from_row(dict(r)) for r in rows)
+    finally:
+        conn.close()
+    return out
+
+
+def _rebuild_database(root: Path, store_dir: Path, report: CheckReport) -> None:
+    from .memory import RepoMemory
+    from .notes import conversation_note
+
+    db_path = store_dir / DB_NAME
+    notes: list[Cube] = []
+    if db_path.exists():
+        notes = _salvage_notes(db_path)
+        aside = store_dir / f"{DB_NAME}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        for suffix in ("", "-wal", "-shm"):
+            src = store_dir / f"{DB_NAME}{suffix}"
+            if src.exists():
+                shutil.move(str(src), str(aside) + suffix)
+        report.repaired["damaged_database_kept_as"] = aside.name
+    index_file.path_for(store_dir).unlink(missing_ok=True)
+    try:
+        store = CubeStore.open(store_dir)
+    except StoreError as exc:
+        raise RepomemError(f"could not create a new store in {store_dir}: {exc}") from exc
+    try:
+        report.repaired["notes_salvaged"] = store.restore_notes(notes)
+        have = {n.path for n in notes if n.source == "conversation"}
+        rebuilt = []
+        conv_db = store_dir / CONVERSATIONS_DB
+        if conv_db.exists() and report.conversations == "ok":
+            conversations = ConversationStore(conv_db, read_only=True)
+            try:
+                for conv in conversations.list():
+                    if f"conversation:{conv.id}" in have:
+                        continue
+                    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conv.created))
+                    for question, answer in conversations.exchanges(conv.id):
+                        rebuilt.append(store.add_note_cube(conversation_note(question, answer, [], when),
+                                                           source="conversation", path=f"conversation:{conv.id}",
+                                                           symbol=question[:80], repo=str(root)))
+            finally:
+                conversations.close()
+        report.repaired["conversation_notes_rebuilt"] = len(rebuilt)
+    finally:
+        store.close()
+    if root.is_dir():
+        mem = RepoMemory.open(root)
+        try:
+            summary = mem.index(compile=False)
+            report.repaired["files_indexed"] = summary.files
+            mem.store.gc_payloads()
+        finally:
+            mem.close()
+    else:
+        report.repaired["files_indexed"] = f"not indexed: {root} is gone"
