@@ -16,7 +16,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,13 +69,19 @@ class Answer:
     conversation_id: str | None = None
     stop_reason: str = ""
     warnings: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0  # decoded at question time (question, history, memories placed as text)
+    cached_tokens: int = 0  # taken from KV instead of decoded: the system prefix and the spliced memory cells
+    spliced_tokens: int = 0  # memory tokens spliced as KV (memory_tokens less those placed as text)
+    completion_tokens: int = 0
 
     def as_dict(self) -> dict:
         return {"answer": self.answer, "mode": self.mode, "ttft_s": round(self.ttft_s, 4),
                 "total_s": round(self.total_s, 4), "memory_tokens": self.memory_tokens,
                 "sources": [s.as_dict() for s in self.sources], "spliced": self.spliced,
                 "as_text": self.as_text, "conversation_id": self.conversation_id,
-                "stop_reason": self.stop_reason, "warnings": self.warnings}
+                "stop_reason": self.stop_reason, "warnings": self.warnings, "prompt_tokens": self.prompt_tokens,
+                "cached_tokens": self.cached_tokens, "spliced_tokens": self.spliced_tokens,
+                "completion_tokens": self.completion_tokens}
 
 
 @dataclass
@@ -101,6 +107,8 @@ class _Prepared:
     text_parts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     splice_s: float = 0.0
+    cached: int = 0  # cells restored from KV (prefix + spliced memory), not decoded
+    spliced_tokens: int = 0
 
 
 @dataclass
@@ -552,26 +560,30 @@ class RepoMemory:
             return None
 
     def _prepare(self, question: str, mode: str, history: list[tuple[str, str]], extra_tokens: int, *,
-                 touch: bool = True) -> _Prepared:
+                 touch: bool = True, system: str = "", allow_local: bool = True) -> _Prepared:
         """Retrieve, then lay out the memory in the answer context: spliced KV (kv) or decoded text (text).
 
         Returns the context and the tokens still to decode at `start`. `extra_tokens`: room to leave after
-        them (the answer). `touch`: count this as a recall of the chosen cubes (their hotness). Caller holds
-        self._lock."""
+        them (the answer). `touch`: count this as a recall of the chosen cubes (their hotness). The oldest
+        history turns are left out when they do not fit. Caller holds self._lock."""
         s = self.settings
         engine = self.engine
-        q_tokens = engine.tokenize(self.layout.question_text(question, history))
+        q_tokens = engine.tokenize(self.layout.question_text(question, history, system))
         n_prefix = len(engine.tokenize(self.layout.prefix))
+        dropped = 0
+        while history and s.n_ctx - n_prefix - len(q_tokens) - extra_tokens < 0:
+            history, dropped = history[1:], dropped + 1
+            q_tokens = engine.tokenize(self.layout.question_text(question, history, system))
         room = s.n_ctx - n_prefix - len(q_tokens) - extra_tokens
         if room < 0:
             raise ContextOverflowError(
                 f"the question needs {len(q_tokens):,} tokens and the context holds {s.n_ctx:,}; "
                 "shorten it or raise the context size")
-        cubes = self.search(question, k=s.top_k) if mode != "none" else []
+        cubes = self.search(question, k=s.top_k, allow_local=allow_local) if mode != "none" else []
         budget = min(s.memory_tokens, room)
         # Boosted memories take their cells twice in the context, not twice from the memory budget.
         boost = s.boost_top if mode == "kv" and s.placement == "parallel" else 0
-        chosen: list[tuple[Cube, str, int]] = []  # cube, its text, copies if spliced
+        chosen: list[tuple[Cube, str, int, int]] = []  # cube, its text, its tokens, copies if spliced
         used = cells = 0
         for cube in cubes:
             text = memory_text(cube.path, cube.start_line, cube.end_line, cube.symbol, cube.text)
@@ -579,20 +591,22 @@ class RepoMemory:
             copies = 2 if len(chosen) < boost and cells + 2 * n <= room else 1
             if used + n > budget or cells + copies * n > room:
                 continue
-            chosen.append((cube, text, copies))
+            chosen.append((cube, text, n, copies))
             used += n
             cells += copies * n
         if touch:
-            self.store.touch([c.id for c, _, _ in chosen])
+            self.store.touch([c.id for c, _, _, _ in chosen])
         ctx = self._answer_context(n_prefix + cells + len(q_tokens) + extra_tokens)
-        prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _ in chosen], memory_tokens=used)
+        prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _, _ in chosen], memory_tokens=used)
+        if dropped:
+            prep.warnings.append(f"{dropped} earliest turn(s) of the conversation left out to fit the context")
         ctx.clear()
         if mode == "kv":
             from repomem import native
 
             prefix_blob, _ = self._prefix_state(ctx)
             payloads, repeat = [], []
-            for cube, text, copies in chosen:
+            for cube, text, n, copies in chosen:
                 buf = None
                 if cube.kind == "activation" and cube.model_fingerprint == self.fingerprint:
                     buf = self._load_payload(cube, prep.warnings)
@@ -601,6 +615,7 @@ class RepoMemory:
                 else:
                     payloads.append(buf)
                     repeat.append(copies)
+                    prep.spliced_tokens += n
             prep.spliced = len(payloads)
             t_splice = time.perf_counter()
             # Each payload was checksummed by _load_payload; the splice need not read them twice.
@@ -612,24 +627,33 @@ class RepoMemory:
             ctx.state_set(blob)
             prep.splice_s = time.perf_counter() - t_splice
             prep.prompt = (engine.tokenize("".join(prep.text_parts)) + q_tokens) if prep.text_parts else q_tokens
-            prep.start = next_pos
+            prep.start = prep.cached = next_pos
             if prep.text_parts:
                 prep.warnings.append(f"{len(prep.text_parts)} of {len(chosen)} memories are not compiled yet: "
                                      "placed as text (mixed)")
         else:
-            prep.text_parts = [t for _, t, _ in chosen]
+            prep.text_parts = [t for _, t, _, _ in chosen]
             prep.prompt = engine.tokenize(self.layout.prefix + "".join(prep.text_parts)) + q_tokens
         return prep
 
     def ask(self, question: str, *, mode: str | None = None, conversation_id: str | None = None,
             on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
-            record: bool = True, sampling: SamplingParams | None = None) -> Answer:
+            record: bool = True, sampling: SamplingParams | None = None,
+            history: Sequence[tuple[str, str]] | None = None, system: str = "", allow_local: bool = True) -> Answer:
+        """Answer a question from the memory.
+
+        `history`: earlier (question, answer) turns given by the caller (an editor's chat), instead of the
+        last exchanges of `conversation_id`; the oldest are left out when they do not fit. `system`: the
+        caller's own instructions, read after the memory. `allow_local=False` keeps cubes under private
+        paths out of retrieval (what leaves the machine through a server)."""
         question, mode = self._check_question(question, mode)
         s = self.settings
         with self._lock:
-            history = self.conversations.exchanges(conversation_id)[-3:] if conversation_id else []
-            prep = self._prepare(question, mode, history, s.max_answer_tokens)
+            if history is None:
+                history = self.conversations.exchanges(conversation_id)[-3:] if conversation_id else []
             params = sampling or SamplingParams(temperature=s.temperature, max_tokens=s.max_answer_tokens)
+            prep = self._prepare(question, mode, list(history), params.max_tokens, system=system,
+                                 allow_local=allow_local)
             gen = prep.ctx.generate(prep.prompt, start_pos=prep.start, params=params, on_text=on_text,
                                     cancel=cancel)
             sources = [Source(c.path, c.start_line, c.end_line, c.symbol, c.id, c.kind, c.source)
@@ -637,7 +661,9 @@ class RepoMemory:
             ans = Answer(answer=gen.text.strip(), mode=mode, ttft_s=gen.ttft_s + prep.splice_s,
                          total_s=gen.total_s + prep.splice_s, memory_tokens=prep.memory_tokens, sources=sources,
                          spliced=prep.spliced, as_text=len(prep.text_parts), conversation_id=conversation_id,
-                         stop_reason=gen.stop_reason, warnings=prep.warnings)
+                         stop_reason=gen.stop_reason, warnings=prep.warnings, prompt_tokens=len(prep.prompt),
+                         cached_tokens=prep.cached, spliced_tokens=prep.spliced_tokens,
+                         completion_tokens=len(gen.tokens))
             if record and gen.stop_reason != "cancelled":
                 self._remember_exchange(question, ans)
             self._promote_hot()
