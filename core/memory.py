@@ -33,12 +33,13 @@ from .models import resolve_model
 from .prompt import Layout, make_layout, memory_text
 from .retrieval import BM25Index
 from .store import Cube, CubeStore
-from .walk import IgnoreRules, RepoFile, load_file, walk_repo
+from .walk import IgnoreRules, RepoFile, load_file, secret_in_text, walk_repo
 
 log = logging.getLogger(__name__)
 _PAST = re.compile(r"\b(we|us|our|decid\w*|agree\w*|discuss\w*|earlier|before|last (time|week|month)|yesterday|"
                    r"today|changed?|changes|recent\w*|said|conversation|remember)\b", re.IGNORECASE)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+MAX_NOTE_CHARS = 4000
 
 
 @dataclass
@@ -152,6 +153,7 @@ class RepoMemory:
         self._splice_buf = bytearray()  # reused: a fresh few-hundred-MB buffer per question costs ~0.1 s
         self._rules: IgnoreRules | None = None
         self._stamps: dict[str, tuple[float, str, int]] = {}
+        self._hashes: dict[str, tuple[tuple[int, int], str]] = {}  # rel -> ((mtime_ns, size), sha256)
         self._data_version = -1
         self.refresh()
 
@@ -274,7 +276,11 @@ class RepoMemory:
             self.index_.remove(cube_id)
 
     def _visibility(self, rel: str) -> str:
-        return "local" if any(fnmatch.fnmatch(rel, pat) for pat in self.settings.private_paths) else "shared"
+        return "local" if self.is_private(rel) else "shared"
+
+    def is_private(self, rel: str) -> bool:
+        """Whether a path matches the `private_paths` setting: its memories never leave the machine."""
+        return any(fnmatch.fnmatch(rel, pat) for pat in self.settings.private_paths)
 
     def _file_sha(self, rel: str) -> str | None:
         rec = self.store.get_file(rel)
@@ -314,7 +320,8 @@ class RepoMemory:
         text = (f"Change to {rel} at {when}: modified {', '.join(sorted(set(symbols)))}.\n"
                 + "\n".join(lines)[:3000])
         cube = self.store.add_note_cube(text, source="change", path=f"change:{rel}",
-                                        symbol=", ".join(sorted(set(symbols)))[:200], repo=str(self.root))
+                                        symbol=", ".join(sorted(set(symbols)))[:200], repo=str(self.root),
+                                        visibility=self._visibility(rel))
         self._index_cube(cube)
 
     def index(self, *, compile: bool = True, progress: Progress | None = None,
@@ -503,11 +510,97 @@ class RepoMemory:
                 if progress:
                     progress("compile", i + 1, len(queue))
 
+    # -- notes, change memory, freshness ----------------------------------------------------------
+    def remember(self, note: str, paths: Sequence[str] = (), *, owner: str = "agent") -> Cube:
+        """Keep a fact or decision as a note cube (MemOS: agents write memory too), searchable at once.
+
+        `paths`: the files it is about (named in its text, so a question about them finds it). A note
+        that looks like it holds a secret is refused, as the walk refuses such files; a note about a
+        private path stays on this machine."""
+        note = note.strip()
+        rels = [p.strip().lstrip("./") for p in paths if p and p.strip()]
+        if not note:
+            raise RepomemError("the note is empty")
+        if len(note) > MAX_NOTE_CHARS:
+            raise RepomemError(f"the note has {len(note):,} characters; keep it under {MAX_NOTE_CHARS:,} "
+                               "(a decision or a fact, not a file)")
+        text = note + ("\nFiles: " + ", ".join(rels) if rels else "")
+        self._refuse_secret(text)
+        private = any(self.is_private(r) for r in rels)
+        cube = self.store.add_note_cube(text, source="note", symbol=note.splitlines()[0][:80], repo=str(self.root),
+                                        owner=owner, visibility="local" if private else "shared")
+        self._index_cube(cube)
+        return cube
+
+    def edit_note(self, cube_id: str, text: str) -> Cube:
+        """Replace a note's text (the memory inspector); the same secret check as `remember`."""
+        if not text.strip():
+            raise RepomemError("a note cannot be empty; forget it instead")
+        self._refuse_secret(text)
+        cube = self.store.edit_note(cube_id, text)
+        if cube is None:
+            raise RepomemError(f"no note with id {cube_id}")
+        self._index_cube(cube)
+        return cube
+
+    def forget_note(self, cube_id: str) -> None:
+        """Delete a note cube now. Memories of code come and go with their files, so only notes go here."""
+        cube = self.store.get(cube_id)
+        if cube is None:
+            raise RepomemError(f"no memory with id {cube_id}")
+        if cube.source != "note":
+            raise RepomemError(f"{cube_id} is a {cube.source} memory, not a note; only notes can be forgotten "
+                               "here (exclude a file with .repomemignore)")
+        self.store.forget(cube_id)
+        self._unindex(cube_id)
+
+    @staticmethod
+    def _refuse_secret(text: str) -> None:
+        kind = secret_in_text(text)
+        if kind:
+            raise RepomemError(f"the note looks like it holds a secret ({kind}); secrets never become memory: "
+                               "remove it and try again")
+
+    def changes_since(self, since: float, *, limit: int = 50, allow_local: bool = True) -> list[Cube]:
+        """Change notes (which file, which symbols, a short diff) recorded at or after `since` (Unix
+        seconds), newest first; `allow_local=False` leaves out changes to private paths."""
+        out = []
+        for cube in self.store.notes_since("change", since):
+            rel = cube.path.removeprefix("change:")
+            if not allow_local and (cube.visibility == "local" or self.is_private(rel)):
+                continue
+            out.append(cube)
+            if len(out) >= limit:
+                break
+        return out
+
+    def file_is_current(self, rel: str) -> bool:
+        """Whether a file still has the content it was indexed with (False: edited since, deleted, or
+        never indexed). A stat per call; the file is hashed again only when its size or mtime moved."""
+        rec = self.store.get_file(rel)
+        if rec is None:
+            return False
+        path = self.root / rel
+        try:
+            st = path.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            seen = self._hashes.get(rel)
+            if seen is None or seen[0] != key:
+                seen = (key, hashlib.sha256(path.read_bytes()).hexdigest())
+                self._hashes[rel] = seen
+        except OSError:
+            return False
+        return seen[1] == rec.sha256
+
+    def stale_files(self) -> list[str]:
+        """Indexed files whose content changed since (the watcher has not synced them yet)."""
+        return [rel for rel in self.store.files() if not self.file_is_current(rel)]
+
     # -- asking ---------------------------------------------------------------------------------
     def search(self, query: str, k: int = 5, *, allow_local: bool = True) -> list[Cube]:
-        """Top-k active cubes. Conversation and change notes rank below code unless the question asks
-        about the past ("what did we decide", "what changed"): an old answer, right or wrong, should not
-        crowd out the code it was about."""
+        """Top-k active cubes. Conversation and change notes rank below code and notes unless the question
+        asks about the past ("what did we decide", "what changed"): an old answer, right or wrong, should
+        not crowd out the code it was about. `allow_local=False` leaves out cubes under private paths."""
         self.refresh()
         hits = self.index_.search(query, k=k * 3 + 6)
         about_past = bool(_PAST.search(query))
@@ -516,9 +609,9 @@ class RepoMemory:
             cube = self.store.get(h.doc_id)
             if cube is None or cube.status == "archived":
                 continue
-            if not allow_local and cube.visibility == "local":
+            if not allow_local and (cube.visibility == "local" or self.is_private(cube.path)):
                 continue
-            weight = 1.0 if cube.source == "code" or about_past else 0.5
+            weight = 1.0 if cube.source in ("code", "note") or about_past else 0.5
             scored.append((h.score * weight, cube))
         scored.sort(key=lambda sc: -sc[0])
         return [c for _, c in scored[:k]]
