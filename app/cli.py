@@ -242,7 +242,7 @@ def _repo_arg(path: str | None) -> Path:
 
 def _register() -> None:
     """Import the modules that add commands to `cli` (kept apart so each stays small)."""
-    from repomem.app import cli_bench, cli_memory  # noqa: F401
+    from repomem.app import cli_bench, cli_memory, cli_serve  # noqa: F401
 
 
 _register()
