@@ -2,8 +2,9 @@
 
 Why round-robin per client and not first-come: an agent that fires ten requests must not make the
 person typing in another editor wait behind all ten. Waiting jobs sit in one line per client (API
-key or remote address); the worker takes the head of each line in turn. A full queue refuses at once
-(the HTTP layer answers 503 with Retry-After) instead of letting requests pile up for minutes.
+key or remote address); the worker takes the head of the line of the client served longest ago. A
+full queue refuses at once (the HTTP layer answers 503 with Retry-After) instead of letting requests
+pile up for minutes.
 Each job gets a `cancel` event: setting it removes a waiting job, and a running generation stops at
 its next token (`RepoMemory.ask` checks it).
 """
@@ -24,6 +25,7 @@ from repomem.core.errors import CancelledError, RepomemError
 
 log = logging.getLogger(__name__)
 DEFAULT_JOB_S = 5.0  # Retry-After guess before any job has finished
+MAX_REMEMBERED_CLIENTS = 256
 
 
 class QueueFull(RepomemError):
@@ -54,6 +56,8 @@ class FairQueue:
         self._running_since = 0.0
         self._closed = False
         self._durations: deque[float] = deque(maxlen=16)
+        self._turns: dict[str, int] = {}  # client -> when it was last served (a counter)
+        self._turn = 0
         self.served = self.rejected = self.cancelled = 0
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
@@ -122,17 +126,22 @@ class FairQueue:
         return max(1, min(600, math.ceil(per_job * (waiting + 1))))
 
     def _take(self) -> Ticket | None:
-        """The head of the first client's line; that client then goes to the back. Caller holds _cond."""
+        """The head of the line of the client served longest ago (or never). Caller holds _cond."""
         while not self._closed and not self._lines:
             self._cond.wait()
         if self._closed:
             return None
-        client, line = next(iter(self._lines.items()))
+        client = min(self._lines, key=lambda c: self._turns.get(c, -1))  # ties: the line that formed first
+        line = self._lines[client]
         ticket = line.popleft()
-        if line:
-            self._lines.move_to_end(client)
-        else:
+        if not line:
             del self._lines[client]
+        self._turn += 1
+        self._turns[client] = self._turn
+        if len(self._turns) > MAX_REMEMBERED_CLIENTS:
+            for c in sorted(self._turns, key=self._turns.__getitem__)[: len(self._turns) // 2]:
+                if c not in self._lines:
+                    del self._turns[c]
         return ticket
 
     def _work(self) -> None:
@@ -163,5 +172,8 @@ class FairQueue:
                 log.exception("request failed")
         else:
             ticket.future.set_result(result)
-            self.served += 1
-            self._durations.append(time.monotonic() - t0)
+            if ticket.cancel.is_set():  # stopped early (a generation returns what it had)
+                self.cancelled += 1
+            else:
+                self.served += 1
+                self._durations.append(time.monotonic() - t0)

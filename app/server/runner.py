@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import threading
 import time
@@ -34,6 +35,7 @@ class Service:
     def __init__(self, repos: Repositories, config: ServeConfig):
         config.check()
         self.config, self.repos = config, repos
+        self._closed = False
         self.queue = FairQueue(config.max_queue)
         self.mcp = build_mcp(repos, self.queue)
         self.app = build_app(repos, self.queue, config, self.mcp)
@@ -50,6 +52,9 @@ class Service:
             raise
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self.queue.close()
         self.repos.close()
 
@@ -75,13 +80,23 @@ def _uvicorn(service: Service) -> uvicorn.Server:
 
 
 def serve_forever(service: Service) -> None:
-    """Serve until Ctrl-C / SIGTERM (uvicorn handles the signals on the main thread), then close."""
+    """Serve until Ctrl-C / SIGTERM, then close the service (watchers stop cleanly).
+
+    uvicorn shuts down gracefully on either signal, then raises it again for the handler that was
+    there before; for SIGTERM that is this one, which ends the process normally (exit 0) through the
+    `finally` below instead of the default action killing it there and then."""
     sock = bind(service.config.host, service.config.port)
+    previous = signal.signal(signal.SIGTERM, _exit_normally)
     try:
         _uvicorn(service).run(sockets=[sock])
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sock.close()
         service.close()
+
+
+def _exit_normally(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 class ServerThread:
