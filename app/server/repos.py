@@ -131,12 +131,27 @@ def _close(repos: list[ServedRepo]) -> None:
 
 
 def _unique_name(root: Path, taken: list[ServedRepo]) -> str:
+    return _name_among(root, {r.name for r in taken})
+
+
+def _name_among(root: Path, names: set[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", root.name).strip("-") or "repo"
-    names = {r.name for r in taken}
     name, n = base, 2
     while name in names:
         name, n = f"{base}-{n}", n + 1
     return name
+
+
+def model_ids(roots: list[str | Path]) -> list[str]:
+    """The model ids a server of these repositories would have, without opening them (the app's panel)."""
+    names: list[str] = []
+    seen: set[Path] = set()
+    for r in roots:
+        root = Path(r).expanduser().resolve()
+        if root not in seen:
+            seen.add(root)
+            names.append(_name_among(root, set(names)))
+    return [f"{MODEL_PREFIX}/{n}" for n in names]
 
 
 def _watch(root: Path, debounce_s: float, settings: settings_mod.Settings, model: str | None) -> Any:
