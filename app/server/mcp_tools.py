@@ -41,7 +41,7 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
-    server = MCPServer("repomem", instructions=INSTRUCTIONS, version=__version__)
+    server = MCPServer("repomem", instructions=INSTRUCTIONS, version=__version__, log_level="WARNING")
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
     @server.tool(annotations=read_only)
