@@ -324,7 +324,7 @@ async def _every_tool(mcp, stale_file: Path | None = None) -> dict:
                                          "paths": ["calc.py"]})
     out["remember"] = r.structured_content
     r = await mcp.call_tool("search_code", {"query": "decided default factor"})
-    out["found_note"] = [h["id"] for h in r.structured_content["results"]]
+    out["found_note"] = {h["id"]: h for h in r.structured_content["results"]}
     r = await mcp.call_tool("recent_changes", {"since": "1h"})
     out["changes"] = r.structured_content
     r = await mcp.call_tool("remember", {"note": 'Deploy with token = "ghp_' + "a1B2" * 10 + '"'})
@@ -345,7 +345,8 @@ def _check_every_tool(out: dict, stdio: bool) -> None:
     st = out["status"]["repositories"][0]
     assert st["files"] == 3 and st["compiled_share"] > 0.5 and st["watcher"]["running"]
     assert "root" not in st
-    assert out["remember"]["id"] in out["found_note"]
+    note = out["found_note"][out["remember"]["id"]]
+    assert note["source"] == "note" and note["fresh"] is None and note["snippet"].endswith("Files: calc.py")
     assert isinstance(out["changes"]["changes"], list)
     assert out["secret"][0] and "secret" in out["secret"][1]
     assert out["forget"] == (False, {"forgotten": out["remember"]["id"]})
