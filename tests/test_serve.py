@@ -404,10 +404,12 @@ def test_a_file_edited_while_serving_is_stale_then_fresh(served: Served) -> None
 
 
 # -- API key -----------------------------------------------------------------------------------------
-def test_api_key_enforced_off_loopback(served: Served) -> None:
+def test_api_key_enforced_off_loopback_and_cors_only_when_configured(served: Served) -> None:
     with pytest.raises(Exception, match="refusing to listen on 0.0.0.0 without an API key"):
         ServeConfig(host="0.0.0.0", port=0).check()
-    config = ServeConfig(host="0.0.0.0", port=0, api_key="s3cret-key")
+    page = {"Origin": "http://localhost:3000"}
+    assert "access-control-allow-origin" not in httpx.get(served.url + "/v1/models", headers=page).headers
+    config = ServeConfig(host="0.0.0.0", port=0, api_key="s3cret-key", cors_origins=["http://localhost:3000"])
     service = Service.open([served.repo], config, settings=served.settings, watch=False)
     thread = ServerThread(service).start()
     try:
@@ -420,6 +422,14 @@ def test_api_key_enforced_off_loopback(served: Served) -> None:
         assert httpx.get(url + "/health").status_code == 401
         assert httpx.post(url + "/mcp", json={}).status_code == 401
         assert httpx.get(url + "/health", headers={"X-API-Key": "s3cret-key"}).status_code == 200
+        allowed = httpx.get(url + "/v1/models", headers={**page, "Authorization": "Bearer s3cret-key"})
+        assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+        preflight = httpx.options(url + "/v1/chat/completions", headers={
+            **page, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 200  # answered by CORS before the key check, as browsers need
+        other = httpx.get(url + "/v1/models", headers={"Origin": "http://evil.example",
+                                                       "Authorization": "Bearer s3cret-key"})
+        assert "access-control-allow-origin" not in other.headers
     finally:
         thread.stop()
 

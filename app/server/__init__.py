@@ -8,10 +8,11 @@ Two shells over `repomem.core` (HTTP and MCP), one concern per module:
 | `repos.py` | the served repositories: their memories, watchers, model names and health |
 | `queue.py` | the one fair queue every model job goes through (round-robin per client, bounded) |
 | `chat.py` | an OpenAI chat request read into question, history, instructions and sampling |
-| `openai_api.py` | `/v1/models`, `/v1/chat/completions` (streamed and not), OpenAI's error shape |
+| `errors.py` | OpenAI's error shape and status |
+| `openai_api.py` | `/v1/models`, `/v1/chat/completions` (streamed and not), usage, sources |
 | `mcp_tools.py` | the MCP tools (official SDK), over stdio or at `/mcp` |
 | `app.py` | the Starlette app: routes, API key, CORS, `/health` |
 | `runner.py` | running it: in the foreground (CLI) or on a thread (the app, tests, the benchmark) |
 | `snippets.py` | editor configuration (Continue, Aider, VS Code, Claude Desktop) filled in for a server |
-| `bench.py` | `repomem bench serve`: time to first streamed token against llama-cpp-python's server |
+| `bench.py`, `bench_baseline.py` | `repomem bench serve`: first streamed token vs. llama-cpp-python's server |
 """
