@@ -205,11 +205,14 @@ def status(path: str | None, as_json: bool) -> None:
 @click.option("--screenshot", default=None, metavar="OUT.png", help="Scripted: save a screenshot of the window.")
 @click.option("--mode", type=click.Choice(["kv", "text", "none"]), default=None, help="Memory mode for the chat.")
 @click.option("--timeout", "timeout_s", type=float, default=0, help="Scripted: give up after this many seconds.")
-def gui(path: str | None, question: str | None, screenshot: str | None, mode: str | None, timeout_s: float) -> None:
+@click.option("--panel", type=click.Choice(["chat", "memory", "connect"]), default=None,
+              help="Scripted: show this panel (connect: with its server started) for the screenshot.")
+def gui(path: str | None, question: str | None, screenshot: str | None, mode: str | None, timeout_s: float,
+        panel: str | None) -> None:
     """Open the desktop app (optionally on PATH); with --ask/--screenshot, run it once and exit."""
     from repomem.app.gui.launch import run_gui  # Qt is imported only by this command
 
-    code = run_gui(path, ask=question, screenshot=screenshot, mode=mode, timeout_s=timeout_s)
+    code = run_gui(path, ask=question, screenshot=screenshot, mode=mode, timeout_s=timeout_s, panel=panel)
     if code:
         sys.exit(code)
 
@@ -240,7 +243,7 @@ def _repo_arg(path: str | None) -> Path:
 
 def _register() -> None:
     """Import the modules that add commands to `cli` (kept apart so each stays small)."""
-    from repomem.app import cli_bench, cli_memory  # noqa: F401
+    from repomem.app import cli_bench, cli_memory, cli_serve  # noqa: F401
 
 
 _register()

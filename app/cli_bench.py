@@ -122,3 +122,30 @@ def bench_scale_cmd(repo: str, as_json: bool, n_questions: int, model: str | Non
         for k, v in out.get(phase, {}).items():
             flat[f"{phase}.{k}"] = v
     _show(flat, False)
+
+
+@bench.command("serve")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--qa", "qa_file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--repo-root", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--limit", type=int, default=5, show_default=True, help="Questions (from the top of the file).")
+@click.option("--model", default=None)
+@click.option("--answer-tokens", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="kv runs per question, in-process and over HTTP (their medians are compared).")
+@click.option("--no-baseline", is_flag=True, help="Skip llama-cpp-python's server (compare with :text only).")
+def bench_serve_cmd(as_json: bool, qa_file: str, repo_root: str, limit: int, model: str | None, answer_tokens: int,
+                    repeats: int, no_baseline: bool) -> None:
+    """Time to the first streamed token through /v1/chat/completions: kv memory vs. llama_cpp.server with the
+    same retrieved text, vs. :text, and the HTTP overhead over the in-process call."""
+    import time
+    from pathlib import Path
+
+    from repomem.bench.serve import bench_serve
+
+    out = bench_serve(Path(qa_file), Path(repo_root), limit=limit, model=model, answer_tokens=answer_tokens,
+                      repeats=repeats, baseline=not no_baseline,
+                      progress=lambda m: err.print(f"[dim]{time.strftime('%H:%M:%S')} {m}[/]"))
+    if not as_json:
+        out = {k: v for k, v in out.items() if k != "rows"}
+    _show(out, as_json)

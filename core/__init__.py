@@ -45,6 +45,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "spawn_watcher": ("watch_status", "spawn_watcher"),
     "stop_watcher": ("watch_status", "stop_watcher"),
     "watcher_status": ("watch_status", "watcher_status"),
+    "watcher_threads": ("watch", "watcher_threads"),
     "watcher_log_path": ("watch_status", "log_path"),
     # one-shot reports and the remote text mode
     "doctor_report": ("doctor", "report"),
@@ -84,6 +85,7 @@ __all__ = [
     "spawn_watcher",
     "stop_watcher",
     "watcher_status",
+    "watcher_threads",
     "watcher_log_path",
     "doctor_report",
     "check_store",
@@ -126,6 +128,6 @@ if TYPE_CHECKING:
     from .settings import save as save_settings
     from .store import Cube, CubeStore
     from .store_check import check_store
-    from .watch import WatchedMemory, Watcher, run_watch, setup_logging
+    from .watch import WatchedMemory, Watcher, run_watch, setup_logging, watcher_threads
     from .watch_status import log_path as watcher_log_path
     from .watch_status import spawn_watcher, stop_watcher, watcher_status

@@ -16,7 +16,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,13 +63,19 @@ class Answer:
     conversation_id: str | None = None
     stop_reason: str = ""
     warnings: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0  # decoded at question time (question, history, memories placed as text)
+    cached_tokens: int = 0  # taken from KV instead of decoded: the system prefix and the spliced memory cells
+    spliced_tokens: int = 0  # memory tokens spliced as KV (memory_tokens less those placed as text)
+    completion_tokens: int = 0
 
     def as_dict(self) -> dict:
         return {"answer": self.answer, "mode": self.mode, "ttft_s": round(self.ttft_s, 4),
                 "total_s": round(self.total_s, 4), "memory_tokens": self.memory_tokens,
                 "sources": [s.as_dict() for s in self.sources], "spliced": self.spliced,
                 "as_text": self.as_text, "conversation_id": self.conversation_id,
-                "stop_reason": self.stop_reason, "warnings": self.warnings}
+                "stop_reason": self.stop_reason, "warnings": self.warnings, "prompt_tokens": self.prompt_tokens,
+                "cached_tokens": self.cached_tokens, "spliced_tokens": self.spliced_tokens,
+                "completion_tokens": self.completion_tokens}
 
 
 @dataclass
@@ -95,6 +101,8 @@ class _Prepared:
     text_parts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     splice_s: float = 0.0
+    cached: int = 0  # cells restored from KV (prefix + spliced memory), not decoded
+    spliced_tokens: int = 0
 
 
 class AnsweringMixin(MemoryState):
@@ -104,9 +112,9 @@ class AnsweringMixin(MemoryState):
     _splice_buf: bytearray
 
     def search(self, query: str, k: int = 5, *, allow_local: bool = True) -> list[Cube]:
-        """Top-k active cubes. Conversation and change notes rank below code unless the question asks
-        about the past ("what did we decide", "what changed"): an old answer, right or wrong, should not
-        crowd out the code it was about."""
+        """Top-k active cubes. Conversation and change notes rank below code and notes unless the question
+        asks about the past ("what did we decide", "what changed"): an old answer, right or wrong, should
+        not crowd out the code it was about. `allow_local=False` leaves out cubes under private paths."""
         self.refresh()
         hits = self.index_.search(query, k=k * 3 + 6)
         about_past = bool(_PAST.search(query))
@@ -115,9 +123,9 @@ class AnsweringMixin(MemoryState):
             cube = self.store.get(h.doc_id)
             if cube is None or cube.status == "archived":
                 continue
-            if not allow_local and cube.visibility == "local":
+            if not allow_local and (cube.visibility == "local" or self.is_private(cube.path)):
                 continue
-            weight = 1.0 if cube.source == "code" or about_past else 0.5
+            weight = 1.0 if cube.source in ("code", "note") or about_past else 0.5
             scored.append((h.score * weight, cube))
         scored.sort(key=lambda sc: -sc[0])
         return [c for _, c in scored[:k]]
@@ -160,26 +168,30 @@ class AnsweringMixin(MemoryState):
             return None
 
     def _prepare(self, question: str, mode: str, history: list[tuple[str, str]], extra_tokens: int, *,
-                 touch: bool = True) -> _Prepared:
+                 touch: bool = True, system: str = "", allow_local: bool = True) -> _Prepared:
         """Retrieve, then lay out the memory in the answer context: spliced KV (kv) or decoded text (text).
 
         Returns the context and the tokens still to decode at `start`. `extra_tokens`: room to leave after
-        them (the answer). `touch`: count this as a recall of the chosen cubes (their hotness). Caller holds
-        self._lock."""
+        them (the answer). `touch`: count this as a recall of the chosen cubes (their hotness). The oldest
+        history turns are left out when they do not fit. Caller holds self._lock."""
         s = self.settings
         engine = self.engine
-        q_tokens = engine.tokenize(self.layout.question_text(question, history))
+        q_tokens = engine.tokenize(self.layout.question_text(question, history, system))
         n_prefix = len(engine.tokenize(self.layout.prefix))
+        dropped = 0
+        while history and s.n_ctx - n_prefix - len(q_tokens) - extra_tokens < 0:
+            history, dropped = history[1:], dropped + 1
+            q_tokens = engine.tokenize(self.layout.question_text(question, history, system))
         room = s.n_ctx - n_prefix - len(q_tokens) - extra_tokens
         if room < 0:
             raise ContextOverflowError(
                 f"the question needs {len(q_tokens):,} tokens and the context holds {s.n_ctx:,}; "
                 "shorten it or raise the context size")
-        cubes = self.search(question, k=s.top_k) if mode != "none" else []
+        cubes = self.search(question, k=s.top_k, allow_local=allow_local) if mode != "none" else []
         budget = min(s.memory_tokens, room)
         # Boosted memories take their cells twice in the context, not twice from the memory budget.
         boost = s.boost_top if mode == "kv" and s.placement == "parallel" else 0
-        chosen: list[tuple[Cube, str, int]] = []  # cube, its text, copies if spliced
+        chosen: list[tuple[Cube, str, int, int]] = []  # cube, its text, its tokens, copies if spliced
         used = cells = 0
         for cube in cubes:
             text = memory_text(cube.path, cube.start_line, cube.end_line, cube.symbol, cube.text)
@@ -187,11 +199,13 @@ class AnsweringMixin(MemoryState):
             copies = 2 if len(chosen) < boost and cells + 2 * n <= room else 1
             if used + n > budget or cells + copies * n > room:
                 continue
-            chosen.append((cube, text, copies))
+            chosen.append((cube, text, n, copies))
             used += n
             cells += copies * n
         ctx = self._answer_context(n_prefix + cells + len(q_tokens) + extra_tokens)
-        prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _ in chosen], memory_tokens=used)
+        prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _, _ in chosen], memory_tokens=used)
+        if dropped:
+            prep.warnings.append(f"{dropped} earliest turn(s) of the conversation left out to fit the context")
         if touch:
             self._try_write(lambda: self.store.touch([c.id for c in prep.chosen]), prep.warnings)
         ctx.clear()
@@ -200,7 +214,7 @@ class AnsweringMixin(MemoryState):
 
             prefix_blob, _ = self._prefix_state(ctx)
             payloads, repeat = [], []
-            for cube, text, copies in chosen:
+            for cube, text, n, copies in chosen:
                 buf = None
                 if cube.kind == "activation" and cube.model_fingerprint == self.fingerprint:
                     buf = self._load_payload(cube, prep.warnings)
@@ -209,6 +223,7 @@ class AnsweringMixin(MemoryState):
                 else:
                     payloads.append(buf)
                     repeat.append(copies)
+                    prep.spliced_tokens += n
             prep.spliced = len(payloads)
             t_splice = time.perf_counter()
             # Each payload was checksummed by _load_payload; the splice need not read them twice.
@@ -220,24 +235,33 @@ class AnsweringMixin(MemoryState):
             ctx.state_set(blob)
             prep.splice_s = time.perf_counter() - t_splice
             prep.prompt = (engine.tokenize("".join(prep.text_parts)) + q_tokens) if prep.text_parts else q_tokens
-            prep.start = next_pos
+            prep.start = prep.cached = next_pos
             if prep.text_parts:
                 prep.warnings.append(f"{len(prep.text_parts)} of {len(chosen)} memories are not compiled yet: "
                                      "placed as text (mixed)")
         else:
-            prep.text_parts = [t for _, t, _ in chosen]
+            prep.text_parts = [t for _, t, _, _ in chosen]
             prep.prompt = engine.tokenize(self.layout.prefix + "".join(prep.text_parts)) + q_tokens
         return prep
 
     def ask(self, question: str, *, mode: str | None = None, conversation_id: str | None = None,
             on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
-            record: bool = True, sampling: SamplingParams | None = None) -> Answer:
+            record: bool = True, sampling: SamplingParams | None = None,
+            history: Sequence[tuple[str, str]] | None = None, system: str = "", allow_local: bool = True) -> Answer:
+        """Answer a question from the memory.
+
+        `history`: earlier (question, answer) turns given by the caller (an editor's chat), instead of the
+        last exchanges of `conversation_id`; the oldest are left out when they do not fit. `system`: the
+        caller's own instructions, read after the memory. `allow_local=False` keeps cubes under private
+        paths out of retrieval (what leaves the machine through a server)."""
         question, mode = self._check_question(question, mode)
         s = self.settings
         with self._lock:
-            history = self.conversations.exchanges(conversation_id)[-3:] if conversation_id else []
-            prep = self._prepare(question, mode, history, s.max_answer_tokens)
+            if history is None:
+                history = self.conversations.exchanges(conversation_id)[-3:] if conversation_id else []
             params = sampling or SamplingParams(temperature=s.temperature, max_tokens=s.max_answer_tokens)
+            prep = self._prepare(question, mode, list(history), params.max_tokens, system=system,
+                                 allow_local=allow_local)
             gen = prep.ctx.generate(prep.prompt, start_pos=prep.start, params=params, on_text=on_text,
                                     cancel=cancel)
             sources = [Source(c.path, c.start_line, c.end_line, c.symbol, c.id, c.kind, c.source)
@@ -245,7 +269,9 @@ class AnsweringMixin(MemoryState):
             ans = Answer(answer=gen.text.strip(), mode=mode, ttft_s=gen.ttft_s + prep.splice_s,
                          total_s=gen.total_s + prep.splice_s, memory_tokens=prep.memory_tokens, sources=sources,
                          spliced=prep.spliced, as_text=len(prep.text_parts), conversation_id=conversation_id,
-                         stop_reason=gen.stop_reason, warnings=prep.warnings)
+                         stop_reason=gen.stop_reason, warnings=prep.warnings, prompt_tokens=len(prep.prompt),
+                         cached_tokens=prep.cached, spliced_tokens=prep.spliced_tokens,
+                         completion_tokens=len(gen.tokens))
             if record and gen.stop_reason != "cancelled":
                 self._unsaved_exchanges.append(UnsavedExchange(question, ans))
             self._save_exchanges(ans.warnings)

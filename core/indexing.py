@@ -11,6 +11,7 @@ Reads from the facade: `root`, `store`, `settings`, `_search`, `_lock`, `_rules`
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -47,6 +48,7 @@ class IndexSummary:
 class IndexingMixin(MemoryState):
     _rules: IgnoreRules | None
     _search: SearchIndex
+    _hashes: dict[str, tuple[tuple[int, int], str]]  # rel -> ((mtime_ns, size), sha256)
 
     def refresh(self) -> int:
         """Bring the search index up to date with cubes other processes (the watcher) changed.
@@ -57,7 +59,11 @@ class IndexingMixin(MemoryState):
         return self._search.sync()
 
     def _visibility(self, rel: str) -> str:
-        return "local" if any(fnmatch.fnmatch(rel, pat) for pat in self.settings.private_paths) else "shared"
+        return "local" if self.is_private(rel) else "shared"
+
+    def is_private(self, rel: str) -> bool:
+        """Whether a path matches the `private_paths` setting: its memories never leave the machine."""
+        return any(fnmatch.fnmatch(rel, pat) for pat in self.settings.private_paths)
 
     def _file_sha(self, rel: str) -> str | None:
         rec = self.store.get_file(rel)
@@ -146,3 +152,25 @@ class IndexingMixin(MemoryState):
     def indexed_paths(self) -> list[str]:
         """The files this memory holds cubes of."""
         return sorted(self.store.files())
+
+    def file_is_current(self, rel: str) -> bool:
+        """Whether a file still has the content it was indexed with (False: edited since, deleted, or
+        never indexed). A stat per call; the file is hashed again only when its size or mtime moved."""
+        rec = self.store.get_file(rel)
+        if rec is None:
+            return False
+        path = self.root / rel
+        try:
+            st = path.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            seen = self._hashes.get(rel)
+            if seen is None or seen[0] != key:
+                seen = (key, hashlib.sha256(path.read_bytes()).hexdigest())
+                self._hashes[rel] = seen
+        except OSError:
+            return False
+        return seen[1] == rec.sha256
+
+    def stale_files(self) -> list[str]:
+        """Indexed files whose content changed since (the watcher has not synced them yet)."""
+        return [rel for rel in self.store.files() if not self.file_is_current(rel)]

@@ -62,6 +62,7 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
         self._splice_buf = bytearray()  # reused: a fresh few-hundred-MB buffer per question costs page faults
         self._rules: IgnoreRules | None = None
         self._unsaved_exchanges: list[UnsavedExchange] = []
+        self._hashes: dict[str, tuple[tuple[int, int], str]] = {}  # rel -> ((mtime_ns, size), sha256)
 
     @property
     def index_(self) -> BM25Index:

@@ -1,5 +1,6 @@
 """Notes, one part of `RepoMemory`: change notes (which symbols an edit touched, with a short diff) and
-conversation memory (each finished exchange, kept in the conversation store and as a plaintext cube a
+notes an agent or the user keeps (`remember`, `edit_note`, `forget_note`),
+and conversation memory (each finished exchange, kept in the conversation store and as a plaintext cube a
 later session can retrieve: "what did we decide last week?").
 
 Exchanges wait in `_unsaved_exchanges` until they are stored: when the data home cannot be written (full
@@ -12,12 +13,16 @@ from __future__ import annotations
 
 import difflib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import StoreError
+from .errors import RepomemError, StoreError
 from .memory_state import MemoryState
 from .store import Cube
+from .walk import secret_in_text
+
+MAX_NOTE_CHARS = 4000
 
 if TYPE_CHECKING:
     from .answering import Answer
@@ -60,8 +65,65 @@ class NotesMixin(MemoryState):
         text = (f"Change to {rel} at {when}: modified {', '.join(sorted(set(symbols)))}.\n"
                 + "\n".join(lines)[:3000])
         cube = self.store.add_note_cube(text, source="change", path=f"change:{rel}",
-                                        symbol=", ".join(sorted(set(symbols)))[:200], repo=str(self.root))
+                                        symbol=", ".join(sorted(set(symbols)))[:200], repo=str(self.root),
+                                        visibility=self._visibility(rel))
         self._search.add_cube(cube)
+
+    def remember(self, note: str, paths: Sequence[str] = (), *, owner: str = "agent") -> Cube:
+        """Keep a fact or decision as a note cube (MemOS: agents write memory too), searchable at once.
+
+        `paths`: the files it is about (named in its text, so a question about them finds it). A note
+        that looks like it holds a secret is refused, as the walk refuses such files; a note about a
+        private path stays on this machine."""
+        note = note.strip()
+        rels = [p.strip().lstrip("./") for p in paths if p and p.strip()]
+        if not note:
+            raise RepomemError("the note is empty")
+        if len(note) > MAX_NOTE_CHARS:
+            raise RepomemError(f"the note has {len(note):,} characters; keep it under {MAX_NOTE_CHARS:,} "
+                               "(a decision or a fact, not a file)")
+        text = note + ("\nFiles: " + ", ".join(rels) if rels else "")
+        _refuse_secret(text)
+        private = any(self.is_private(r) for r in rels)
+        cube = self.store.add_note_cube(text, source="note", symbol=note.splitlines()[0][:80], repo=str(self.root),
+                                        owner=owner, visibility="local" if private else "shared")
+        self._search.add_cube(cube)
+        return cube
+
+    def edit_note(self, cube_id: str, text: str) -> Cube:
+        """Replace a note's text (the memory inspector); the same secret check as `remember`."""
+        if not text.strip():
+            raise RepomemError("a note cannot be empty; forget it instead")
+        _refuse_secret(text)
+        cube = self.store.edit_note(cube_id, text)
+        if cube is None:
+            raise RepomemError(f"no note with id {cube_id}")
+        self._search.add_cube(cube)
+        return cube
+
+    def forget_note(self, cube_id: str) -> None:
+        """Delete a note cube now. Memories of code come and go with their files, so only notes go here."""
+        cube = self.store.get(cube_id)
+        if cube is None:
+            raise RepomemError(f"no memory with id {cube_id}")
+        if cube.source != "note":
+            raise RepomemError(f"{cube_id} is a {cube.source} memory, not a note; only notes can be forgotten "
+                               "here (exclude a file with .repomemignore)")
+        self.store.forget(cube_id)
+        self._search.refresh_ids([cube_id])
+
+    def changes_since(self, since: float, *, limit: int = 50, allow_local: bool = True) -> list[Cube]:
+        """Change notes (which file, which symbols, a short diff) recorded at or after `since` (Unix
+        seconds), newest first; `allow_local=False` leaves out changes to private paths."""
+        out = []
+        for cube in self.store.notes_since("change", since):
+            rel = cube.path.removeprefix("change:")
+            if not allow_local and (cube.visibility == "local" or self.is_private(rel)):
+                continue
+            out.append(cube)
+            if len(out) >= limit:
+                break
+        return out
 
     def _save_exchanges(self, warnings: list[str]) -> bool:
         """Save the exchanges not saved yet, oldest first; on a store error add a warning and keep them.
@@ -97,3 +159,10 @@ class NotesMixin(MemoryState):
         cube = self.store.add_note_cube(text, source="conversation", path=f"conversation:{cid}",
                                         symbol=question[:80], repo=str(self.root))
         self._search.add_cube(cube)
+
+
+def _refuse_secret(text: str) -> None:
+    kind = secret_in_text(text)
+    if kind:
+        raise RepomemError(f"the note looks like it holds a secret ({kind}); secrets never become memory: "
+                           "remove it and try again")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .engine import Engine
+from .errors import ModelError
 
 SYSTEM = (
     "You are repomem, an assistant that answers questions about a code repository. "
@@ -19,6 +20,7 @@ SYSTEM = (
 )
 _MEM = "@@REPOMEM_MEMORY@@"
 _Q = "@@REPOMEM_QUESTION@@"
+_SYS2 = "@@REPOMEM_INSTRUCTIONS@@"
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,23 @@ class Layout:
     between: str  # closes the system turn and opens the user turn
     suffix: str  # closes the user turn and opens the assistant turn
     turn_sep: str  # closes an assistant turn and opens the next user turn
+    system_turn: str = ""  # closes the memory's system turn and opens a second one ("": the template has none)
 
-    def question_text(self, question: str, history: Sequence[tuple[str, str]] = ()) -> str:
-        """The text decoded after the memory: prior turns of this conversation, then the question."""
+    def question_text(self, question: str, history: Sequence[tuple[str, str]] = (), system: str = "") -> str:
+        """The text decoded after the memory: the client's own instructions (`system`), prior turns of
+        this conversation, then the question.
+
+        The memory was compiled after repomem's own system text, so a client's system message cannot
+        replace it: it follows the memory, in a second system turn where the template has one, else at
+        the head of the first user turn."""
+        opening = self.between
+        if system and self.system_turn:
+            opening = self.system_turn + system + self.between
+        elif system:
+            opening = self.between + system + "\n\n"
         if not history:
-            return self.between + question + self.suffix
-        parts = [self.between + history[0][0] + self.suffix + history[0][1]]
+            return opening + question + self.suffix
+        parts = [opening + history[0][0] + self.suffix + history[0][1]]
         for q, a in history[1:]:
             parts.append(self.turn_sep + q + self.suffix + a)
         parts.append(self.turn_sep + question + self.suffix)
@@ -49,8 +62,23 @@ def make_layout(engine: Engine) -> Layout:
     two = engine.apply_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
                              {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}])
     turn_sep = two[two.index("A1") + 2: two.index("U2")]
-    return Layout(prefix=rendered[:i], between=rendered[i + len(_MEM): j], suffix=rendered[j + len(_Q):],
-                  turn_sep=turn_sep)
+    between = rendered[i + len(_MEM): j]
+    return Layout(prefix=rendered[:i], between=between, suffix=rendered[j + len(_Q):], turn_sep=turn_sep,
+                  system_turn=_second_system_turn(engine, between))
+
+
+def _second_system_turn(engine: Engine, between: str) -> str:
+    """What separates two system turns, if the template renders a second one as a turn of its own
+    (ChatML does; templates that fold system text into the user turn do not)."""
+    try:
+        rendered = engine.apply_chat([{"role": "system", "content": _MEM}, {"role": "system", "content": _SYS2},
+                                      {"role": "user", "content": _Q}])
+    except ModelError:  # a template llama.cpp cannot render this way has no such turn
+        return ""
+    i, k, j = rendered.find(_MEM), rendered.find(_SYS2), rendered.find(_Q)
+    if not 0 <= i < k < j or rendered[k + len(_SYS2): j] != between:
+        return ""
+    return rendered[i + len(_MEM): k]
 
 
 def memory_text(path: str, start_line: int, end_line: int, symbol: str | None, text: str) -> str:

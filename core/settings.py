@@ -55,6 +55,9 @@ class Settings:
     endpoint_model: str = ""
     endpoint_api_key_env: str = "OPENAI_API_KEY"
     editor_command: str = ""  # e.g. "code -g {path}:{line}"; "" = the system opener
+    server_port: int = 7636  # repomem serve and the app's "Connect an editor" panel
+    server_api_key: str = ""  # required to listen on anything but 127.0.0.1 ($REPOMEM_API_KEY overrides)
+    server_cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the server
     close_to_tray: bool = True
     watcher_idle_unload_s: int = 300
     repos: list[str] = field(default_factory=list)
@@ -79,6 +82,7 @@ class Settings:
             "boost_top": 0 <= self.boost_top <= 50,
             "n_ctx": 512 <= self.n_ctx <= 262144, "memory_tokens": 0 <= self.memory_tokens <= 200_000,
             "cache_type": self.cache_type in CACHE_TYPES,
+            "server_port": 1 <= self.server_port <= 65535,
         }
         for name, ok in checks.items():
             if not ok:

@@ -2,10 +2,10 @@
 
 Why this shape (MemOS): every memory is a *cube* with a type (`plaintext` text only,
 `activation` text plus a compiled KV payload, `parameter` reserved), provenance (`source`:
-code / conversation / change), lifecycle (`status`: active / stale / archived), usage (access
-counts, last access, importance, pinned) and a version history. Payload bytes live outside the
-database in a `payloads.PayloadStore`, found by their sha256, so the database stays small and a
-payload is written once.
+code / conversation / change / note, a fact or decision an agent or the user asked to keep),
+lifecycle (`status`: active / stale / archived), usage (access counts, last access, importance,
+pinned) and a version history. Payload bytes live outside the database in a `payloads.PayloadStore`,
+found by their sha256, so the database stays small and a payload is written once.
 
 Crash safety: every change is one short SQLite transaction (WAL); a payload is complete before any
 row points at it. `kill -9` at any moment leaves a store that opens, where no cube points at a
@@ -28,7 +28,8 @@ dropped), moved (same text, new lines), removed (gone from its file: status arch
 compiled (payload attached), archived (payload dropped for the budget; text stays retrievable),
 promoted (an archived cube may be compiled again), stale / fresh (payload belongs to another
 model / to the current one again), demoted (payload file missing or corrupt), pinned, unpinned,
-forgotten (row deleted by the user), note (a conversation/change note was added).
+forgotten (row deleted by the user), note (a conversation/change note was added), edited (a note's
+text was changed by hand: version+1).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ GC_GRACE_S = 600.0
 RECENT_EDIT_S = 3600.0
 
 CUBE_KINDS = ("plaintext", "activation", "parameter")
-SOURCES = ("code", "conversation", "change")
+SOURCES = ("code", "conversation", "change", "note")
 VISIBILITIES = ("shared", "local")
 STATUSES = ("active", "stale", "archived")
 
@@ -793,6 +794,37 @@ class CubeStore:
             return added
 
         return self._write(run)
+
+    def edit_note(self, cube_id: str, text: str) -> Cube | None:
+        """Replace the text of a note (any cube not read from a file): version+1, payload dropped for a
+        recompile. Returns the new cube, None when there is no such note."""
+        if not text.strip():
+            raise ValueError("a note needs text")
+
+        def run(conn: sqlite3.Connection) -> Cube | None:
+            cube = self._get(conn, cube_id)
+            if cube is None or cube.source == "code":
+                return None
+            now = time.time()
+            digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            end = max(1, len(text.splitlines()))
+            conn.execute(
+                f"UPDATE cubes SET text = ?, content_hash = ?, end_line = ?, version = version + 1, updated = ?, "
+                f"tokens = NULL, archived_at = NULL, {_PAYLOAD_CLEAR} WHERE id = ?",
+                (text, digest, end, now, cube_id),
+            )
+            self._history(conn, cube, "edited", now, {"old_hash": cube.content_hash}, version=cube.version + 1,
+                          content_hash=digest, end_line=end)
+            return self._get(conn, cube_id)
+
+        return self._write(run)
+
+    def notes_since(self, source: str, since: float, limit: int | None = None) -> list[Cube]:
+        """Live notes of one source (`change`, `note`, ...) created at or after `since`, newest first."""
+        lim = -1 if limit is None else int(limit)
+        sql = "SELECT * FROM cubes WHERE source = ? AND created >= ? AND status != 'archived' " \
+              "ORDER BY created DESC, id LIMIT ?"
+        return [Cube.from_row(r) for r in self._rows(sql, (source, float(since), lim))]
 
     # ---- payloads ---------------------------------------------------------------------------
 

@@ -8,8 +8,9 @@ REPOMEM_HOME, REPOMEM_MODELS_DIR pointing at the folder of the already fetched t
 directory outside the source tree. So nothing can come from the checkout.
 
 Checked: `repomem --version`, `repomem doctor --json` (native extension, llama.cpp, the AMX probe child that
-re-enters the bundle with `-m`), one `repomem ask` with the test model, and a scripted GUI run on the
-offscreen platform (Qt plugins, the SVG icon). Also the package's size and the bundle's start-up time.
+re-enters the bundle with `-m`), one `repomem ask` with the test model, `repomem serve` answering the `openai`
+SDK and `repomem mcp` answering the `mcp` SDK over stdio, and a scripted GUI run on the offscreen platform (Qt
+plugins, the SVG icon). Also the package's size and the bundle's start-up time.
 """
 
 from __future__ import annotations
@@ -229,3 +230,49 @@ def test_installed_gui_scripted(prefix: Path, user_env: dict[str, str], tmp_path
     assert shot.is_file() and shot.stat().st_size > 10_000
     assert "Cannot open file" not in res.stderr, res.stderr  # package data (icon.svg) missing from the bundle
     assert "Could not load the Qt platform plugin" not in res.stderr
+
+
+def test_installed_serve_and_mcp(prefix: Path, user_env: dict[str, str], tmp_path: Path, sample_repo: Path,
+                                 test_model_path: Path) -> None:
+    """The servers from the package: uvicorn, starlette, sse-starlette and the mcp SDK came along."""
+    import asyncio
+    import signal
+    import socket
+
+    import httpx
+    import openai
+    from mcp import Client, StdioServerParameters
+
+    exe = shutil.which("repomem", path=user_env["PATH"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "serve", str(sample_repo), "--port", str(port), "--model", str(test_model_path)],
+                            env=user_env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).raise_for_status()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        chunks = list(client.chat.completions.create(model="repomem", stream=True, max_tokens=4, messages=[
+            {"role": "user", "content": "What does greet return?"}]))
+        assert "greet.py:1-3" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+
+    async def tools() -> tuple[list[str], dict]:
+        params = StdioServerParameters(command=exe, args=["mcp", str(sample_repo), "--no-watch"], env=user_env,
+                                       cwd=str(tmp_path))
+        async with Client(params, read_timeout_seconds=120) as mcp:
+            names = sorted(t.name for t in (await mcp.list_tools()).tools)
+            found = await mcp.call_tool("search_code", {"query": "greeting"})
+            return names, found.structured_content
+
+    names, found = asyncio.run(tools())
+    assert "search_code" in names and found["results"][0]["citation"] == "greet.py:1-3"

@@ -3,7 +3,8 @@
 Why it exists: a memory the user cannot see cannot be trusted. The table answers "what does it
 remember, in what form (text or compiled KV), how fresh, how used"; the detail pane shows the exact
 text, its lines, its versions and payload; the actions let the user pin what matters, forget what must
-go now, exclude a path for good (`.repomemignore`) and recompile. Reads and pin/forget run on
+go now, exclude a path for good (`.repomemignore`), recompile, and edit a note (the memories an agent
+or the user wrote: their text is the user's to correct). Reads and pin/forget run on
 short-lived threads against a store of their own; exclude and recompile go through the memory worker.
 """
 
@@ -108,6 +109,8 @@ class CubeDetail(QWidget):
         self._labels["times"].setText(f"{_when(g('updated'))} (created {_when(g('created'))})")
         self._labels["id"].setText(str(g("id")))
         self.text.setPlainText(str(g("text", default="")))
+        self.text.setReadOnly(g("source") != "note")
+        self.text.document().setModified(False)
         self.history.clear()
         for ev in reversed(history):
             e = lambda *names, default=None, ev=ev: pick(ev, *names, default=default)  # noqa: E731
@@ -201,8 +204,13 @@ class Inspector(QWidget):
         self.recompile_button = QPushButton("Recompile")
         self.recompile_button.setToolTip("Compile this memory to KV again")
         self.recompile_button.clicked.connect(self.recompile_selected)
+        self.save_note_button = QPushButton("Save note")
+        self.save_note_button.setToolTip("Keep your edit of this note (secrets are refused)")
+        self.save_note_button.clicked.connect(self.save_note)
+        self.detail.text.modificationChanged.connect(lambda _m: self._update_actions())
         actions = QHBoxLayout()
-        for b in (self.pin_button, self.forget_button, self.exclude_button, self.recompile_button):
+        for b in (self.pin_button, self.forget_button, self.exclude_button, self.recompile_button,
+                  self.save_note_button):
             actions.addWidget(b)
         actions.addStretch(1)
         right = QWidget()
@@ -323,8 +331,10 @@ class Inspector(QWidget):
             b.setEnabled(has)
         pinned = bool(pick(self._current_cube, "pinned", default=False)) if self._current_cube else False
         self.pin_button.setText("Unpin" if pinned else "Pin")
-        is_code = (pick(self._current_cube, "source", default="code") == "code") if self._current_cube else True
-        self.exclude_button.setEnabled(has and is_code)
+        source = pick(self._current_cube, "source", default="code") if self._current_cube else "code"
+        self.exclude_button.setEnabled(has and source == "code")
+        self.save_note_button.setVisible(has and source == "note")
+        self.save_note_button.setEnabled(has and source == "note" and self.detail.text.document().isModified())
 
     # -- actions -------------------------------------------------------------------------------
     def toggle_pin(self) -> Job | None:
@@ -356,6 +366,25 @@ class Inspector(QWidget):
             return None
         job = self.worker.call(self.root, ops.recompile(self._selected), name="recompile")
         job.succeeded.connect(lambda _n: None if self.closed else (self.refresh(), self.changed.emit()))
+        job.failed.connect(self._failed)
+        return job
+
+    def save_note(self) -> Job | None:
+        """Replace the selected note's text with the edited one (through the memory: re-indexed, checked)."""
+        cube_id, text = self._selected, self.detail.text.toPlainText()
+        if not cube_id or pick(self._current_cube, "source", default="") != "note":
+            return None
+        job = self.worker.call(self.root, ops.edit_note(cube_id, text), name="edit note")
+
+        def saved(_cube: Any) -> None:
+            if self.closed:
+                return
+            if cube_id == self._selected:
+                self._load_detail(cube_id)
+            self.refresh()
+            self.changed.emit()
+
+        job.succeeded.connect(saved)
         job.failed.connect(self._failed)
         return job
 

@@ -65,7 +65,7 @@ def _first_run(window) -> None:  # noqa: ANN001 - MainWindow
 
 
 def run_gui(path: str | None = None, *, ask: str | None = None, screenshot: str | None = None,
-            mode: str | None = None, timeout_s: float = 0) -> int:
+            mode: str | None = None, timeout_s: float = 0, panel: str | None = None) -> int:
     """Run the app; returns the process exit code. Scripted when `ask` or `screenshot` is given."""
     app = _application()
     from .main_window import MainWindow
@@ -91,7 +91,7 @@ def run_gui(path: str | None = None, *, ask: str | None = None, screenshot: str 
     if scripted:
         from .scripted import ScriptedRun
 
-        run = ScriptedRun(window, path or "", ask, screenshot, mode, timeout_s)
+        run = ScriptedRun(window, path or "", ask, screenshot, mode, timeout_s, panel=panel)
         QTimer.singleShot(0, run.start)
         code = app.exec()
         window.shutdown()

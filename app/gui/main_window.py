@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 from . import memory_ops as ops
 from .chat_controller import ChatController
 from .chat_pane import ChatPane
+from .connect_panel import ConnectPanel
 from .conversation_list import ConversationList
 from .editor import open_location
 from .icons import app_icon
@@ -66,9 +67,11 @@ class MainWindow(QMainWindow):
         self.chat = ChatPane()
         self.chat.set_mode(self.settings.mode)
         self.inspector = Inspector(self.worker, self.stores)
+        self.connect_panel = ConnectPanel(lambda: self.settings, lambda: list(self.sidebar.states), watch=watch)
         self.tabs = QTabWidget()
         self.tabs.addTab(self.chat, "Chat")
         self.tabs.addTab(self.inspector, "Memory")
+        self.tabs.addTab(self.connect_panel, "Connect an editor")
         self.tabs.currentChanged.connect(self._tab_changed)
 
         left = QSplitter(Qt.Orientation.Vertical)
@@ -101,6 +104,9 @@ class MainWindow(QMainWindow):
         # an answer touches cubes (use counts) and adds a conversation cube: show it
         self.chat_ctl.answer_finished.connect(lambda _a: self.repos.refresh_stats(self.current_root(), force=True))
         self.inspector.error.connect(self.notify_error)
+        self.connect_panel.error.connect(self.notify_error)
+        self.connect_panel.copied.connect(lambda client: self.statusBar().showMessage(f"{client} configuration copied",
+                                                                                      3000))
         self.inspector.changed.connect(lambda: self.repos.refresh_stats(self.current_root(), force=True))
         self.chat.view.open_source.connect(self.open_source)
         self.chat.view.copied.connect(lambda _code: self.statusBar().showMessage("Code copied", 2000))
@@ -270,6 +276,7 @@ class MainWindow(QMainWindow):
             return
         self._shut = True
         self.chat_ctl.closed = self.inspector.closed = True
+        self.connect_panel.shutdown()
         self.repos.shutdown()
         self.chat_ctl.stop()
         self.worker.stop(timeout_ms=15000)

@@ -76,6 +76,11 @@ def regenerate(question: str, mode: str, drop_from: str, conversation_id: str) -
     return run
 
 
+def edit_note(cube_id: str, text: str) -> Callable[[Any, Job], Any]:
+    """Replace a note's text (core refuses secrets and re-indexes it)."""
+    return lambda mem, _job: mem.edit_note(cube_id, text)
+
+
 def exclude_path(rel_path: str) -> Callable[[Any, Job], int]:
     """Append the path to `.repomemignore`, then delete its cubes now; returns how many went.
 

@@ -22,10 +22,10 @@ SETTLE_MS = 400  # let the last refresh, the sources and the conversation list l
 
 class ScriptedRun(QObject):
     def __init__(self, window: MainWindow, path: str, question: str | None, screenshot: str | None,
-                 mode: str | None, timeout_s: float = 0) -> None:
+                 mode: str | None, timeout_s: float = 0, panel: str | None = None) -> None:
         super().__init__(window)
         self.window, self.path, self.question = window, path, question
-        self.screenshot, self.mode = screenshot, mode
+        self.screenshot, self.mode, self.panel = screenshot, mode, panel
         self.root = ""
         self.exit_code: int | None = None
         self.message = ""
@@ -45,7 +45,12 @@ class ScriptedRun(QObject):
     def _ready(self, root: str) -> None:
         if root != self.root or self.exit_code is not None:
             return
+        if self.panel == "connect":
+            self._connect()
+            return
         if not self.question:
+            if self.panel == "memory":
+                self.window.tabs.setCurrentWidget(self.window.inspector)
             QTimer.singleShot(SETTLE_MS, self._capture)
             return
         self.window.chat_ctl.answer_finished.connect(self._answered)
@@ -58,6 +63,16 @@ class ScriptedRun(QObject):
         # answer really splices KV instead of falling back to text for cubes not compiled yet.
         job = self.window.worker.call(root, ops.compile_for(self.question), name="compile for question")
         job.finished.connect(self._ask)
+
+    def _connect(self) -> None:
+        """The "Connect an editor" panel with its server running, its snippets filled in."""
+        panel = self.window.connect_panel
+        self.window.tabs.setCurrentWidget(panel)
+        panel.error.connect(lambda msg: self.fail(msg))
+        panel.running_changed.connect(lambda running: QTimer.singleShot(SETTLE_MS, self._capture) if running
+                                      else self.fail("the server stopped"))
+        if panel.start() is None:
+            self.fail("could not start the server (no repository?)")
 
     def _ask(self) -> None:
         if self.exit_code is None and self.window.ask(self.question or "", self.mode or "") is None:

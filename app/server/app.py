@@ -1,0 +1,100 @@
+"""The Starlette app of `repomem serve`: the OpenAI routes, `/mcp`, `/health`, the API key, CORS.
+
+The key, when one is set, is checked on every request (constant time), `/health` and `/mcp`
+included; a bind address other machines can reach is refused without one (`config.ServeConfig`).
+No CORS headers unless origins are configured: a web page must not read the memory by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from repomem.core import __version__
+
+from .config import ServeConfig, key_matches
+from .errors import APIError
+from .openai_api import api_error, chat_completions, list_models
+from .queue import FairQueue
+from .repos import Repositories
+
+
+class APIKeyMiddleware:
+    """401 in OpenAI's shape unless `Authorization: Bearer <key>` (or `X-API-Key`) matches."""
+
+    def __init__(self, app: ASGIApp, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.key:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            auth = headers.get("authorization", "")
+            supplied = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not key_matches(supplied, self.key):
+                err = APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def health(request: Request) -> Response:
+    repos: Repositories = request.app.state.repos
+    queue: FairQueue = request.app.state.queue
+    states = [await anyio.to_thread.run_sync(repos.health, r) for r in repos.repos]
+    return JSONResponse({"status": "ok", "version": __version__, "uptime_s": round(time.time() -
+                         request.app.state.started, 1), "queue": queue.stats(), "repositories": states})
+
+
+async def _api_error(_request: Request, exc: Exception) -> Response:
+    return api_error(exc).response()
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+
+def build_app(repos: Repositories, queue: FairQueue, config: ServeConfig, mcp_server: Any | None = None) -> Starlette:
+    routes = [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    mcp_app = None
+    if mcp_server is not None:
+        mcp_app = mcp_server.streamable_http_app(streamable_http_path="/mcp", host=config.host)
+        routes += list(mcp_app.routes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        if mcp_server is None:
+            yield
+            return
+        async with mcp_server.session_manager.run():
+            yield
+
+    middleware = []
+    if config.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type", "X-API-Key"]))
+    if config.api_key:
+        middleware.append(Middleware(APIKeyMiddleware, key=config.api_key))
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _api_error})
+    app.state.repos, app.state.queue, app.state.config = repos, queue, config
+    app.state.started = time.time()
+    return app

@@ -1,0 +1,270 @@
+"""`GET /v1/models` and `POST /v1/chat/completions`, streamed (SSE ending in `data: [DONE]`) and not.
+
+The answer comes from `RepoMemory.ask` on the queue's worker thread; its text reaches the event
+loop through an asyncio queue. Response headers go out with the first piece of the answer, so an
+error found before it (unknown model, a question that overflows the context, a full queue) is a
+real HTTP status. A client that goes away cancels its job: a waiting one leaves the queue, a running
+generation stops at its next token. Cubes under private paths are never retrieved here.
+
+Extensions, all optional for clients: `"repomem": {"sources_footer": false}` in the request drops the
+`Sources:` footer; every response carries `"repomem": {sources, mode, ...}` and `usage.repomem`
+(memory tokens spliced and placed as text). `usage.prompt_tokens` counts the tokens decoded for
+the prompt; `usage.prompt_tokens_details.cached_tokens` the ones restored from KV instead (repomem's
+system prefix and the spliced memory), which are therefore not part of `prompt_tokens`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from repomem.core import Answer, CancelledError, ContextOverflowError, ModelError, RepomemError
+
+from .chat import ChatRequest, parse_chat
+from .errors import APIError
+from .queue import FairQueue, QueueFull, Ticket
+from .repos import ModelNotFound, Repositories, ServedRepo
+
+DISCONNECT_POLL_S = 0.1
+
+
+class ClientGone(Exception):
+    pass
+
+
+# -- /v1/models -------------------------------------------------------------------------------------
+async def list_models(request: Request) -> Response:
+    repos: Repositories = request.app.state.repos
+    created = int(request.app.state.started)
+    data = [{"id": r.model_id, "object": "model", "created": created, "owned_by": "repomem",
+             "repomem": {"modes": ["kv", "text", "none"], "context_length": repos.settings.n_ctx}}
+            for r in repos.repos]
+    return JSONResponse({"object": "list", "data": data})
+
+
+# -- /v1/chat/completions ---------------------------------------------------------------------------
+async def chat_completions(request: Request) -> Response:
+    repos: Repositories = request.app.state.repos
+    queue: FairQueue = request.app.state.queue
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    req = parse_chat(body, repos.settings)
+    try:
+        repo, mode = repos.resolve(req.model)
+    except ModelNotFound as exc:
+        raise APIError(404, str(exc), code="model_not_found", param="model") from None
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    ticket = _submit(queue, client_key(request), repo, mode, req, loop, events)
+    reply = Reply(req, mode or repos.settings.mode)
+    try:
+        first = await _first_event(request, queue, ticket, events)
+    except ClientGone:
+        return Response(status_code=499)
+    if req.stream:
+        return EventSourceResponse(_stream(reply, first, queue, ticket, events), sep="\n",
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    event = first
+    try:
+        while event[0] == "text":
+            reply.add(event[1])
+            event = await _next_event(request, queue, ticket, events)
+    except ClientGone:
+        return Response(status_code=499)
+    if event[0] == "error":
+        raise api_error(event[1])
+    return JSONResponse(reply.completion(event[1]))
+
+
+def client_key(request: Request) -> str:
+    """Whom the queue is fair to: the API key's digest if one was sent, else the remote address."""
+    auth = request.headers.get("authorization", "")
+    token = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if token:
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:8]
+    return "ip:" + (request.client.host if request.client else "unknown")
+
+
+def _submit(queue: FairQueue, client: str, repo: ServedRepo, mode: str | None, req: ChatRequest,
+            loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Ticket:
+    def put(kind: str, value: Any) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+    def job(cancel: Any) -> Answer:
+        return repo.mem.ask(req.question, mode=mode, history=req.history, system=req.system, sampling=req.sampling,
+                            on_text=lambda piece: put("text", piece), cancel=cancel, record=False,
+                            allow_local=False)
+
+    try:
+        ticket = queue.submit(client, job)
+    except QueueFull as exc:
+        raise APIError(503, str(exc), type="server_error", code="queue_full",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
+
+    def finished(fut: Any) -> None:
+        if fut.cancelled():
+            put("error", CancelledError("cancelled"))
+        elif fut.exception() is not None:
+            put("error", fut.exception())
+        else:
+            put("done", fut.result())
+
+    ticket.future.add_done_callback(finished)
+    return ticket
+
+
+async def _next_event(request: Request, queue: FairQueue, ticket: Ticket,
+                      events: asyncio.Queue) -> tuple[str, Any]:
+    """The job's next event, watching for the client to go away meanwhile (then the job is cancelled)."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await request.is_disconnected():
+                queue.cancel(ticket)
+                raise ClientGone from None
+
+
+async def _first_event(request: Request, queue: FairQueue, ticket: Ticket,
+                       events: asyncio.Queue) -> tuple[str, Any]:
+    event = await _next_event(request, queue, ticket, events)
+    if event[0] == "error":
+        raise api_error(event[1])
+    return event
+
+
+def api_error(exc: BaseException) -> APIError:
+    """A failure of the model job, as the status and error code an OpenAI client expects."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ContextOverflowError):
+        return APIError(400, str(exc), code="context_length_exceeded", param="messages")
+    if isinstance(exc, ModelError):
+        return APIError(500, str(exc), type="server_error", code="model_error")
+    if isinstance(exc, RepomemError):
+        return APIError(400, str(exc))
+    return APIError(500, f"{type(exc).__name__}: {exc}", type="server_error")
+
+
+async def _stream(reply: Reply, first: tuple[str, Any], queue: FairQueue, ticket: Ticket,
+                  events: asyncio.Queue) -> AsyncIterator[dict]:
+    """SSE events; a disconnect cancels this generator (sse-starlette), which cancels the job."""
+    try:
+        yield {"data": json.dumps(reply.chunk({"role": "assistant", "content": ""}))}
+        event = first
+        while event[0] == "text":
+            piece = reply.add(event[1])
+            if piece:
+                yield {"data": json.dumps(reply.chunk({"content": piece}))}
+            event = await events.get()
+        if event[0] == "error":
+            yield {"data": json.dumps(api_error(event[1]).body())}
+        else:
+            for chunk in reply.final_chunks(event[1]):
+                yield {"data": json.dumps(chunk)}
+        yield {"data": "[DONE]"}
+    finally:
+        if not ticket.future.done():
+            queue.cancel(ticket)
+
+
+class Reply:
+    """One answer as OpenAI shapes it: stop sequences cut out, leading blank space dropped, the footer."""
+
+    def __init__(self, req: ChatRequest, mode: str):
+        self.req, self.mode = req, mode
+        self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.stops = list(req.sampling.stop)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1  # a stop may begin in the held tail
+        self.pending = ""
+        self.text: list[str] = []
+        self.stopped = False
+
+    def add(self, piece: str) -> str:
+        """Take a piece of the answer; return the part safe to send now."""
+        if self.stopped:
+            return ""
+        buf = self.pending + piece
+        if not self.text:
+            buf = buf.lstrip()
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending, self.stopped = buf[:cut], "", True
+        else:
+            keep = min(self.hold, len(buf))
+            out, self.pending = buf[:len(buf) - keep], buf[len(buf) - keep:]
+        if out:
+            self.text.append(out)
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        if out:
+            self.text.append(out)
+        return out
+
+    def footer(self, ans: Answer) -> str:
+        if not self.req.sources_footer or not ans.sources:
+            return ""
+        cites = [f"{s.path}:{s.start_line}-{s.end_line}" if s.source == "code" else s.path for s in ans.sources]
+        return "\n\nSources: " + ", ".join(cites)
+
+    def finish_reason(self, ans: Answer) -> str:
+        return "length" if not self.stopped and ans.stop_reason in ("length", "context") else "stop"
+
+    def extension(self, ans: Answer) -> dict:
+        return {"mode": ans.mode, "sources": [source_dict(s) for s in ans.sources], "spliced": ans.spliced,
+                "as_text": ans.as_text, "ttft_s": round(ans.ttft_s, 4), "warnings": ans.warnings}
+
+    @staticmethod
+    def usage(ans: Answer) -> dict:
+        return {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
+                "total_tokens": ans.prompt_tokens + ans.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": ans.cached_tokens},
+                "repomem": {"memory_tokens": ans.memory_tokens, "spliced_tokens": ans.spliced_tokens,
+                            "as_text_tokens": ans.memory_tokens - ans.spliced_tokens, "spliced": ans.spliced,
+                            "as_text": ans.as_text}}
+
+    def chunk(self, delta: dict, finish: str | None = None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.req.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    def final_chunks(self, ans: Answer) -> list[dict]:
+        out = []
+        tail = self.flush() + self.footer(ans)
+        if tail:
+            out.append(self.chunk({"content": tail}))
+        last = self.chunk({}, self.finish_reason(ans))
+        last["repomem"] = self.extension(ans)
+        out.append(last)
+        if self.req.include_usage:
+            out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.req.model, "choices": [], "usage": self.usage(ans)})
+        return out
+
+    def completion(self, ans: Answer) -> dict:
+        self.flush()
+        content = "".join(self.text) + self.footer(ans)
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "logprobs": None, "finish_reason": self.finish_reason(ans)}],
+                "usage": self.usage(ans), "repomem": self.extension(ans)}
+
+
+def source_dict(s: Any) -> dict:
+    """A source with its `path:start-end` citation (the way answers and tools cite memory)."""
+    cite = f"{s.path}:{s.start_line}-{s.end_line}" if s.source == "code" else s.path
+    return {"citation": cite, "path": s.path, "start_line": s.start_line, "end_line": s.end_line,
+            "symbol": s.symbol, "source": s.source, "id": s.cube_id}

@@ -1,0 +1,158 @@
+"""RepoMemory as the servers use it: a client's history and instructions, private paths kept home, notes an
+agent writes, the change memory since a time, and whether a file is still what was indexed.
+
+Real files, a real store and the real small model.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from repomem.core import settings as settings_mod
+from repomem.core.errors import ContextOverflowError, RepomemError
+from repomem.core.memory import RepoMemory
+
+CALC = '''"""A tiny calculator module."""
+
+DEFAULT_PRECISION = 7
+
+
+def add(a, b):
+    """Add two numbers."""
+    return a + b
+
+
+def scale(x, factor=3):
+    """Multiply x by factor."""
+    return x * factor
+'''
+
+VAULT = '''def rotate_vault_keys(vault):
+    """Rotate every key in the vault."""
+    return [k.rotate() for k in vault.keys]
+'''
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    (root / "private").mkdir(parents=True)
+    (root / "calc.py").write_text(CALC)
+    (root / "private" / "vault.py").write_text(VAULT)
+    return root
+
+
+@pytest.fixture
+def mem(repo: Path, home: Path, test_model_path: Path):
+    s = settings_mod.Settings(model=str(test_model_path), max_answer_tokens=12, encoding="f16",
+                              private_paths=["private/*"])
+    m = RepoMemory.open(repo, settings=s)
+    yield m
+    m.close()
+
+
+def test_history_and_instructions_are_decoded_after_the_memory_and_counted(mem: RepoMemory) -> None:
+    mem.index()
+    system = "Answer in one short sentence."
+    history = [("What does add do?", "It adds two numbers.")]
+    question = "What does scale do?"
+    text = mem.layout.question_text(question, history, system)
+    assert text.index(system) < text.index(history[0][0]) < text.index(question)
+    assert mem.layout.system_turn and text.startswith(mem.layout.system_turn + system)
+
+    ans = mem.ask(question, mode="kv", history=history, system=system, record=False)
+    assert ans.spliced >= 1 and ans.as_text == 0
+    assert ans.prompt_tokens == len(mem.engine.tokenize(text))  # only the question turn was decoded
+    assert ans.spliced_tokens == ans.memory_tokens > 0
+    prefix = len(mem.engine.tokenize(mem.layout.prefix))
+    assert ans.cached_tokens >= prefix + ans.spliced_tokens
+    assert ans.completion_tokens >= 1
+    assert mem.conversations.list() == []  # record=False: the client keeps its own history
+
+    plain = mem.ask(question, mode="text", history=history, system=system, record=False)
+    assert plain.cached_tokens == 0 and plain.spliced_tokens == 0
+    assert plain.prompt_tokens > prefix + plain.memory_tokens  # prefix, memories and question all decoded
+
+
+def test_oldest_turns_give_way_and_an_oversized_question_is_refused(repo: Path, home: Path,
+                                                                   test_model_path: Path) -> None:
+    s = settings_mod.Settings(model=str(test_model_path), max_answer_tokens=12, encoding="f16", n_ctx=1024)
+    mem = RepoMemory.open(repo, settings=s)
+    try:
+        mem.index(compile=False)
+        turn = ("Tell me about the calculator module and its functions. " * 8,
+                "It has add and scale, and a precision constant. " * 8)
+        ans = mem.ask("What does scale do?", mode="none", history=[turn] * 12, record=False)
+        assert any("left out" in w for w in ans.warnings)
+        assert ans.prompt_tokens <= 1024
+        with pytest.raises(ContextOverflowError):
+            mem.ask("Why? " * 900, mode="none", record=False)
+    finally:
+        mem.close()
+
+
+def test_private_paths_stay_out_when_local_is_refused(mem: RepoMemory) -> None:
+    mem.index(compile=False)
+    question = "How do rotate_vault_keys and scale work?"
+    assert any(c.path == "private/vault.py" for c in mem.search(question))
+    assert not any(c.path.startswith("private/") for c in mem.search(question, allow_local=False))
+    for mode in ("kv", "text"):
+        ans = mem.ask(question, mode=mode, allow_local=False, record=False)
+        assert ans.sources and not any(s.path.startswith("private/") for s in ans.sources)
+    # a path made private after indexing is private at once
+    mem.settings.private_paths.append("calc.py")
+    assert not any(c.path == "calc.py" for c in mem.search("scale factor", allow_local=False))
+
+
+def test_notes_are_searchable_editable_forgettable_and_never_hold_secrets(mem: RepoMemory) -> None:
+    mem.index(compile=False)
+    note = mem.remember("We decided to keep seven digits of precision in the calculator.", ["calc.py"])
+    cube = mem.store.get(note.id)
+    assert cube.source == "note" and cube.visibility == "shared" and "Files: calc.py" in cube.text
+    assert note.id in [c.id for c in mem.search("precision decided digits", allow_local=False)]
+
+    edited = mem.edit_note(note.id, "We decided on eleven digits of precision.")
+    assert edited.version == 2 and [e.event for e in mem.store.history(note.id)][-1] == "edited"
+    assert mem.search("eleven digits")[0].id == note.id
+
+    before = len(mem.store.cubes())
+    with pytest.raises(RepomemError, match="secret"):
+        mem.remember('The deploy key is api_key = "q8Xz4T7kP2mN9vB3cR6w"')
+    with pytest.raises(RepomemError, match="secret"):
+        mem.edit_note(note.id, "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----")
+    assert len(mem.store.cubes()) == before and "eleven" in mem.store.get(note.id).text
+
+    private = mem.remember("The vault rotation runs nightly.", ["private/vault.py"])
+    assert mem.store.get(private.id).visibility == "local"
+    assert private.id not in [c.id for c in mem.search("vault rotation nightly", allow_local=False)]
+
+    code = mem.store.cubes(source="code")[0]
+    with pytest.raises(RepomemError, match="not a note"):
+        mem.forget_note(code.id)
+    mem.forget_note(note.id)
+    assert mem.store.get(note.id) is None
+    assert note.id not in [c.id for c in mem.search("eleven digits precision")]
+
+
+def test_changes_since_and_whether_a_file_is_current(mem: RepoMemory, repo: Path) -> None:
+    mem.index(compile=False)
+    assert mem.file_is_current("calc.py") and mem.stale_files() == []
+    t0 = time.time()
+    (repo / "calc.py").write_text(CALC.replace("factor=3", "factor=4"))
+    (repo / "private" / "vault.py").write_text(VAULT.replace("rotate()", "rotate(force=True)"))
+    assert not mem.file_is_current("calc.py")
+    assert sorted(mem.stale_files()) == ["calc.py", "private/vault.py"]
+    assert not mem.file_is_current("missing.py")
+
+    mem.sync_paths(["calc.py", "private/vault.py"], compile=False)
+    assert mem.file_is_current("calc.py") and mem.stale_files() == []
+    changes = mem.changes_since(t0)
+    assert sorted(c.path for c in changes) == ["change:calc.py", "change:private/vault.py"]
+    assert "factor=4" in next(c for c in changes if c.path == "change:calc.py").text
+    assert [c.path for c in mem.changes_since(t0, allow_local=False)] == ["change:calc.py"]
+    assert mem.changes_since(time.time() + 5) == []
+    (repo / "calc.py").unlink()
+    assert not mem.file_is_current("calc.py")
