@@ -86,8 +86,9 @@ def questions_from(store_dir: Path, n: int) -> list[dict[str, str]]:
 # ---- phases (each runs in its own process: `python -m repomem.bench.scale PHASE ...`) -------
 
 def _phase_index(root: Path) -> dict[str, Any]:
-    from repomem.core import index_file
+    from repomem.core.index_file import path_for as index_path_for
     from repomem.core.memory import RepoMemory
+    from repomem.core.store import DB_NAME
 
     t0, c0 = time.perf_counter(), time.process_time()
     mem = RepoMemory.open(root)
@@ -99,8 +100,8 @@ def _phase_index(root: Path) -> dict[str, Any]:
     out["close_s"] = round(time.perf_counter() - t0, 2)
     store_dir = mem.store.dir
     out["store_mb"] = round(sum(p.stat().st_size for p in store_dir.rglob("*") if p.is_file()) / 1e6, 1)
-    out["db_mb"] = round(sum(p.stat().st_size for p in store_dir.glob("cubes.db*")) / 1e6, 1)
-    index_path = index_file.path_for(store_dir)
+    out["db_mb"] = round(sum(p.stat().st_size for p in store_dir.glob(f"{DB_NAME}*")) / 1e6, 1)
+    index_path = index_path_for(store_dir)
     out["index_file_mb"] = round(index_path.stat().st_size / 1e6, 1) if index_path.exists() else 0.0
     out["store_dir"] = str(store_dir)
     return out
@@ -184,9 +185,9 @@ def bench_scale(repo: Path, *, n_questions: int = 50, model: str | None = None, 
         args = ["open", str(repo), str(qfile), model or ""]
         out["open"] = _child(args + (["--with-model"] if with_model else []), env, 1800)
         if cold:
-            from repomem.core import index_file
+            from repomem.core.index_file import path_for as index_path_for
 
-            index_file.path_for(store_dir).unlink(missing_ok=True)
+            index_path_for(store_dir).unlink(missing_ok=True)
             say("reopening without the search index file")
             out["cold_open"] = _child(args, env, 1800)
         out["machine_end"] = _machine()

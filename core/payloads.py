@@ -8,6 +8,7 @@ everyone, found by its hash) can stand in for the local folder:
 * `read(sha256, verify=False) -> memoryview`: no copy where the store can map the bytes.
 * `size(sha256) -> int | None`: None when absent (the existence check).
 * `delete(sha256)`, `iterate()` (every stored hash) and `gc(keep, grace_s)`.
+* `age(sha256) -> float | None` and `unfinished() -> int`: what `repomem check` reports before a `gc`.
 
 `LocalPayloads` is a folder of `<sha[:2]>/<sha>.kv` files: written with temp file, fsync, atomic
 rename and folder fsync, so a killed process leaves complete files or temp files that `gc` removes.
@@ -60,6 +61,14 @@ class PayloadStore(Protocol):
     def delete(self, sha256: str) -> bool: ...
 
     def iterate(self) -> Iterator[str]: ...
+
+    def age(self, sha256: str) -> float | None:
+        """Seconds since the payload was last written; None when absent."""
+        ...
+
+    def unfinished(self) -> int:
+        """Leftovers that are not payloads (writes a killed process never finished); `gc` removes them."""
+        ...
 
     def gc(self, keep: Collection[str], grace_s: float) -> int:
         """Delete payloads not in `keep` and unfinished writes, except those younger than `grace_s` (another
@@ -125,6 +134,15 @@ class LocalPayloads:
         for path in self._files():
             if path.suffix == SUFFIX and _SHA256.fullmatch(path.stem):
                 yield path.stem
+
+    def age(self, sha256: str) -> float | None:
+        try:
+            return time.time() - self.path(sha256).stat().st_mtime
+        except OSError:
+            return None
+
+    def unfinished(self) -> int:
+        return sum(1 for path in self._files() if not (path.suffix == SUFFIX and _SHA256.fullmatch(path.stem)))
 
     def gc(self, keep: Collection[str], grace_s: float) -> int:
         cutoff = time.time() - grace_s

@@ -3,7 +3,7 @@
 What is checked:
 * `cubes.db`: SQLite's `PRAGMA integrity_check` (and that it opens at all);
 * every payload a cube points at: present, of its recorded size and sha256 (every byte is read);
-* payload files no cube points at (orphans) and leftover temp files;
+* payloads no cube points at (orphans) and leftovers of unfinished writes;
 * the saved search index (`index_file`): readable and from this version;
 * `conversations.db`: `integrity_check` only. It is the user's own data: never written here.
 
@@ -13,7 +13,7 @@ are never dropped):
   conversation and change notes readable in it are copied into a new store, conversation notes it
   lost are written again from `conversations.db`, and the repository is indexed again as plaintext;
 * a cube whose payload is missing or damaged goes back to plaintext and into the compile queue;
-* orphan payload files and temp files older than the GC grace period are deleted (younger ones may be
+* orphan payloads and leftovers older than the GC grace period are deleted (younger ones may be
   a compile in another process that has not attached its payload yet);
 * a missing or unusable search index file is rebuilt.
 """
@@ -31,13 +31,13 @@ from typing import Any
 from urllib.parse import quote
 
 from . import index_file, paths
+from .conversations import DB_NAME as CONVERSATIONS_DB
 from .conversations import ConversationStore
 from .errors import RepomemError, StoreError
-from .payloads import TEMP_SUFFIX, PayloadMissing
+from .payloads import LocalPayloads, PayloadMissing
 from .store import DB_NAME, GC_GRACE_S, PAYLOAD_DIR, Cube, CubeStore
 
 Progress = Callable[[str, int, int], None]
-CONVERSATIONS_DB = "conversations.db"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -52,9 +52,9 @@ class CheckReport:
     payloads_checked: int = 0
     payloads_missing: list[str] = field(default_factory=list)  # cube ids
     payloads_corrupt: list[str] = field(default_factory=list)
-    orphans: list[str] = field(default_factory=list)  # payload files (relative to the store)
+    orphans: list[str] = field(default_factory=list)  # sha256 of payloads no cube points at
     orphans_recent: int = 0  # of which younger than the grace period
-    temp_files: int = 0
+    temp_files: int = 0  # leftovers of unfinished writes
     index_file: str = "ok"
     conversations: str = "ok"
     repaired: dict[str, Any] = field(default_factory=dict)
@@ -85,11 +85,6 @@ def _integrity(db_path: Path) -> list[str]:
     return [] if rows == [("ok",)] else [str(r[0]) for r in rows]
 
 
-def _payload_files(store_dir: Path) -> list[Path]:
-    root = store_dir / PAYLOAD_DIR
-    return sorted(p for p in root.glob("*/*") if p.is_file()) if root.is_dir() else []
-
-
 def check_store(repo_root: str | Path, *, repair: bool = False, progress: Progress | None = None) -> CheckReport:
     """Check (and with `repair`, fix) the store of the repository at `repo_root`."""
     root = Path(repo_root).expanduser().resolve()
@@ -107,8 +102,7 @@ def check_store(repo_root: str | Path, *, repair: bool = False, progress: Progre
     elif report.integrity:
         report.database = "damaged"
     if report.database != "ok":
-        report.orphans = [p.relative_to(store_dir).as_posix() for p in _payload_files(store_dir)
-                          if not p.name.endswith(TEMP_SUFFIX)]
+        report.orphans = sorted(LocalPayloads(store_dir / PAYLOAD_DIR).iterate())
         if repair:
             _rebuild_database(root, store_dir, report)
         return report
@@ -149,17 +143,11 @@ def _check_payloads(store: CubeStore, report: CheckReport, progress: Progress | 
 
 def _check_files(store: CubeStore, report: CheckReport) -> None:
     referenced = {c.payload_sha256 for c in store.cubes() if c.payload_sha256}
-    cutoff = time.time() - GC_GRACE_S
-    for p in _payload_files(store.dir):
-        rel = p.relative_to(store.dir).as_posix()
-        if p.name.endswith(TEMP_SUFFIX):
-            report.temp_files += 1
-        elif p.stem not in referenced:
-            report.orphans.append(rel)
-            try:
-                report.orphans_recent += p.stat().st_mtime > cutoff
-            except OSError:
-                pass
+    report.orphans = sorted(sha for sha in store.payloads.iterate() if sha not in referenced)
+    for sha in report.orphans:
+        age = store.payloads.age(sha)
+        report.orphans_recent += age is not None and age < GC_GRACE_S
+    report.temp_files = store.payloads.unfinished()
 
 
 def _repair(store: CubeStore, report: CheckReport) -> None:

@@ -293,17 +293,23 @@ def test_check_finds_and_repairs_payload_problems(repo: Path, home: Path, test_m
     orphan.parent.mkdir(exist_ok=True)
     orphan.write_bytes(b"left over by a crash")
     os.utime(orphan, (1, 1))  # long past the GC grace period
+    recent = mem.store.payloads.path(mem.store.write_payload(b"a compile about to attach it")[0])
+    torn = orphan.parent / ".half-written.tmp"
+    torn.write_bytes(b"killed mid-write")
+    os.utime(torn, (1, 1))
     index_file.path_for(store_dir).write_bytes(b"torn")
 
     report = check_store(repo)
     assert report.payloads_missing == [missing.id] and report.payloads_corrupt == [corrupt.id]
-    assert report.orphans == [orphan.relative_to(store_dir).as_posix()] and report.orphans_recent == 0
+    assert report.orphans == sorted(["ab" * 32, recent.stem]) and report.orphans_recent == 1
+    assert report.temp_files == 1
     assert "unreadable" in report.index_file
     result = CliRunner().invoke(cli, ["check", str(repo)])
     assert result.exit_code == 1  # problems, not repaired
 
     fixed = check_store(repo, repair=True)
-    assert fixed.repaired["payloads_requeued"] == 2 and fixed.repaired["files_deleted"] == 1
+    assert fixed.repaired["payloads_requeued"] == 2 and fixed.repaired["files_deleted"] == 2
+    assert recent.exists()  # younger than the grace period: kept
     assert fixed.repaired["index_file"] == "rebuilt"
     assert check_store(repo).problems == 0
     mem = RepoMemory.open(repo, settings=_settings(test_model_path))
