@@ -24,7 +24,7 @@ import httpx
 from repomem.app.server.config import ServeConfig
 from repomem.app.server.runner import ServerThread, Service
 from repomem.bench.evaluate import load_rows
-from repomem.core import settings as settings_mod
+from repomem.core import load_settings
 from repomem.core.engine import SamplingParams, default_threads
 from repomem.core.errors import RepomemError
 from repomem.core.prompt import SYSTEM, memory_text
@@ -43,7 +43,7 @@ def bench_serve(qa_file: Path, repo_root: Path, *, limit: int | None = 5, model:
                 progress: Progress | None = None) -> dict:
     say = progress or (lambda _m: None)
     rows = load_rows(qa_file, limit)
-    settings = settings_mod.load()
+    settings = load_settings()
     settings.n_threads = settings.n_threads or default_threads()
     roots = list(dict.fromkeys(str(repo_root / r["repo"]) for r in rows))
     service = Service.open(roots, ServeConfig(port=0, max_queue=4), settings=settings, model=model, watch=False)
@@ -59,7 +59,7 @@ def bench_serve(qa_file: Path, repo_root: Path, *, limit: int | None = 5, model:
         first = next(iter(by_root.values())).mem
         model_path = first.engine.path
         aider_system = _aider_sized(first)
-        base_url, base_error = None, ""
+        base_url, base_error = None, "" if baseline else "--no-baseline"
         if baseline:
             try:
                 llama, base_url = _start_llama_server(model_path, first.engine.use_extra_bufts, settings.n_threads)

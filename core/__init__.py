@@ -60,6 +60,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 }
 
 # `models` (the catalogue: fetch, spec, installed) and `paths` (the data home) are used as namespaces.
+_MODULES = ("models", "paths")
+
 __all__ = [
     "__version__",
     "models",
@@ -99,11 +101,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    try:
+    if name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    elif name in _EXPORTS:
         module, attr = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
     return value
 

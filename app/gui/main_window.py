@@ -40,17 +40,16 @@ from .tray import Tray
 
 
 class MainWindow(QMainWindow):
-    """`settings` defaults to core.settings.load(); `watch=False` keeps watchers out (tests, scripted runs)."""
+    """`settings` defaults to core's load_settings(); `watch=False` keeps watchers out (tests, scripted runs)."""
 
     error_shown = Signal(str)
 
     def __init__(self, settings: Any = None, *, watch: bool = True, restore_repos: bool = True,
                  persist: bool = True, tray: bool = True) -> None:
         super().__init__()
-        from repomem.core import settings as settings_mod
+        from repomem.core import load_settings
 
-        self.settings_mod = settings_mod
-        self.settings = settings if settings is not None else settings_mod.load()
+        self.settings = settings if settings is not None else load_settings()
         self.persist = persist
         self.quitting = False
         self.errors: list[str] = []
@@ -217,9 +216,11 @@ class MainWindow(QMainWindow):
             self.save_settings(dialog.result_settings())
 
     def save_settings(self, settings: Any, *, reconfigure: bool = True) -> None:
-        """Persist (core.settings.save) and, when model-affecting values changed, reopen memories."""
+        """Persist (core's save_settings) and, when model-affecting values changed, reopen memories."""
+        from repomem.core import save_settings
+
         self.settings = settings
-        self.settings_mod.save(settings)
+        save_settings(settings)
         self.chat.set_mode(settings.mode)
         if reconfigure:
             self.worker.reconfigure(settings)

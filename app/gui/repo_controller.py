@@ -35,7 +35,7 @@ class RepoController(QObject):
                  watch: bool = True, background_compile: bool = True, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.worker, self.stores, self.sidebar = worker, stores, sidebar
-        self.watch = watch and watch_control.available()
+        self.watch = watch
         self.background_compile = background_compile
         self.ready_roots: set[str] = set()
         self._compile_jobs: dict[str, Job] = {}

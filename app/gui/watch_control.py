@@ -18,22 +18,10 @@ STATE_WORDS = {
 }
 
 
-def available() -> bool:
-    """Whether this installation can run a watcher (core has it and the CLI has `watch`)."""
-    try:
-        from repomem.app.cli import cli
-        from repomem.core import watch_status  # noqa: F401
-    except ImportError:
-        return False
-    return "watch" in getattr(cli, "commands", {})
-
-
 def status(root: str | Path) -> dict[str, Any]:
-    """core's watcher snapshot ({} when core has no watcher)."""
-    try:
-        from repomem.core import watcher_status
-    except ImportError:
-        return {}
+    """core's watcher snapshot ({} when its status file cannot be read)."""
+    from repomem.core import watcher_status
+
     try:
         return watcher_status(root)
     except OSError:
