@@ -79,10 +79,6 @@ class Chunk:
     def content_hash(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()
 
-    @property
-    def n_lines(self) -> int:
-        return self.end_line - self.start_line + 1
-
 
 # --------------------------------------------------------------------------------------------
 # Per-language grammar tables
@@ -228,11 +224,6 @@ def _language(language: str) -> Any:
     from tree_sitter import Language
 
     return Language(_load_language(language))
-
-
-def has_grammar(language: str | None) -> bool:
-    """Whether `language` gets definition-level chunks (else it gets line windows)."""
-    return language in _SPECS
 
 
 def _parse(language: str, data: bytes) -> Any:

@@ -90,10 +90,6 @@ class ModelInfo:
     desc: str
 
     @property
-    def n_embd_k_gqa(self) -> int:
-        return self.n_head_kv * self.head_dim
-
-    @property
     def n_embd_v_gqa(self) -> int:
         return self.n_head_kv * self.head_dim
 
@@ -412,10 +408,6 @@ class Context:
 
     def seq_rm(self, seq_id: int = 0, p0: int = -1, p1: int = -1) -> None:
         llama().llama_memory_seq_rm(self._mem, seq_id, p0, p1)
-
-    def seq_add(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
-        """Shift positions [p0, p1) by delta (llama.cpp re-rotates the keys: its own K-shift)."""
-        llama().llama_memory_seq_add(self._mem, seq_id, p0, p1, delta)
 
     def state_get(self, seq_id: int = 0) -> bytes:
         """One sequence's KV cells as llama.cpp's state blob (the format `repomem.native` reads)."""

@@ -172,11 +172,6 @@ class SearchIndex:
 
     # ---- saving -------------------------------------------------------------------------------
 
-    @property
-    def unsaved(self) -> int:
-        """Changes since the file was written (or read): what the next open would replay."""
-        return self._unsaved
-
     def save(self, *, min_changes: int = 1) -> bool:
         """Write the index file when at least `min_changes` changes are unsaved. A failure (read-only
         or full disk) is logged, not raised: the file is a cache. Returns whether it was written."""

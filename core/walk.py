@@ -302,12 +302,6 @@ def decode_text(data: bytes, path: str | os.PathLike[str] = "<bytes>") -> str:
     return text
 
 
-def read_text_file(path: str | os.PathLike[str]) -> str:
-    """Read a text file as the walk and the watcher both do (raises OSError or NotTextError)."""
-    with open(path, "rb") as fh:
-        return decode_text(fh.read(), path)
-
-
 def _looks_random(value: str) -> bool:
     return any(c.isdigit() for c in value) and any(c.isalpha() for c in value) and len(set(value)) > 6
 
@@ -457,29 +451,6 @@ class IgnoreRules:
                 self._cache.clear()
             self._cache[key] = found
         return found
-
-
-_RULES_CACHE: dict[str, IgnoreRules] = {}
-
-
-def is_ignored(root: str | os.PathLike[str], rel_path: str) -> str | None:
-    """Name-only verdict for one path (the watcher's quick check): the reason, or None.
-
-    Rules are cached per root; after an ignore file changes, call `reload_rules(root)`.
-    Content checks (binary, secrets, size) need `load_file`.
-    """
-    key = os.path.abspath(root)
-    rules = _RULES_CACHE.get(key)
-    if rules is None:
-        rules = _RULES_CACHE[key] = IgnoreRules(root)
-    is_dir = os.path.isdir(os.path.join(key, rel_path)) and not os.path.islink(os.path.join(key, rel_path))
-    return rules.reason(rel_path, is_dir)
-
-
-def reload_rules(root: str | os.PathLike[str]) -> None:
-    rules = _RULES_CACHE.get(os.path.abspath(root))
-    if rules is not None:
-        rules.reload()
 
 
 def _inside(path: Path, root_real: Path) -> bool:

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import repomem.core.chunking as chunking
-from repomem.core.chunking import Chunk, chunk_text, estimate_tokens, has_grammar, source_lines
+from repomem.core.chunking import Chunk, chunk_text, estimate_tokens, source_lines
 from repomem.core.walk import language_for, walk_repo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -460,7 +460,7 @@ def test_plain_windows_overlap_and_budget() -> None:
     src = "\n".join(f"line {i} " + "word " * 3 for i in range(200)) + "\n"
     got = chunk_text("notes.txt", src, None)
     check_invariants(src, got, max_tokens=384)
-    assert all(c.n_lines <= chunking.WINDOW_LINES for c in got)
+    assert all(c.end_line - c.start_line + 1 <= chunking.WINDOW_LINES for c in got)
     # hard cuts (no blank line, no heading) overlap
     assert any(b.start_line <= a.end_line for a, b in zip(got, got[1:], strict=False))
 
@@ -483,7 +483,7 @@ def test_custom_token_counter_is_used() -> None:
     got = chunk_text("x.py", src, "python", max_tokens=12, count_tokens=count)
     check_invariants(src, got)
     assert calls
-    assert all(count(c.text) <= 12 for c in got if c.n_lines > 1)
+    assert all(count(c.text) <= 12 for c in got if c.end_line > c.start_line)
 
 
 def test_empty_and_blank_files() -> None:
@@ -521,9 +521,9 @@ def test_content_hash_is_of_text_only() -> None:
 
 def test_grammars_available() -> None:
     for lang in ["python", "javascript", "typescript", "tsx", "go", "rust", "java", "c", "cpp"]:
-        assert has_grammar(lang)
+        assert lang in chunking._SPECS  # definition-level chunks
         chunking._language(lang)  # the wheel loads
-    assert not has_grammar("markdown") and not has_grammar(None)
+    assert "markdown" not in chunking._SPECS  # line windows
 
 
 # ---- properties ------------------------------------------------------------------------------
@@ -600,7 +600,7 @@ def test_property_over_installed_sources() -> None:
     for root in roots:
         for path in sorted(root.rglob("*")):
             lang = language_for(path.name)
-            if not has_grammar(lang) or seen.get(lang, 0) >= 25 or not path.is_file():
+            if lang not in chunking._SPECS or seen.get(lang, 0) >= 25 or not path.is_file():
                 continue
             try:
                 if path.stat().st_size > 150_000:

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("PySide6")
 
-from PySide6.QtCore import QElapsedTimer, QTimer  # noqa: E402
+from PySide6.QtCore import QElapsedTimer, Qt, QTimer  # noqa: E402
 
 from repomem.app.gui.main_window import MainWindow  # noqa: E402
 from repomem.core import settings as settings_mod  # noqa: E402
@@ -203,10 +203,14 @@ def test_conversations_new_rename_delete(qtbot, window: MainWindow, repo: Path):
     cid = window.conversations.list.item(0).data(256)
     with qtbot.waitSignal(window.chat_ctl.conversations_changed, timeout=10_000):
         window.chat_ctl.rename_conversation(cid, "Adding numbers")
-    assert "Adding numbers" in window.conversations.titles()
+
+    def titled() -> list:
+        return window.conversations.list.findItems("Adding numbers", Qt.MatchFlag.MatchExactly)
+
+    assert [item.data(256) for item in titled()] == [cid]
     with qtbot.waitSignal(window.chat_ctl.conversations_changed, timeout=10_000):
         window.chat_ctl.delete_conversation(cid)
-    assert window.conversations.list.count() == 1 and "Adding numbers" not in window.conversations.titles()
+    assert window.conversations.list.count() == 1 and titled() == []
 
 
 def test_settings_persist_across_restart(qtbot, gui_home: Path, repo: Path):

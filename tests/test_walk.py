@@ -13,11 +13,8 @@ from repomem.core.walk import (
     RepoFile,
     Skip,
     decode_text,
-    is_ignored,
     language_for,
     load_file,
-    read_text_file,
-    reload_rules,
     secret_in_text,
     secret_name,
     walk_repo,
@@ -141,7 +138,7 @@ def test_git_info_exclude_and_git_dir_silent(tmp_path: Path) -> None:
     res = walk_repo(tmp_path)
     assert rels(res) == ["a.py"]
     assert reasons(res) == {"secret_dir/": "gitignore"}
-    assert is_ignored(tmp_path, ".git/config") == "git"
+    assert IgnoreRules(tmp_path).reason(".git/config") == "git"
 
 
 def test_repomemignore_and_extra_ignores(tmp_path: Path) -> None:
@@ -249,9 +246,10 @@ def test_binary_encoding_bom_and_size(tmp_path: Path) -> None:
     assert res.counts_by_reason() == {"binary": 2, "encoding": 1, "too_large": 1}
 
 
-def test_read_text_file_and_decode(tmp_path: Path) -> None:
-    p = write(tmp_path, "a.txt", b"one\r\ntwo\rthree\n")
-    assert read_text_file(p) == "one\ntwo\nthree\n"
+def test_line_endings_and_decode(tmp_path: Path) -> None:
+    write(tmp_path, "a.txt", b"one\r\ntwo\rthree\n")
+    loaded = load_file(tmp_path, "a.txt")
+    assert isinstance(loaded, RepoFile) and loaded.text == "one\ntwo\nthree\n"
     from repomem.core.walk import NotTextError
 
     with pytest.raises(NotTextError) as err:
@@ -260,8 +258,7 @@ def test_read_text_file_and_decode(tmp_path: Path) -> None:
     with pytest.raises(NotTextError) as err:
         decode_text(b"\xff\xfe\xfa")
     assert err.value.reason == "encoding"
-    with pytest.raises(OSError):
-        read_text_file(tmp_path / "missing.txt")
+    assert load_file(tmp_path, "missing.txt") == Skip("missing.txt", "unreadable")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges on Windows")
@@ -333,11 +330,10 @@ def test_ignore_rules_single_path_and_reload(tmp_path: Path) -> None:
     rules.reload()
     assert rules.reason("pkg/b.py") == "gitignore"
 
-    assert is_ignored(tmp_path, "pkg/a.gen.py") == "gitignore"
-    assert is_ignored(tmp_path, "pkg/node_modules") == "vendored"
+    assert rules.reason("pkg/node_modules", is_dir=True) == "vendored"
     write(tmp_path, ".gitignore", "")
-    reload_rules(tmp_path)
-    assert is_ignored(tmp_path, "pkg/a.gen.py") is None
+    rules.reload()
+    assert rules.reason("pkg/a.gen.py") is None
 
 
 def test_load_file_for_watcher(tmp_path: Path) -> None:

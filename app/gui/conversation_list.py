@@ -86,9 +86,6 @@ class ConversationList(QWidget):
         self.list.setCurrentItem(None)
         self._quiet = False
 
-    def titles(self) -> list[str]:
-        return [self.list.item(i).text() for i in range(self.list.count())]
-
     def _on_selection(self) -> None:
         if not self._quiet:
             self.selected.emit(self.current_id())
