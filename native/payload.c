@@ -656,7 +656,7 @@ static void rm_enc_k4_k(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t *
                 }
                 // pass 2: the scale that spans the block in 15 steps, or one or two codes finer with the
                 // extremes clipped (zero point at the low end or centred), whichever codes the block with
-                // the least error: 10% less than spanning alone on real keys, less than q4's f16 statistics
+                // the least error (what this gains on real keys: native/README.md, k4v3)
                 const float * col  = vals + c;
                 const uint32_t span = rm_scale_code_ceil(tab, (hi[c] - lo[c]) / 15.0f);
                 uint32_t       code = span;
@@ -729,8 +729,8 @@ static void rm_enc_nf3c_v(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t
                     continue;
                 }
                 // five std codes from two below sd's ceiling code (moved up while the mean code does not fit
-                // int8): keep the one that codes the block with the least error, 8% less than the nearest
-                // code on real rows (a block of 64 values is not quite Gaussian)
+                // int8): keep the one that codes the block with the least error, since a block of 64 values
+                // is not quite Gaussian (what this gains on real rows: native/README.md, k4v3)
                 uint32_t code = rm_scale_code_ceil(tab, sd);
                 code          = code >= 2u ? code - 2u : 0u;
                 for (;; ++code) {

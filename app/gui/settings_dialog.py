@@ -30,9 +30,6 @@ from repomem.core.settings import CACHE_TYPES, ENCODINGS, MODES
 
 from .model_setup import pick_gguf, start_download
 
-#: bytes per source token on the default model, as measured by `repomem bench storage` (docs/benchmarks.md)
-ENCODING_SIZES = {"f16": "12.3", "q8": "6.5", "q4": "4.0", "k4v3": "3.0", "k3v3": "2.9", "q2": "2.4"}
-
 
 class SettingsDialog(QDialog):
     def __init__(self, settings, parent: QWidget | None = None) -> None:  # noqa: ANN001 - core Settings
@@ -82,11 +79,11 @@ class SettingsDialog(QDialog):
         self.mode.setToolTip("kv: splice compiled memory (fast) · text: memory as prompt text · none: no memory")
         self.encoding = QComboBox()
         for name in ENCODINGS:
-            size = ENCODING_SIZES.get(name)
-            self.encoding.addItem(f"{name} — {size} KB per token" if size else name, name)
+            self.encoding.addItem(name, name)
         self.encoding.setCurrentIndex(max(0, self.encoding.findData(settings.encoding)))
-        self.encoding.setToolTip("How compiled memories are stored: smaller keeps more of a repository compiled "
-                                 "on the disk budget. Changing it re-encodes existing memories in the background.")
+        self.encoding.setToolTip("How compiled memories are stored, from the largest (f16, exact) to the smallest "
+                                 "(q2): smaller keeps more of a repository compiled on the disk budget. Changing "
+                                 "it re-encodes existing memories in the background.")
         self.keep_ratio = QDoubleSpinBox()
         self.keep_ratio.setRange(0.05, 1.0)
         self.keep_ratio.setSingleStep(0.05)
