@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+from rich.syntax import Syntax
 from rich.table import Table
 
 from repomem.app.cli import _print_json, cli, console, err
@@ -162,6 +163,11 @@ def _print_sources(ans) -> None:
         err.print(f"[yellow]warning:[/] {w}")
     srcs = ", ".join(f"{s.path}:{s.start_line}-{s.end_line}" for s in ans.sources) or "none"
     err.print(f"[dim]sources: {srcs} · {ans.mode} · first token {ans.ttft_s:.2f}s[/]")
+    if ans.evidence is not None:
+        ev = ans.evidence
+        err.print(f"[dim]evidence: {ev.location}[/]")
+        err.print(Syntax(ev.text, Syntax.guess_lexer(ev.path, ev.text), line_numbers=True,
+                         start_line=ev.start_line, theme="ansi_dark", background_color="default"))
 
 
 @cli.command()
@@ -171,12 +177,17 @@ def _print_sources(ans) -> None:
 def chat(path: str | None, mode: str | None, model: str | None) -> None:
     """Terminal chat with streaming answers. Commands: /sources /new /history /quit."""
     mem = _open(path, model)
+    stop_compile = threading.Event()
+    compiling: threading.Thread | None = None
     try:
         _ensure_indexed(mem, True)
         pending = mem.store.compile_queue(mem.fingerprint, limit=None)
         if pending:
             err.print(f"[dim]{len(pending)} memories not compiled to KV yet: compiling in the background[/]")
-            threading.Thread(target=lambda: mem.compile_pending(), daemon=True).start()
+            # one cube per step: a question waits for the cube in flight, never for the queue
+            compiling = threading.Thread(target=lambda: mem.compile_pending(cancel=stop_compile), daemon=True,
+                                         name="repomem-chat-compile")
+            compiling.start()
         conv = mem.conversations.create("Terminal chat")
         last = None
         console.print(f"[bold]repomem[/] · {mem.root} · /sources /new /history /quit")
@@ -213,6 +224,9 @@ def chat(path: str | None, mode: str | None, model: str | None) -> None:
             click.echo()
             _print_sources(last)
     finally:
+        stop_compile.set()  # the cube in flight is dropped; the rest stays queued for next time
+        if compiling is not None:
+            compiling.join()
         mem.close()
 
 
@@ -226,9 +240,12 @@ def chat(path: str | None, mode: str | None, model: str | None) -> None:
 @click.option("--model", default=None)
 @click.option("--score", is_flag=True,
               help="Also score each row's reference answer teacher-forced (mean log-probability per token).")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
+              help="kv runs; runs after the first nudge every payload's rows by one f16 step (own store).")
 def eval_cmd(qa_file: str, repo_root: str, modes: str, out_path: str, limit: int | None, k: int,
-             model: str | None, score: bool) -> None:
-    """Answer a QA set greedily in every mode; write records and print accuracy, recall@k, median TTFT."""
+             model: str | None, score: bool, replicas: int) -> None:
+    """Answer a QA set greedily in every mode; write records and print accuracy, gold rank and median TTFT,
+    overall and per repository."""
     from repomem.bench.evaluate import run_eval
 
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
@@ -242,15 +259,23 @@ def eval_cmd(qa_file: str, repo_root: str, modes: str, out_path: str, limit: int
 
     with bar if bar is not None else nullcontext():
         report = run_eval(Path(qa_file), Path(repo_root), mode_list, Path(out_path), limit=limit, k=k,
-                          model=model, progress=progress, score=score)
+                          model=model, progress=progress, score=score, replicas=replicas)
     used = report["settings"]
     caption = (f"{used['encoding']} payloads, {used['placement']} placement, boost_top {used['boost_top']}, "
                f"{used['max_answer_tokens']}-token answers") if used else None
-    t = Table("mode", "accuracy", f"recall@{k}", "median TTFT s", "n", *(["ref. answer log-prob"] if score else []),
-              caption=caption)
-    for m, r in report["modes"].items():
-        t.add_row(m, f"{r['accuracy']:.3f}", f"{r['recall']:.3f}", f"{r['median_ttft_s']:.3f}", str(r["n"]),
-                  *([f"{r['reference_logprob']:.3f}"] if score else []))
+    legend = f"acc: accuracy{', mean: over the replicas' if replicas > 1 else ''}; P@1/P@2/R@{k}: gold piece " \
+             f"ranked 1st / in the top 2 / top {k} of the memories read; TTFT: median seconds" + \
+             ("; logp: the reference answer's mean log-probability, teacher-forced" if score else "")
+    t = Table("repo", "mode", "n", "acc", *(["mean"] if replicas > 1 else []), "P@1", "P@2", f"R@{k}", "MRR",
+              "TTFT", *(["logp"] if score else []), caption=f"{caption}\n{legend}" if caption else legend)
+    blocks = [("all", report["modes"])] + (list(report["repos"].items()) if len(report["repos"]) > 1 else [])
+    for name, block in blocks:
+        for m, r in block.items():
+            mean = r.get("accuracy_mean")
+            t.add_row(name, m, str(r["n"]), f"{r['accuracy']:.3f}",
+                      *([f"{mean:.3f}" if mean is not None else ""] if replicas > 1 else []),
+                      f"{r['p_at_1']:.2f}", f"{r['p_at_2']:.2f}", f"{r[f'recall_at_{k}']:.2f}", f"{r['mrr']:.2f}",
+                      f"{r['median_ttft_s']:.2f}", *([f"{r['reference_logprob']:.2f}"] if score else []))
     console.print(t)
     err.print(f"[dim]records written to {out_path}[/]")
 

@@ -7,7 +7,7 @@ payloads within the disk budget. `_promote_hot` is the MemOS lifecycle step that
 memories recalled often (hot -> KV).
 
 Reads from the facade: `store`, `settings`, `engine`, `layout`, `fingerprint`, `fingerprint_bytes`,
-`_lock`, `_compiler`, `_compiler_options`, `_warned_encoding`.
+`_lock`, `_turns` (one cube per background step), `_compiler`, `_compiler_options`, `_warned_encoding`.
 """
 
 from __future__ import annotations
@@ -61,13 +61,13 @@ class CompilingMixin(MemoryState):
         encoding (e.g. the ones a set of questions will retrieve), ahead of the rest of the queue."""
         with self._lock:
             fp, enc = self.fingerprint, self.payload_encoding
-            cubes = [c for c in (self.store.get(i) for i in dict.fromkeys(cube_ids)) if c is not None]
-            todo = [c for c in cubes if c.status != "archived"
-                    and not (c.has_payload and c.status == "active" and c.model_fingerprint == fp
-                             and c.encoding == enc)]
-            summary = IndexSummary()
-            self._compile_cubes(todo, summary, cancel=cancel)
-            return summary.compiled
+        cubes = [c for c in (self.store.get(i) for i in dict.fromkeys(cube_ids)) if c is not None]
+        todo = [c for c in cubes if c.status != "archived"
+                and not (c.has_payload and c.status == "active" and c.model_fingerprint == fp
+                         and c.encoding == enc)]
+        summary = IndexSummary()
+        self._compile_cubes(todo, summary, cancel=cancel)
+        return summary.compiled
 
     def reencode(self, encoding: str | None = None, *, limit: int | None = None,
                  cancel: threading.Event | None = None) -> dict[str, int]:
@@ -75,45 +75,51 @@ class CompilingMixin(MemoryState):
         f16 sources are re-encoded in C (no model run); lossy ones are compiled again from text, in the
         configured encoding. For that one a lossy payload keeps answering until the compile queue replaces
         it; for another it is dropped to text now."""
-        from .recode import recode_payload
 
-        configured = self.payload_encoding
+        with self._lock:
+            configured = self.payload_encoding
         target = encoding or configured
         keep_lossy = target == configured
         done = {"recoded": 0, "requeued": 0}
-        with self._lock:
-            for source, ids in self.store.payloads_by_encoding().items():
-                if source == target:
-                    continue
-                # A lossy tag is known without reading the payload (compile passes run this often).
-                lossy = source in settings_mod.ENCODINGS and source != "f16"
-                if lossy and keep_lossy:
-                    done["requeued"] += len(ids)
-                    continue
-                for cid in ids:
-                    if (cancel is not None and cancel.is_set()) or (limit is not None and done["recoded"] >= limit):
-                        return done
-                    cube = self.store.get(cid)
-                    if cube is None or not cube.has_payload or cube.encoding != source:
-                        continue  # changed since the listing
-                    data = None
-                    if not lossy:
-                        try:
-                            data = recode_payload(self.store.read_payload(cube, verify=False), target)
-                        except (StoreError, ValueError):
-                            pass
-                    if data is None:
-                        # Lossy or unreadable source: compile it again from its text.
-                        if not keep_lossy:
-                            self.store.archive(cube.id, reason=f"re-encode {cube.encoding} -> {target}")
-                            self.store.promote(cube.id)
-                        done["requeued"] += 1
-                        continue
-                    sha, nbytes = self.store.write_payload(data)
-                    if self.store.attach_payload(cube.id, cube.content_hash, sha, nbytes, cube.tokens,
-                                                 cube.kept_tokens, cube.model_fingerprint or "", target):
-                        done["recoded"] += 1
+        for source, ids in self.store.payloads_by_encoding().items():
+            if source == target:
+                continue
+            # A lossy tag is known without reading the payload (compile passes run this often).
+            lossy = source in settings_mod.ENCODINGS and source != "f16"
+            if lossy and keep_lossy:
+                done["requeued"] += len(ids)
+                continue
+            for cid in ids:
+                if (cancel is not None and cancel.is_set()) or (limit is not None and done["recoded"] >= limit):
+                    return done
+                with self._turns.background_step():
+                    self._reencode_one(cid, source, target, lossy, keep_lossy, done)
         return done
+
+    def _reencode_one(self, cid: str, source: str, target: str, lossy: bool, keep_lossy: bool,
+                      done: dict[str, int]) -> None:
+        from .recode import recode_payload
+
+        cube = self.store.get(cid)
+        if cube is None or not cube.has_payload or cube.encoding != source:
+            return  # changed since the listing
+        data = None
+        if not lossy:
+            try:
+                data = recode_payload(self.store.read_payload(cube, verify=False), target)
+            except (StoreError, ValueError):
+                pass
+        if data is None:
+            # Lossy or unreadable source: compile it again from its text.
+            if not keep_lossy:
+                self.store.archive(cube.id, reason=f"re-encode {cube.encoding} -> {target}")
+                self.store.promote(cube.id)
+            done["requeued"] += 1
+            return
+        sha, nbytes = self.store.write_payload(data)
+        if self.store.attach_payload(cube.id, cube.content_hash, sha, nbytes, cube.tokens,
+                                     cube.kept_tokens, cube.model_fingerprint or "", target):
+            done["recoded"] += 1
 
     def next_compile_path(self) -> str | None:
         """The file of the cube `compile_pending` takes next from the queue (None when it is empty)."""
@@ -140,46 +146,53 @@ class CompilingMixin(MemoryState):
 
     def _compile_into(self, summary: IndexSummary, *, limit: int | None = None, progress: Progress | None = None,
                       cancel: threading.Event | None = None) -> None:
-        with self._lock:
-            # After a change of the encoding setting; a step of the watcher (limit 1) re-encodes one payload.
-            recoded = self.reencode(limit=limit, cancel=cancel)["recoded"]
-            summary.recoded += recoded
-            left = None if limit is None else limit - recoded
-            if left is None or left > 0:
-                queue = self.store.compile_queue(self.fingerprint, limit=left, encoding=self.payload_encoding)
-                self._compile_cubes(queue, summary, progress=progress, cancel=cancel)
-            budget = self.settings.disk_budget_mb * 1024 * 1024
-            for cid in self.store.enforce_budget(budget):
-                log.info("archived %s to stay within the disk budget", cid)
+        """Re-encode, then compile the queue, one cube per `background_step` (a question goes first)."""
+        # After a change of the encoding setting; a step of the watcher (limit 1) re-encodes one payload.
+        recoded = self.reencode(limit=limit, cancel=cancel)["recoded"]
+        summary.recoded += recoded
+        left = None if limit is None else limit - recoded
+        if left is None or left > 0:
+            with self._lock:
+                fp, enc = self.fingerprint, self.payload_encoding
+            queue = self.store.compile_queue(fp, limit=left, encoding=enc)
+            self._compile_cubes(queue, summary, progress=progress, cancel=cancel)
+        budget = self.settings.disk_budget_mb * 1024 * 1024
+        for cid in self.store.enforce_budget(budget):
+            log.info("archived %s to stay within the disk budget", cid)
 
     def _compile_cubes(self, queue: list[Cube], summary: IndexSummary, *, progress: Progress | None = None,
                        cancel: threading.Event | None = None) -> None:
-        with self._lock:
-            fp = self.fingerprint
-            compiler = self._compiler_for()
-            for i, cube in enumerate(queue):
-                if cancel is not None and cancel.is_set():
+        for i, cube in enumerate(queue):
+            if cancel is not None and cancel.is_set():
+                break
+            with self._turns.background_step():
+                if not self._compile_one(cube, summary, cancel):
                     break
-                try:
-                    piece = compiler.compile_text(memory_text(cube.path, cube.start_line, cube.end_line,
-                                                              cube.symbol, cube.text), cancel=cancel)
-                except CancelledError:
-                    break  # nothing of this cube was written; it stays in the queue
-                except RepomemError as exc:
-                    # Keep one bad cube from stalling the queue: it stays searchable as text.
-                    log.warning("cannot compile %s: %s", cube.location, exc)
-                    self.store.archive(cube.id, reason=f"compile failed: {exc}")
-                    continue
-                sha, nbytes = self.store.write_payload(piece.payload)
-                if self.store.attach_payload(cube.id, cube.content_hash, sha, nbytes, tokens=piece.tokens,
-                                             kept_tokens=piece.kept, fingerprint=fp,
-                                             encoding=compiler.options.encoding):
-                    summary.compiled += 1
-                    summary.tokens += piece.tokens
-                    summary.kept_tokens += piece.kept
-                    summary.payload_bytes += nbytes
-                if progress:
-                    progress("compile", i + 1, len(queue))
+            if progress:
+                progress("compile", i + 1, len(queue))
+
+    def _compile_one(self, cube: Cube, summary: IndexSummary, cancel: threading.Event | None) -> bool:
+        """Compile one cube (caller holds the lock); False when cancelled."""
+        compiler = self._compiler_for()  # again each step: the model may have been released meanwhile
+        try:
+            piece = compiler.compile_text(memory_text(cube.path, cube.start_line, cube.end_line,
+                                                      cube.symbol, cube.text), cancel=cancel)
+        except CancelledError:
+            return False  # nothing of this cube was written; it stays in the queue
+        except RepomemError as exc:
+            # Keep one bad cube from stalling the queue: it stays searchable as text.
+            log.warning("cannot compile %s: %s", cube.location, exc)
+            self.store.archive(cube.id, reason=f"compile failed: {exc}")
+            return True
+        sha, nbytes = self.store.write_payload(piece.payload)
+        if self.store.attach_payload(cube.id, cube.content_hash, sha, nbytes, tokens=piece.tokens,
+                                     kept_tokens=piece.kept, fingerprint=self.fingerprint,
+                                     encoding=compiler.options.encoding):
+            summary.compiled += 1
+            summary.tokens += piece.tokens
+            summary.kept_tokens += piece.kept
+            summary.payload_bytes += nbytes
+        return True
 
     def _promote_hot(self) -> None:
         """MemOS lifecycle: plaintext memories recalled often are queued for compilation (hot -> KV)."""

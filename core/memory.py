@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shlex
-import threading
 from pathlib import Path
 
 from . import engine_pool, paths
@@ -27,6 +26,7 @@ from .conversations import ConversationStore
 from .engine import Context, Engine
 from .errors import RepomemError, StoreDamagedError, StoreError, storage_error
 from .indexing import IndexingMixin, IndexSummary
+from .memory_state import ModelTurns
 from .models import resolve_model
 from .notes import NotesMixin, UnsavedExchange
 from .prompt import Layout, make_layout
@@ -51,7 +51,8 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
         self.model_choice = model or settings.model or None
         self.conversations = ConversationStore.in_folder(paths.repo_dir(root))
         self._search = SearchIndex.open(store)  # the saved index, brought up to date with the store
-        self._lock = threading.RLock()  # one model operation at a time per repository
+        self._turns = ModelTurns()  # questions first; compiles go one cube at a time
+        self._lock = self._turns.lock  # one model operation at a time per repository
         self._engine: Engine | None = None
         self._compiler: Compiler | None = None
         self._compiler_options: CompileOptions | None = None

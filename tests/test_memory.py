@@ -285,3 +285,42 @@ def test_score_answer_is_teacher_forced_greedy(mem: RepoMemory, mode: str) -> No
     assert other.mean_logprob < own.mean_logprob - 1.0
     with pytest.raises(RepomemError, match="empty"):
         mem.score_answer(q, "  ", mode=mode)
+
+
+def test_a_question_during_a_long_compile_waits_for_one_cube_not_the_queue(repo: Path, home: Path,
+                                                                           test_model_path: Path) -> None:
+    import threading
+
+    for i in range(30):
+        (repo / f"mod_{i}.py").write_text(f"def handler_{i}(request):\n    return {{'status': {200 + i}}}\n")
+    s = settings_mod.Settings(model=str(test_model_path), max_answer_tokens=8, encoding="f16")
+    mem = RepoMemory.open(repo, settings=s)
+    try:
+        mem.index(compile=False)
+        queued = len(mem.store.compile_queue(mem.fingerprint, limit=None))
+        steps: list[int] = []
+        started = threading.Event()
+
+        def progress(_stage: str, done: int, _total: int) -> None:
+            steps.append(done)
+            if done >= 2:
+                started.set()
+
+        compiling = threading.Thread(target=lambda: mem.compile_pending(progress=progress))
+        compiling.start()
+        assert started.wait(120)
+        waited: list[int] = []  # cubes compiled while each question waited
+        for i in range(8):  # back to back: each one arrives while a cube compiles
+            asked_at = len(steps)
+            ans = mem.ask(f"What does handler_{i} return?", mode="text", record=False,
+                          sampling=SamplingParams(temperature=0.0, max_tokens=2))
+            waited.append(len(steps) - asked_at)  # no step ends while the answer holds the model
+            assert ans.answer
+        assert len(steps) < queued - 5, "the questions came after the queue"
+        compiling.join(600)
+        assert not compiling.is_alive()
+        # each question waited for the cube in flight at most, then the queue went on to its end
+        assert max(waited) <= 1, waited
+        assert len(steps) == queued and mem.store.compile_queue(mem.fingerprint, limit=None) == []
+    finally:
+        mem.close()
