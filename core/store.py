@@ -1051,6 +1051,76 @@ class CubeStore:
             sql += f" LIMIT {int(limit)}"
         return [Cube.from_row(r) for r in self._rows(sql, params)]
 
+    # Sort keys of `cube_ids`: NULL reads as 0 (or "" for the symbol) so every cube has a place.
+    LIST_ORDERS: dict[str, tuple[str, ...]] = {
+        "location": ("path", "start_line"),
+        "symbol": ("coalesce(symbol, '')",),
+        "kind": ("kind",),
+        "status": ("status",),
+        "source": ("source",),
+        "pinned": ("pinned",),
+        "tokens": ("coalesce(tokens, 0)",),
+        "kept_tokens": ("coalesce(kept_tokens, 0)",),
+        "payload_bytes": ("coalesce(payload_bytes, 0)",),
+        "importance": ("importance",),
+        "access_count": ("access_count",),
+        "last_access": ("coalesce(last_access, 0)",),
+    }
+
+    def cube_ids(
+        self,
+        *,
+        kind: str = "",
+        status: str = "",
+        path_contains: str = "",
+        symbol_contains: str = "",
+        order_by: str = "location",
+        descending: bool = False,
+    ) -> list[str]:
+        """Ids of the matching cubes in display order, without reading their fields: what a list of every
+        cube pages through (`cube_fields` reads one window). An empty filter matches all; `status="archived"`
+        also matches cubes whose payload was archived for the disk budget, and `"active"` leaves them out;
+        `*_contains` ignore ASCII case; ties keep location order."""
+        if order_by not in self.LIST_ORDERS:
+            raise ValueError(f"order_by must be one of {sorted(self.LIST_ORDERS)}")
+        where, params = [], []
+        if kind:
+            where.append("kind = ?")
+            params.append(kind)
+        if status == "archived":
+            where.append("(status = 'archived' OR archived_at IS NOT NULL)")
+        elif status == "active":
+            where.append("status = 'active' AND archived_at IS NULL")
+        elif status:
+            where.append("status = ?")
+            params.append(status)
+        for col, text in (("path", path_contains), ("symbol", symbol_contains)):
+            if text:
+                where.append(f"instr(lower(coalesce({col}, '')), lower(?)) > 0")
+                params.append(text)
+        direction = " DESC" if descending else ""
+        sql = "SELECT id FROM cubes"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY " + ", ".join(k + direction for k in self.LIST_ORDERS[order_by]) + ", path, start_line, id"
+        # Row by row, not fetchall: a hundred thousand live tuples would set off the cyclic GC, which
+        # holds the GIL (and so the GUI thread) for a long pause.
+        return self._read(lambda c: [r[0] for r in c.execute(sql, params)])
+
+    def cube_fields(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Every field but the text of these cubes (those that still exist, in no particular order)."""
+        ids = list(ids)
+        cols = ", ".join(c for c in _CUBE_COLUMNS if c != "text")
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
+            part = ids[start:start + 500]
+            rows += self._rows(f"SELECT {cols} FROM cubes WHERE id IN ({', '.join('?' * len(part))})", part)
+        return rows
+
+    def count(self) -> int:
+        """How many cubes the store holds, in any status."""
+        return int(self._read(lambda c: c.execute("SELECT COUNT(*) FROM cubes").fetchone()[0]))
+
     def data_version(self) -> int:
         """Changes whenever another connection (the watcher, the GUI) commits to this database."""
         return int(self._read(lambda c: c.execute("PRAGMA data_version").fetchone()[0]))

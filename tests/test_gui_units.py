@@ -1,4 +1,5 @@
-"""Fast GUI checks without a model: rendering, editor commands, filters, ignore file, the Qt guard."""
+"""Fast GUI checks without a model: rendering, editor commands, ignore file, the Qt guard (the inspector's
+filters and sort: test_gui_big_store.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ pytest.importorskip("PySide6")
 from repomem.app.gui import qt_compat  # noqa: E402  (importing the package installs the guard)
 from repomem.app.gui.chat_controller import answer_meta  # noqa: E402
 from repomem.app.gui.chat_view import ChatMessage, ChatView, SourceRef  # noqa: E402
-from repomem.app.gui.cube_table import CubeFilter, CubeRow, CubeTableModel  # noqa: E402
 from repomem.app.gui.editor import editor_argv  # noqa: E402
 from repomem.app.gui.markdown_render import MarkdownRenderer  # noqa: E402
 from repomem.app.gui.memory_ops import add_ignore_line  # noqa: E402
@@ -56,32 +56,6 @@ def test_ignore_line_is_appended_once(tmp_path: Path):
     add_ignore_line(tmp_path, "src/secret.py")
     add_ignore_line(tmp_path, "src/secret.py")
     assert (tmp_path / ".repomemignore").read_text() == "build/\n/src/secret.py\n"
-
-
-def _row(**kw) -> CubeRow:
-    base = dict(id="c", path="src/a.py", start_line=1, end_line=9, symbol="f", kind="plaintext", status="active",
-                source="code", pinned=False, tokens=0, kept_tokens=0, payload_bytes=0, importance=0.5,
-                access_count=0, last_access=0.0, archived=False)
-    base.update(kw)
-    return CubeRow(**base)
-
-
-def test_cube_filter_and_sort(qtbot):
-    rows = [_row(id="1", path="src/a.py", symbol="alpha", kind="activation", payload_bytes=300, last_access=5),
-            _row(id="2", path="src/b.py", symbol="beta", status="stale", payload_bytes=100, last_access=9),
-            _row(id="3", path="docs/c.md", symbol="", archived=True, payload_bytes=0, last_access=1)]
-    assert [r.id for r in rows if CubeFilter(kind="activation").accepts(r)] == ["1"]
-    assert [r.id for r in rows if CubeFilter(status="archived").accepts(r)] == ["3"]
-    assert [r.id for r in rows if CubeFilter(status="active").accepts(r)] == ["1"]
-    assert [r.id for r in rows if CubeFilter(file="SRC/").accepts(r)] == ["1", "2"]
-    assert [r.id for r in rows if CubeFilter(symbol="bet").accepts(r)] == ["2"]
-    model = CubeTableModel()
-    model.set_cubes([{**r.__dict__, "archived_at": 1.0 if r.archived else None} for r in rows])
-    assert [r.id for r in model.rows] == ["2", "1", "3"]  # default: last access, newest first
-    from PySide6.QtCore import Qt
-
-    model.sort(8, Qt.SortOrder.DescendingOrder)  # size
-    assert [r.id for r in model.rows] == ["1", "2", "3"]
 
 
 def test_chat_view_copy_and_source_links(qtbot):

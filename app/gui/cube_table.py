@@ -1,22 +1,34 @@
 """Table model of MemCubes for the inspector: filter by kind, status, file, symbol; sort by any column.
 
-Why filtering and sorting live in the model instead of a QSortFilterProxyModel: a proxy calls a
-Python `filterAcceptsRow` once per row, which for a large repository (tens of thousands of cubes)
-holds the GUI thread far too long. One list comprehension and one `sorted` over plain tuples do the
-same work without a Python call per row.
+Why it is lazy: a monorepo's store holds a cube for every definition, and reading them all (or even
+building a Python row for each) would hold the GUI thread for seconds. The store filters and sorts in SQL and
+hands back only the ordered ids; the fields of a row (never its text) are read a page at a time, on a
+worker thread, when the view first shows it, and at most `CACHED_ROWS` of them stay in memory. A row
+not read yet shows a placeholder until its page arrives.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt, Signal
 
+from . import memory_ops as ops
 from .records import pick
 
 Index = QModelIndex | QPersistentModelIndex
+#: `fetch(fn, done, failed)`: run `fn(cube_store, job)` off the GUI thread, then call `done(result)`
+#: (or `failed()`) back on the GUI thread.
+Fetch = Callable[[Callable[[Any, Any], Any], Callable[[Any], None], Callable[[], None]], None]
+_ROLES = frozenset(int(r) for r in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.TextAlignmentRole,
+                                    Qt.ItemDataRole.ToolTipRole, Qt.ItemDataRole.UserRole))
+PAGE = 200  # rows read per query
+CACHED_ROWS = 2000  # rows kept in memory at most: several screens, never the whole store
 
 
 @dataclass(frozen=True)
@@ -104,11 +116,6 @@ class CubeRow:
     def location(self) -> str:
         return f"{self.path}:{self.start_line}-{self.end_line}"
 
-    def sort_key(self, key: str) -> Any:
-        if key == "location":
-            return (self.path, self.start_line)
-        return getattr(self, key)
-
     def display(self, key: str) -> str:
         if key == "location":
             return self.location
@@ -135,75 +142,154 @@ class CubeFilter:
     file: str = ""  # substring of the path
     symbol: str = ""  # substring of the symbol
 
-    def accepts(self, row: CubeRow) -> bool:
-        if self.kind and row.kind != self.kind:
-            return False
-        if self.status:
-            if self.status == "archived":
-                if not (row.status == "archived" or row.archived):
-                    return False
-            elif row.status != self.status or (self.status == "active" and row.archived):
-                return False
-        if self.file and self.file.lower() not in row.path.lower():
-            return False
-        return not (self.symbol and self.symbol.lower() not in row.symbol.lower())
-
 
 class CubeTableModel(QAbstractTableModel):
+    """Rows of one store, read lazily through `fetch` (see the module doc); `listed()` fires when a new
+    listing (after `set_source`, `reload`, a filter or a sort) is in place."""
+
+    listed = Signal()
+
     def __init__(self) -> None:
         super().__init__()
-        self.all_rows: list[CubeRow] = []
-        self.rows: list[CubeRow] = []
         self.filter = CubeFilter()
         self.sort_column = COLUMN_INDEX["last_access"]
         self.sort_order = Qt.SortOrder.DescendingOrder
+        self.store_total = 0  # cubes in the store, whatever the filter
+        self.loading = False
+        self._fetch: Fetch | None = None
+        self._ids: list[str] = []  # the listing: every matching cube, in display order
+        self._rows: OrderedDict[str, CubeRow] = OrderedDict()  # least recently shown first, for eviction
+        self._gone: set[str] = set()  # listed, but no longer in the store when its page was read
+        self._pending: set[int] = set()  # pages asked for and not back yet
+        self._generation = 0  # bumped by each listing: answers to an older one are dropped
 
     # -- data in -------------------------------------------------------------------------------
-    def set_cubes(self, cubes: list[Any]) -> None:
-        self.all_rows = [CubeRow.from_cube(c) for c in cubes]
-        self._apply()
+    def set_source(self, fetch: Fetch | None) -> None:
+        """Read another store from now on (None: list nothing)."""
+        self._fetch = fetch
+        self._rows.clear()
+        self.reload()
 
     def set_filter(self, flt: CubeFilter) -> None:
         self.filter = flt
-        self._apply()
+        self.reload()
+
+    def reload(self) -> None:
+        """List again (the store, the filter or the sort changed). The rows shown last are read again in the
+        same query, so a refresh does not blank what is on screen."""
+        self._generation += 1
+        self._pending.clear()
+        gen = self._generation
+        if self._fetch is None:
+            self._install(gen, ([], 0, []))
+            return
+        self.loading = True
+        query = dict(kind=self.filter.kind, status=self.filter.status, path_contains=self.filter.file,
+                     symbol_contains=self.filter.symbol, order_by=COLUMNS[self.sort_column].key,
+                     descending=self.sort_order == Qt.SortOrder.DescendingOrder)
+        shown_last = list(itertools.islice(reversed(self._rows), 2 * PAGE))
+        self._fetch(ops.cube_listing(query, shown_last, PAGE, CubeRow.from_cube),
+                    lambda result: self._install(gen, result), lambda: self._listing_failed(gen))
 
     def drop(self, cube_id: str) -> None:
-        self.all_rows = [r for r in self.all_rows if r.id != cube_id]
-        self._apply()
+        row = self.row_of(cube_id)
+        if row < 0:
+            return
+        self.beginRemoveRows(QModelIndex(), row, row)
+        del self._ids[row]
+        self._rows.pop(cube_id, None)
+        self.store_total -= 1
+        self.endRemoveRows()
+
+    def _install(self, gen: int, listing: tuple[list[str], int, list[CubeRow]]) -> None:
+        if gen != self._generation:
+            return
+        ids, total, rows = listing
+        self.beginResetModel()
+        self._ids, self.store_total = ids, total
+        self._rows = OrderedDict((r.id, r) for r in rows)
+        self._gone = set()
+        self.loading = False
+        self.endResetModel()
+        self.listed.emit()
+
+    def _listing_failed(self, gen: int) -> None:
+        if gen == self._generation:
+            self.loading = False
+
+    def _want(self, page: int) -> None:
+        """Read the fields of one page of rows (once: a failed page is not asked again until a new listing)."""
+        if page in self._pending or self._fetch is None:
+            return
+        ids = [i for i in self._ids[page * PAGE:(page + 1) * PAGE] if i not in self._rows and i not in self._gone]
+        if not ids:
+            return
+        self._pending.add(page)
+        gen = self._generation
+        self._fetch(ops.cube_window(ids, CubeRow.from_cube),
+                    lambda rows: self._arrived(gen, page, ids, rows), lambda: None)
+
+    def _arrived(self, gen: int, page: int, asked: list[str], rows: list[CubeRow]) -> None:
+        if gen != self._generation:
+            return
+        self._pending.discard(page)
+        for r in rows:
+            self._rows[r.id] = r
+        self._gone.update(set(asked) - {r.id for r in rows})
+        while len(self._rows) > CACHED_ROWS:
+            self._rows.popitem(last=False)
+        if self._ids:  # one range: the view repaints what it shows, whichever rows moved meanwhile
+            self.dataChanged.emit(self.index(0, 0), self.index(len(self._ids) - 1, len(COLUMNS) - 1))
+
+    # -- rows ----------------------------------------------------------------------------------
+    def cube_id(self, row: int) -> str:
+        return self._ids[row]
+
+    def row(self, row: int) -> CubeRow | None:
+        """The fields of a row if they have been read (None: not yet, or the cube is gone)."""
+        return self._rows.get(self._ids[row])
+
+    def loaded(self) -> list[CubeRow]:
+        """The rows read so far, in display order: all of them when the listing fits in one page."""
+        return [r for r in map(self._rows.get, self._ids) if r is not None]
 
     def row_of(self, cube_id: str) -> int:
-        for i, r in enumerate(self.rows):
-            if r.id == cube_id:
-                return i
-        return -1
+        try:
+            return self._ids.index(cube_id)
+        except ValueError:
+            return -1
 
-    def _apply(self) -> None:
-        self.beginResetModel()
-        key = COLUMNS[self.sort_column].key
-        rows = [r for r in self.all_rows if self.filter.accepts(r)]
-        rows.sort(key=lambda r: r.sort_key(key), reverse=self.sort_order == Qt.SortOrder.DescendingOrder)
-        self.rows = rows
-        self.endResetModel()
+    @property
+    def rows_in_memory(self) -> int:
+        return len(self._rows)
 
     # -- Qt model API --------------------------------------------------------------------------
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: N802, B008 - Qt API
-        return 0 if parent.isValid() else len(self.rows)
+        return 0 if parent.isValid() else len(self._ids)
 
     def columnCount(self, parent: Index = QModelIndex()) -> int:  # noqa: N802, B008 - Qt API
         return 0 if parent.isValid() else len(COLUMNS)
 
     def data(self, index: Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
-        if not index.isValid():
+        if role not in _ROLES or not index.isValid():  # the view asks every cell for many roles, on every paint
             return None
-        row, col = self.rows[index.row()], COLUMNS[index.column()]
+        cube_id, col = self._ids[index.row()], COLUMNS[index.column()]
+        if role == Qt.ItemDataRole.UserRole:
+            return cube_id
+        row = self._rows.get(cube_id)
+        if row is None:
+            if cube_id not in self._gone:
+                self._want(index.row() // PAGE)
+            if role == Qt.ItemDataRole.DisplayRole and index.column() == 0:
+                return "(forgotten)" if cube_id in self._gone else "…"
+            return None
         if role == Qt.ItemDataRole.DisplayRole:
+            self._rows.move_to_end(cube_id)
             return row.display(col.key)
         if role == Qt.ItemDataRole.TextAlignmentRole and col.align_right:
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         if role == Qt.ItemDataRole.ToolTipRole and col.key == "location":
             return f"{row.location}\n{row.id}"
-        if role == Qt.ItemDataRole.UserRole:
-            return row.id
         return None
 
     def headerData(self, section: int, orientation: Qt.Orientation,  # noqa: N802 - Qt API
@@ -214,4 +300,4 @@ class CubeTableModel(QAbstractTableModel):
 
     def sort(self, column: int, order: Qt.SortOrder = Qt.SortOrder.AscendingOrder) -> None:
         self.sort_column, self.sort_order = column, order
-        self._apply()
+        self.reload()

@@ -6,6 +6,8 @@ text, its lines, its versions and payload; the actions let the user pin what mat
 go now, exclude a path for good (`.repomemignore`), recompile, and edit a note (the memories an agent
 or the user wrote: their text is the user's to correct). Reads and pin/forget run on
 short-lived threads against a store of their own; exclude and recompile go through the memory worker.
+The table is lazy (`cube_table`): a store of any size lists at once, and a cube's text is read only
+when it is selected.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from PySide6.QtWidgets import (
 )
 
 from . import memory_ops as ops
-from .cube_table import COLUMN_INDEX, CubeFilter, CubeTableModel, human_age, human_bytes
+from .cube_table import COLUMN_INDEX, CubeFilter, CubeTableModel, Fetch, human_age, human_bytes
 from .jobs import Job
 from .memory_worker import MemoryWorker
 from .records import pick
@@ -143,8 +145,6 @@ class Inspector(QWidget):
         self.model = CubeTableModel()
         self._selected: str = ""
         self._current_cube: Any = None
-        self.loading = False
-        self.last_job: Job | None = None
         self.closed = False  # set at shutdown: late job results must not touch deleted widgets
 
         self.kind = QComboBox()
@@ -184,12 +184,14 @@ class Inspector(QWidget):
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.verticalHeader().hide()
         self.table.verticalHeader().setDefaultSectionSize(22)
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Fixed)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.setColumnWidth(0, 220)
         self.table.setColumnWidth(1, 140)
         self.table.selectionModel().selectionChanged.connect(self._on_selection)
         self.model.modelReset.connect(self._reselect)
+        self.model.listed.connect(self._update_count)
 
         self.detail = CubeDetail()
         self.pin_button = QPushButton("Pin")
@@ -231,45 +233,41 @@ class Inspector(QWidget):
         self._update_actions()
 
     # -- loading -------------------------------------------------------------------------------
+    @property
+    def loading(self) -> bool:
+        return self.model.loading
+
     def set_root(self, root: str) -> None:
-        if root != self.root:
-            self.root = root
-            self._selected = ""
-            self.model.set_cubes([])
-            self.detail.clear()
-        self.refresh()
-
-    def refresh(self) -> Job | None:
-        if not self.root:
-            return None
-        self.loading = True
-        root = self.root
-        job = self.stores.run(root, ops.all_cubes, "inspector cubes")
-        job.succeeded.connect(lambda cubes, r=root: self._loaded(r, cubes))
-        job.failed.connect(self._failed)
-        self.last_job = job
-        return job
-
-    def _loaded(self, root: str, cubes: list[Any]) -> None:
-        if root != self.root or self.closed:
+        if root == self.root:
+            self.refresh()
             return
-        self.loading = False
-        self.model.set_cubes(cubes)
-        self._update_count()
+        self.root = root
+        self._selected = ""
+        self.detail.clear()
+        self.model.set_source(self._fetcher(root) if root else None)
+
+    def refresh(self) -> None:
+        if self.root:
+            self.model.reload()
+
+    def _fetcher(self, root: str) -> Fetch:
+        def fetch(fn: Any, done: Any, failed: Any) -> None:
+            job = self.stores.run(root, fn, "inspector rows")
+            job.succeeded.connect(lambda result: None if self.closed else done(result))
+            job.failed.connect(lambda message: None if self.closed else (failed(), self.error.emit(message)))
+
+        return fetch
 
     def _failed(self, message: str) -> None:
-        self.loading = False
-        if self.closed:
-            return
-        self.error.emit(message)
+        if not self.closed:
+            self.error.emit(message)
 
     def _apply_filter(self) -> None:
         self.model.set_filter(CubeFilter(kind=self.kind.currentData(), status=self.status.currentData(),
                                          file=self.file.text().strip(), symbol=self.symbol.text().strip()))
-        self._update_count()
 
     def set_filter(self, **kw: str) -> None:
-        """Set filters programmatically (tests, links from the chat) and apply them at once."""
+        """Set filters programmatically (tests, links from the chat) and list again now, without the debounce."""
         for name, widget in (("kind", self.kind), ("status", self.status)):
             if name in kw:
                 widget.setCurrentIndex(max(0, widget.findData(kw[name])))
@@ -281,7 +279,7 @@ class Inspector(QWidget):
         self._apply_filter()
 
     def _update_count(self) -> None:
-        self.count.setText(f"{len(self.model.rows):,} of {len(self.model.all_rows):,} memories")
+        self.count.setText(f"{self.model.rowCount():,} of {self.model.store_total:,} memories")
 
     # -- selection and detail ------------------------------------------------------------------
     def select(self, cube_id: str) -> None:
@@ -291,7 +289,7 @@ class Inspector(QWidget):
 
     def _on_selection(self) -> None:
         rows = self.table.selectionModel().selectedRows()
-        cube_id = str(self.model.rows[rows[0].row()].id) if rows else ""
+        cube_id = self.model.cube_id(rows[0].row()) if rows else ""
         if cube_id == self._selected and cube_id:
             return
         self._selected = cube_id

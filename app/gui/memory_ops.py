@@ -210,8 +210,20 @@ def repo_stats(store: Any, _job: Job) -> dict[str, Any]:
     return store.stats()
 
 
-def all_cubes(store: Any, _job: Job) -> list[Any]:
-    return store.cubes()
+def cube_listing(query: dict[str, Any], keep: list[str], first: int,
+                 shape: Callable[[Any], Any]) -> Callable[[Any, Job], tuple[list[str], int, list[Any]]]:
+    """The inspector's listing: ids of the cubes matching `query` (`CubeStore.cube_ids` arguments) in order,
+    the store's total, and `shape`d fields (no text) of the first `first` cubes and of those in `keep`."""
+    def run(store: Any, _job: Job) -> tuple[list[str], int, list[Any]]:
+        ids = store.cube_ids(**query)
+        return ids, store.count(), [shape(r) for r in store.cube_fields(dict.fromkeys([*ids[:first], *keep]))]
+
+    return run
+
+
+def cube_window(ids: list[str], shape: Callable[[Any], Any]) -> Callable[[Any, Job], list[Any]]:
+    """`shape`d fields (no text) of these cubes, those still in the store."""
+    return lambda store, _job: [shape(r) for r in store.cube_fields(ids)]
 
 
 def cube_detail(cube_id: str) -> Callable[[Any, Job], tuple[Any, list[Any]]]:
