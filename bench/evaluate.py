@@ -1,14 +1,23 @@
-"""`repomem eval`: answer a QA set in several modes and score it (accuracy, recall@k, TTFT)."""
+"""`repomem eval`: answer a QA set in several modes and score it.
+
+Per mode, overall and per repository: accuracy, where the gold piece was ranked among the memories the answer
+read (precision@1, precision@2, recall@k, MRR) and the median time to first token. With `replicas` > 1, kv mode
+is answered again under nudged payloads (`nudge.py`) and the report gives the replica mean: one greedy run of a
+few dozen questions cannot tell a one-question difference from a flip. Replica runs use a store of their own
+under REPOMEM_HOME/bench/eval/ (they rewrite payloads), so the repository's memory is never touched.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from repomem.core import RepoMemory, SamplingParams, load_settings
+from repomem.core import CubeStore, RepoMemory, SamplingParams, load_settings, paths
+
+from .nudge import nudged_payload
 
 
 def accepted(answer: str, accept: list[str]) -> bool:
@@ -32,6 +41,11 @@ def hit(sources: list[dict], row: dict) -> bool:
                for s in sources)
 
 
+def gold_rank(sources: Sequence[dict], row: dict) -> int | None:
+    """1-based rank of the first source that hits the gold span (None: not among them)."""
+    return next((i for i, s in enumerate(sources, 1) if hit([s], row)), None)
+
+
 def load_rows(path: Path, limit: int | None = None) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:limit] if limit else rows
@@ -42,61 +56,124 @@ ANSWER_SETTINGS = ("encoding", "placement", "boost_top", "key_scale", "keep_poli
                    "memory_tokens", "max_answer_tokens", "cache_type")
 
 
+def summarize(records: Sequence[dict], k: int) -> dict:
+    """Accuracy, gold-rank metrics and median TTFT of one mode's records."""
+    n = len(records)
+    ranks = [r["rank"] for r in records]
+    out = {
+        "n": n,
+        "accuracy": sum(r["correct"] for r in records) / max(1, n),
+        "p_at_1": sum(x == 1 for x in ranks if x) / max(1, n),
+        "p_at_2": sum(x <= 2 for x in ranks if x) / max(1, n),
+        f"recall_at_{k}": sum(x <= k for x in ranks if x) / max(1, n),
+        "mrr": sum(1 / x for x in ranks if x) / max(1, n),
+        "median_ttft_s": statistics.median([r["ttft_s"] for r in records]) if records else 0.0,
+    }
+    if records and "reference_logprob" in records[0]:
+        out["reference_logprob"] = statistics.fmean(r["reference_logprob"] for r in records)
+    return out
+
+
+def _open_memory(root: Path, settings_overrides: dict | None, model: str | None, own_store: bool) -> RepoMemory:
+    s = load_settings()
+    for key, value in (settings_overrides or {}).items():
+        setattr(s, key, value)
+    if own_store:
+        return RepoMemory(root, CubeStore.open(paths.home() / "bench" / "eval" / paths.repo_key(root)), s, model)
+    return RepoMemory.open(root, settings=s, model=model)
+
+
+def _answer(mem: RepoMemory, row: dict, mode: str, k: int, score: bool) -> dict:
+    ans = mem.ask(row["question"], mode=mode, record=False,
+                  sampling=SamplingParams(temperature=0.0, max_tokens=mem.settings.max_answer_tokens))
+    sources = [s.as_dict() for s in ans.sources]
+    # No memory is read in none mode: rank what retrieval would have given it.
+    ranked = sources if mode != "none" else [
+        {"path": c.path, "start_line": c.start_line, "end_line": c.end_line} for c in mem.search(row["question"], k=k)]
+    rec = {"id": row["id"], "repo": row["repo"], "mode": mode, "answer": ans.answer, "ttft_s": ans.ttft_s,
+           "total_s": ans.total_s, "memory_tokens": ans.memory_tokens, "sources": sources,
+           "correct": accepted(ans.answer, row["accept"]), "rank": gold_rank(ranked[:k], row)}
+    if score:
+        rec["reference_logprob"] = mem.score_answer(row["question"], row["answer"], mode=mode).mean_logprob
+    return rec
+
+
+def _nudged_runs(mem: RepoMemory, rows: list[dict], replicas: int, k: int,
+                 step: Callable[[], None]) -> list[dict]:
+    """kv answers under payloads nudged with seeds 1..replicas-1; the original payloads are put back after."""
+    cubes = [c for c in mem.store.cubes(kind="activation") if c.has_payload]
+    originals = {c.id: bytes(mem.store.read_payload(c)) for c in cubes}
+
+    def attach(payloads: dict[str, bytes]) -> None:
+        for c in cubes:
+            sha, n = mem.store.write_payload(payloads[c.id])
+            mem.store.attach_payload(c.id, c.content_hash, sha, n, c.tokens, c.kept_tokens, c.model_fingerprint or "",
+                                     c.encoding or "")
+
+    records = []
+    try:
+        for seed in range(1, replicas):
+            attach({cid: nudged_payload(data, seed) for cid, data in originals.items()})
+            for row in rows:
+                records.append({**_answer(mem, row, "kv", k, False), "replica": seed})
+                step()
+    finally:
+        attach(originals)
+    return records
+
+
 def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, limit: int | None = None, k: int = 5,
              model: str | None = None, progress: Callable[[int, int], None] | None = None,
-             settings_overrides: dict | None = None, score: bool = False) -> dict:
-    """Answer every row in every mode. `score`: also the mean log-probability per token of the row's reference
-    answer given the same memory (teacher-forced): smooth where accuracy over a few dozen greedy answers is not,
-    but it also rewards the reference's wording, so compare modes with it, not absolute values."""
+             settings_overrides: dict | None = None, score: bool = False, replicas: int = 1) -> dict:
+    """Answer every row in every mode (kv again in each replica). `score`: also the mean log-probability per token
+    of the row's reference answer given the same memory (teacher-forced): smooth where accuracy over a few dozen
+    greedy answers is not, but it also rewards the reference's wording, so compare modes with it, not absolute
+    values."""
+    if replicas < 1:
+        raise ValueError("replicas must be at least 1")
     rows = load_rows(qa_file, limit)
+    by_repo: dict[str, list[dict]] = {}
+    for row in rows:
+        by_repo.setdefault(row["repo"], []).append(row)
     records: list[dict] = []
     used: dict = {}
-    mems: dict[str, RepoMemory] = {}
-    total, done = len(rows) * len(modes), 0
-    try:
-        for row in rows:
-            mem = mems.get(row["repo"])
-            if mem is None:
-                s = load_settings()
-                for key, value in (settings_overrides or {}).items():
-                    setattr(s, key, value)
-                mem = RepoMemory.open(repo_root / row["repo"], settings=s, model=model)
-                mem.index(compile=False)
-                if "kv" in modes:
-                    # Compile what these questions retrieve first; the rest of the repository can wait.
-                    mine = [r["question"] for r in rows if r["repo"] == row["repo"]]
-                    mem.compile_ids(c.id for q in mine for c in mem.search(q, k=mem.settings.top_k))
-                mems[row["repo"]] = mem
-                used = {name: getattr(mem.settings, name) for name in ANSWER_SETTINGS}
-                used["model_sha256"] = mem.engine.info.sha256
-            retrieved = [{"path": c.path, "start_line": c.start_line, "end_line": c.end_line}
-                         for c in mem.search(row["question"], k=k)]
-            for mode in modes:
-                ans = mem.ask(row["question"], mode=mode, record=False,
-                              sampling=SamplingParams(temperature=0.0, max_tokens=mem.settings.max_answer_tokens))
-                rec = {"id": row["id"], "mode": mode, "answer": ans.answer, "ttft_s": ans.ttft_s,
-                       "total_s": ans.total_s, "memory_tokens": ans.memory_tokens,
-                       "sources": [s.as_dict() for s in ans.sources],
-                       "correct": accepted(ans.answer, row["accept"]), "retrieval_hit": hit(retrieved, row)}
-                if score:
-                    rec["reference_logprob"] = mem.score_answer(row["question"], row["answer"], mode=mode).mean_logprob
-                records.append(rec)
-                done += 1
-                if progress:
-                    progress(done, total)
-    finally:
-        for mem in mems.values():
+    total = len(rows) * (len(modes) + (replicas - 1 if "kv" in modes else 0))
+
+    def step() -> None:
+        if progress:
+            progress(len(records), total)
+
+    for repo, mine in by_repo.items():
+        mem = _open_memory(repo_root / repo, settings_overrides, model, own_store=replicas > 1)
+        try:
+            mem.index(compile=False)
+            if "kv" in modes:
+                # Compile what these questions retrieve first; the rest of the repository can wait.
+                mem.compile_ids(c.id for r in mine for c in mem.search(r["question"], k=mem.settings.top_k))
+            used = {name: getattr(mem.settings, name) for name in ANSWER_SETTINGS}
+            used["model_sha256"] = mem.engine.info.sha256
+            for row in mine:
+                for mode in modes:
+                    records.append({**_answer(mem, row, mode, k, score), "replica": 0})
+                    step()
+            if "kv" in modes and replicas > 1:
+                records.extend(_nudged_runs(mem, mine, replicas, k, step))
+        finally:
             mem.close()
-    report: dict = {"k": k, "n_rows": len(rows), "settings": used, "modes": {}}
-    for mode in modes:
-        rs = [r for r in records if r["mode"] == mode]
-        report["modes"][mode] = {
-            "n": len(rs),
-            "accuracy": sum(r["correct"] for r in rs) / max(1, len(rs)),
-            "recall": sum(r["retrieval_hit"] for r in rs) / max(1, len(rs)),
-            "median_ttft_s": statistics.median([r["ttft_s"] for r in rs]) if rs else 0.0,
-        }
-        if score and rs:
-            report["modes"][mode]["reference_logprob"] = statistics.fmean(r["reference_logprob"] for r in rs)
+
+    def block(recs: list[dict]) -> dict:
+        out: dict = {}
+        for mode in modes:
+            first = [r for r in recs if r["mode"] == mode and r["replica"] == 0]
+            out[mode] = summarize(first, k)
+            if mode == "kv" and replicas > 1:
+                acc = [sum(r["correct"] for r in recs if r["mode"] == "kv" and r["replica"] == i) / max(1, len(first))
+                       for i in range(replicas)]
+                out[mode]["accuracy_replicas"] = acc
+                out[mode]["accuracy_mean"] = statistics.fmean(acc)
+        return out
+
+    report: dict = {"k": k, "n_rows": len(rows), "replicas": replicas, "settings": used, "modes": block(records),
+                    "repos": {repo: block([r for r in records if r["repo"] == repo]) for repo in by_repo}}
     out.write_text(json.dumps({"report": report, "records": records}, indent=1))
     return report

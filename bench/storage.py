@@ -10,10 +10,10 @@ reordering the spliced pieces, which only changes float summation order, changes
 is also scored teacher-forced on the f16 answers: the mean log-probability of their tokens and how often
 the encoding's top token is f16's (the KV-quantization papers' perplexity check, on this task's answers).
 
-For the same reason accuracy is also measured over replicas: replica r > 0 moves every f16 value of every
-payload to a neighbouring f16 value with probability 1/2 (seed r) before encoding. That is a perturbation
-the size of f16's own rounding, well below q8's error, yet it moves f16's own accuracy (docs/benchmarks.md
-has the numbers); the mean over replicas is what encodings can be compared on.
+For the same reason accuracy is also measured over replicas (`nudge.py`): replica r > 0 moves every f16
+value of every payload to a neighbouring f16 value with probability 1/2 (seed r) before encoding. That is a
+perturbation the size of f16's own rounding, well below q8's error, yet it moves f16's own accuracy
+(docs/benchmarks.md has the numbers); the mean over replicas is what encodings can be compared on.
 """
 
 from __future__ import annotations
@@ -22,36 +22,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from repomem import native
 from repomem.core import CubeStore, RepoMemory, SamplingParams, load_settings, paths
 from repomem.core.recode import recode_payload
 from repomem.core.settings import ENCODINGS
 
 from .evaluate import accepted, load_rows
-
-
-def nudged_payload(buf: bytes, seed: int) -> bytes:
-    """The f16 payload with each finite nonzero value moved one f16 step up or down, each with
-    probability 1/4 (same cells, positions and fingerprint): a perturbation no answer should depend on."""
-    info = native.payload_info(buf, verify=True)
-    if info.encoding != "f16":
-        raise ValueError(f"only f16 payloads can be nudged, not {info.encoding}")
-    blob, _ = native.splice(None, [buf], mode="parallel", v_trans=False, k_type="f16", v_type="f16", verify=False)
-    blob = bytearray(blob)
-    rng = np.random.default_rng(seed)
-    state = native.parse_state(blob)
-    sections = [(off, state.k_row_bytes) for off in state.k_offsets] + [(off, state.v_row_bytes)
-                                                                         for off in state.v_offsets]
-    for offset, row_bytes in sections:
-        bits = np.frombuffer(blob, dtype=np.uint16, count=state.n_cells * row_bytes // 2, offset=offset)
-        magnitude = bits & 0x7FFF
-        step = rng.choice(np.array([-1, 0, 0, 1], dtype=np.int32), size=bits.shape)
-        # the bit pattern of a finite f16 moves its magnitude one step; 0 and the largest finite value stay
-        step[(magnitude == 0) | (magnitude >= 0x7BFF)] = 0
-        bits[...] = (bits.astype(np.int32) + step).astype(np.uint16)
-    return native.extract_fragment(bytes(blob), np.arange(info.n_cells), fingerprint=info.fingerprint)
+from .nudge import nudged_payload
 
 
 def bench_storage(qa_file: Path, repo_root: Path, *, limit: int | None = None, model: str | None = None,

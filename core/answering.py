@@ -24,6 +24,7 @@ import numpy as np
 from . import settings as settings_mod
 from .engine import Context, SamplingParams
 from .errors import ContextOverflowError, RepomemError, StoreError
+from .evidence import Evidence, EvidencePiece, find_evidence
 from .memory_state import MemoryState
 from .notes import UnsavedExchange
 from .prompt import memory_text
@@ -67,6 +68,7 @@ class Answer:
     cached_tokens: int = 0  # taken from KV instead of decoded: the system prefix and the spliced memory cells
     spliced_tokens: int = 0  # memory tokens spliced as KV (memory_tokens less those placed as text)
     completion_tokens: int = 0
+    evidence: Evidence | None = None  # the exact lines of its memories the answer's content stands in
 
     def as_dict(self) -> dict:
         return {"answer": self.answer, "mode": self.mode, "ttft_s": round(self.ttft_s, 4),
@@ -75,7 +77,8 @@ class Answer:
                 "as_text": self.as_text, "conversation_id": self.conversation_id,
                 "stop_reason": self.stop_reason, "warnings": self.warnings, "prompt_tokens": self.prompt_tokens,
                 "cached_tokens": self.cached_tokens, "spliced_tokens": self.spliced_tokens,
-                "completion_tokens": self.completion_tokens}
+                "completion_tokens": self.completion_tokens,
+                "evidence": self.evidence.as_dict() if self.evidence else None}
 
 
 @dataclass
@@ -256,7 +259,7 @@ class AnsweringMixin(MemoryState):
         paths out of retrieval (what leaves the machine through a server)."""
         question, mode = self._check_question(question, mode)
         s = self.settings
-        with self._lock:
+        with self._turns.question():
             if history is None:
                 history = self.conversations.exchanges(conversation_id)[-3:] if conversation_id else []
             params = sampling or SamplingParams(temperature=s.temperature, max_tokens=s.max_answer_tokens)
@@ -271,7 +274,9 @@ class AnsweringMixin(MemoryState):
                          spliced=prep.spliced, as_text=len(prep.text_parts), conversation_id=conversation_id,
                          stop_reason=gen.stop_reason, warnings=prep.warnings, prompt_tokens=len(prep.prompt),
                          cached_tokens=prep.cached, spliced_tokens=prep.spliced_tokens,
-                         completion_tokens=len(gen.tokens))
+                         completion_tokens=len(gen.tokens),
+                         evidence=find_evidence(gen.text, question, [EvidencePiece(c.id, c.path, c.start_line, c.text)
+                                                                     for c in prep.chosen], self.index_.idf))
             if record and gen.stop_reason != "cancelled":
                 self._unsaved_exchanges.append(UnsavedExchange(question, ans))
             self._save_exchanges(ans.warnings)
@@ -287,7 +292,7 @@ class AnsweringMixin(MemoryState):
         Benchmarks use it to compare memory representations (payload encodings, placements) on the same
         answer: greedy answers flip on tiny perturbations, the per-token log-probabilities move smoothly."""
         question, mode = self._check_question(question, mode)
-        with self._lock:
+        with self._turns.question():
             targets = self.engine.tokenize(answer) if answer.strip() else []
             if not targets:
                 raise RepomemError("the answer to score is empty")

@@ -13,9 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from repomem.app.cli import cli
-from repomem.bench.evaluate import accepted
+from repomem.bench.evaluate import accepted, gold_rank, summarize
+from repomem.bench.nudge import nudged_payload
 from repomem.bench.splice import make_state_blob
-from repomem.bench.storage import bench_storage, nudged_payload
+from repomem.bench.storage import bench_storage
 from repomem.core import RepoMemory
 from repomem.core import settings as settings_mod
 from repomem.core.models import sha256_file
@@ -64,21 +65,66 @@ def test_eval_cli_writes_records_and_scores_reference_answers(tiny_qa: tuple[Pat
     res = CliRunner().invoke(cli, ["eval", str(qa), "--repo-root", str(root), "--modes", "kv,text,none",
                                    "--out", str(out), "--model", str(test_model_path), "--score"])
     assert res.exit_code == 0, res.output
-    assert "ref. answer log-prob" in res.output and "recall@5" in res.output
+    assert all(h in res.output for h in ("logp", "R@5", "P@1", "P@2", "MRR", "TTFT"))
     assert "parallel placement, boost_top 2" in res.output
     data = json.loads(out.read_text())
     recs = data["records"]
     assert sorted((r["id"], r["mode"]) for r in recs) == sorted((i, m) for i in ("t1", "t2")
                                                                 for m in ("kv", "text", "none"))
-    assert all(r["retrieval_hit"] for r in recs)  # one small file: the gold chunk is always retrieved
+    assert all(r["rank"] is not None for r in recs)  # one small file: the gold chunk is always retrieved
     assert all(r["reference_logprob"] < 0 for r in recs)
     assert all(r["sources"] == [] for r in recs if r["mode"] == "none")
     assert all(r["sources"] and r["memory_tokens"] > 0 for r in recs if r["mode"] != "none")
+    # a mode's rank is where the gold span sits among the memories its answer read
+    for r in recs:
+        if r["mode"] != "none":
+            row = next(x for x in map(json.loads, qa.read_text().splitlines()) if x["id"] == r["id"])
+            assert r["rank"] == gold_rank(r["sources"], row)
     assert data["report"]["settings"]["boost_top"] == settings_mod.Settings().boost_top
     assert data["report"]["settings"]["model_sha256"] == sha256_file(test_model_path)
     report = data["report"]["modes"]
-    assert report["kv"]["n"] == 2 and report["kv"]["recall"] == 1.0
-    assert set(report["text"]) >= {"accuracy", "recall", "median_ttft_s", "reference_logprob"}
+    assert report["kv"]["n"] == 2 and report["kv"]["recall_at_5"] == 1.0
+    assert set(report["text"]) >= {"accuracy", "p_at_1", "p_at_2", "recall_at_5", "mrr", "median_ttft_s",
+                                   "reference_logprob"}
+    assert data["report"]["repos"]["tiny"] == report  # one repository: its block is the whole run
+
+
+def test_gold_rank_metrics_on_known_ranks() -> None:
+    row = {"path": "a.py", "start_line": 10, "end_line": 12}
+    src = [{"path": "b.py", "start_line": 1, "end_line": 50}, {"path": "a.py", "start_line": 1, "end_line": 9},
+           {"path": "a.py", "start_line": 12, "end_line": 30}]
+    assert gold_rank(src, row) == 3 and gold_rank(src[:2], row) is None and gold_rank(src[2:], row) == 1
+    recs = [{"rank": 1, "correct": True, "ttft_s": 0.1}, {"rank": 2, "correct": False, "ttft_s": 0.3},
+            {"rank": 4, "correct": True, "ttft_s": 0.2}, {"rank": None, "correct": False, "ttft_s": 0.9}]
+    m = summarize(recs, 5)
+    assert (m["n"], m["accuracy"], m["p_at_1"], m["p_at_2"], m["recall_at_5"]) == (4, 0.5, 0.25, 0.5, 0.75)
+    assert m["mrr"] == (1 + 1 / 2 + 1 / 4) / 4 and m["median_ttft_s"] == 0.25
+    assert summarize(recs, 3)["recall_at_3"] == 0.5
+
+
+def test_eval_replicas_answer_kv_again_under_nudged_payloads_in_a_store_of_their_own(
+        tiny_qa: tuple[Path, Path], home: Path, test_model_path: Path, tmp_path: Path) -> None:
+    from repomem.bench.evaluate import run_eval
+
+    qa, root = tiny_qa
+    mine = RepoMemory.open(root / "tiny", settings=settings_mod.Settings(model=str(test_model_path)))
+    mine.index()
+    before = {c.id: c.payload_sha256 for c in mine.store.cubes(kind="activation")}
+    mine.close()
+    out = tmp_path / "r.json"
+    report = run_eval(qa, root, ["kv", "none"], out, model=str(test_model_path),
+                      settings_overrides={"max_answer_tokens": 8}, replicas=3)
+    kv = report["modes"]["kv"]
+    assert len(kv["accuracy_replicas"]) == 3 and kv["accuracy_replicas"][0] == kv["accuracy"]
+    assert kv["accuracy_mean"] == sum(kv["accuracy_replicas"]) / 3
+    assert "accuracy_replicas" not in report["modes"]["none"]
+    recs = json.loads(out.read_text())["records"]
+    assert sorted(r["replica"] for r in recs if r["mode"] == "kv") == [0, 0, 1, 1, 2, 2]
+    assert sorted(r["replica"] for r in recs if r["mode"] == "none") == [0, 0]
+    # the replicas rewrote payloads in their own store, and put them back; the repository's memory is untouched
+    mine = RepoMemory.open(root / "tiny", settings=settings_mod.Settings(model=str(test_model_path)))
+    assert {c.id: c.payload_sha256 for c in mine.store.cubes(kind="activation")} == before != {}
+    mine.close()
 
 
 def test_nudged_payload_moves_values_one_f16_step() -> None:
@@ -92,8 +138,17 @@ def test_nudged_payload_moves_values_one_f16_step() -> None:
     assert np.abs(new - old).max() == 1 and np.array_equal(new >> 15, old >> 15)  # one step, same sign
     assert 0.45 < np.mean(new != old) < 0.55
     assert nudged_payload(payload, 1) == nudged_payload(payload, 1) != nudged_payload(payload, 2)
-    with pytest.raises(ValueError, match="only f16"):
-        nudged_payload(extract_fragment(blob, range(40), fingerprint=bytes(32), encoding="q4"), 1)
+
+
+def test_a_lossy_payload_is_nudged_in_its_own_encoding() -> None:
+    from repomem.native import payload_info
+
+    blob = make_state_blob(40, n_layer=2, rng=np.random.default_rng(3), positions=np.arange(100, 140))
+    q4 = extract_fragment(blob, range(40), fingerprint=bytes(32), encoding="q4")
+    nudged = nudged_payload(q4, 1)
+    a, b = payload_info(q4), payload_info(nudged)
+    assert (b.encoding, b.n_cells, b.fingerprint) == ("q4", 40, bytes(32))
+    assert np.array_equal(a.positions, b.positions) and nudged != q4 and nudged == nudged_payload(q4, 1)
 
 
 def test_bench_storage_reports_every_encoding(tiny_qa: tuple[Path, Path], home: Path, test_model_path: Path) -> None:
