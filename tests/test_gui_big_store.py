@@ -95,6 +95,11 @@ def listed(insp: Inspector) -> list[str]:
     return [insp.model.cube_id(i) for i in range(insp.model.rowCount())]
 
 
+def in_memory(model) -> int:
+    """How many rows' fields the model holds (reading them does not fetch anything)."""
+    return sum(model.row(i) is not None for i in range(model.rowCount()))
+
+
 def scroll_to(qtbot, insp: Inspector, row: int) -> None:
     """Scroll the table so `row` is at the top, and wait until the view shows its fields."""
     insp.table.scrollTo(insp.model.index(row, 0), QAbstractItemView.ScrollHint.PositionAtTop)
@@ -107,7 +112,7 @@ def test_big_store_lists_every_cube_and_holds_only_a_window(qtbot, inspector: In
     model = insp.model
     assert model.rowCount() == BIG and model.store_total == BIG
     assert insp.count.text() == f"{BIG:,} of {BIG:,} memories"
-    assert model.rows_in_memory <= 2 * PAGE  # the first page, not the store
+    assert in_memory(model) <= 2 * PAGE  # the first page, not the store
     by_recency = sorted(range(BIG), key=lambda i: -big_last_access(i))  # the default sort: last access, newest first
     rng = random.Random(7)
     for row in [0, BIG // 2, BIG - 1, *rng.sample(range(BIG), 12)]:
@@ -115,7 +120,7 @@ def test_big_store_lists_every_cube_and_holds_only_a_window(qtbot, inspector: In
         shown = model.row(row)
         assert shown.id == f"big{by_recency[row]:06d}" and shown.last_access == big_last_access(by_recency[row])
         assert insp.table.rowAt(0) == row or row > BIG - 40  # the last rows cannot reach the top
-        assert model.rows_in_memory <= CACHED_ROWS
+        assert in_memory(model) <= CACHED_ROWS
 
     insp.set_filter(file="PKG042/")  # case does not matter
     qtbot.waitUntil(lambda: not insp.loading, timeout=LIST_TIMEOUT_MS)
@@ -223,7 +228,7 @@ def test_filters_are_applied_by_the_store(qtbot, inspector: Inspector, small_roo
     with qtbot.waitSignal(inspector.model.listed, timeout=10_000):
         inspector.set_filter(**flt)
     assert listed(inspector) == expected
-    assert [r.id for r in inspector.model.loaded()] == expected
+    assert all(inspector.model.row(i) for i in range(len(expected)))  # a small listing comes with its rows
     assert inspector.count.text() == f"{len(expected)} of {len(SMALL)} memories"
 
 

@@ -142,7 +142,7 @@ def test_inspector_shows_edits_and_forgets_a_note(qtbot, window: MainWindow, rep
     qtbot.waitUntil(lambda: "floats" in insp.detail.text.toPlainText() and not insp.save_note_button.isEnabled()
                     and not insp.loading, timeout=10_000)
     qtbot.wait(100)  # the reloaded table re-selects the note first
-    code = next(r.id for r in insp.model.loaded() if r.source == "code")
+    code = next(insp.model.cube_id(i) for i in range(insp.model.rowCount()) if insp.model.row(i).source == "code")
     insp.select(code)
     qtbot.waitUntil(lambda: insp.detail.text.isReadOnly() and not insp.save_note_button.isVisible(), timeout=10_000)
     insp.select(note.id)

@@ -249,19 +249,11 @@ class CubeTableModel(QAbstractTableModel):
         """The fields of a row if they have been read (None: not yet, or the cube is gone)."""
         return self._rows.get(self._ids[row])
 
-    def loaded(self) -> list[CubeRow]:
-        """The rows read so far, in display order: all of them when the listing fits in one page."""
-        return [r for r in map(self._rows.get, self._ids) if r is not None]
-
     def row_of(self, cube_id: str) -> int:
         try:
             return self._ids.index(cube_id)
         except ValueError:
             return -1
-
-    @property
-    def rows_in_memory(self) -> int:
-        return len(self._rows)
 
     # -- Qt model API --------------------------------------------------------------------------
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: N802, B008 - Qt API
