@@ -152,7 +152,7 @@ class NotesMixin(MemoryState):
         if "assistant" not in ex.done:
             self.conversations.add(cid, "assistant", ans.answer,
                                    {"sources": [s.as_dict() for s in ans.sources], "mode": ans.mode,
-                                    "ttft_s": ans.ttft_s})
+                                    "ttft_s": ans.ttft_s, "evidence": ans.evidence.as_dict() if ans.evidence else None})
             ex.done.add("assistant")
         files = sorted({s.path for s in ans.sources if s.source == "code"})
         text = conversation_note(question, ans.answer, files, ex.when)

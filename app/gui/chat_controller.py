@@ -13,7 +13,7 @@ from PySide6.QtCore import QObject, Signal
 
 from . import memory_ops as ops
 from .chat_pane import ChatPane
-from .chat_view import ChatMessage, SourceRef
+from .chat_view import ChatMessage, EvidenceRef, SourceRef
 from .conversation_list import ConversationList
 from .jobs import Job
 from .memory_worker import MemoryWorker
@@ -39,6 +39,23 @@ def answer_meta(answer: Any) -> str:
     elif stop in ("length", "context"):
         parts.append("cut at the length limit")
     return " · ".join(p for p in parts if p)
+
+
+def evidence_ref(evidence: Any) -> EvidenceRef | None:
+    """What the view shows of core's `Evidence` (or its dict); None for an answer without one."""
+    return EvidenceRef.from_core(evidence) if evidence else None
+
+
+def recorded_message(record: Any) -> ChatMessage:
+    """A message of a stored conversation as the transcript shows it (answers saved before evidence
+    was recorded have none)."""
+    role = str(pick(record, "role", default="assistant"))
+    meta = pick(record, "meta", default={}) or {}
+    meta = meta if isinstance(meta, dict) else {}
+    return ChatMessage(role, str(pick(record, "content", default="")),
+                       [SourceRef.from_core(s) for s in meta.get("sources", [])],
+                       answer_meta(meta) if role == "assistant" and meta else "", recorded=True,
+                       evidence=evidence_ref(meta.get("evidence")))
 
 
 class ChatController(QObject):
@@ -107,14 +124,7 @@ class ChatController(QObject):
     def _show_messages(self, conversation_id: str, messages: list[Any]) -> None:
         if conversation_id != self.conversation_id or self.closed:
             return
-        shown = []
-        for m in messages:
-            role = str(pick(m, "role", default="assistant"))
-            meta = pick(m, "meta", default={}) or {}
-            sources = [SourceRef.from_core(s) for s in meta.get("sources", [])] if isinstance(meta, dict) else []
-            shown.append(ChatMessage(role, str(pick(m, "content", default="")), sources,
-                                     answer_meta(meta) if role == "assistant" and meta else "", recorded=True))
-        self.pane.view.set_messages(shown)
+        self.pane.view.set_messages([recorded_message(m) for m in messages])
         self.pane.set_streaming(False)
 
     def new_conversation(self) -> None:
@@ -212,7 +222,8 @@ class ChatController(QObject):
         warnings = pick(answer, "warnings", default=[]) or []
         meta = "\n".join([answer_meta(answer), *map(str, warnings)])
         recorded = pick(answer, "stop_reason", default="") != "cancelled"
-        self.pane.view.update_last(text=text, sources=sources, meta=meta, streaming=False, recorded=recorded)
+        self.pane.view.update_last(text=text, sources=sources, meta=meta, streaming=False, recorded=recorded,
+                                   evidence=evidence_ref(pick(answer, "evidence")))
         ttft = pick(answer, "ttft_s")
         self.pane.timing.setText(f"first token {float(ttft):.2f} s" if ttft is not None else "")
         new_id = str(pick(answer, "conversation_id", default="") or "")

@@ -10,7 +10,7 @@ reads, and re-rendering Markdown for each one would starve the GUI thread.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PySide6.QtCore import QTimer, QUrl, Signal
@@ -26,7 +26,7 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import QTextBrowser
 
-from .markdown_render import MUTED, MarkdownRenderer, plain_html
+from .markdown_render import MUTED, MarkdownRenderer, numbered_code_html, plain_html
 from .records import pick
 
 USER_BG = "#e8f0fe"
@@ -55,6 +55,18 @@ class SourceRef:
 
 
 @dataclass
+class EvidenceRef(SourceRef):
+    """The exact lines an answer came from: a collapsed `Evidence path:start-end` line under it that
+    expands to the lines themselves, so a near miss (the neighbour of the right line) shows at a glance."""
+
+    text: str = ""
+
+    @classmethod
+    def from_core(cls, src: Any) -> EvidenceRef:
+        return replace(super().from_core(src), text=str(pick(src, "text", default="")))
+
+
+@dataclass
 class ChatMessage:
     role: str  # "user" | "assistant" | "error"
     text: str = ""
@@ -63,6 +75,8 @@ class ChatMessage:
     streaming: bool = False
     code_blocks: list[str] = field(default_factory=list)
     recorded: bool = False  # this exchange is in the conversation history (regenerate must drop it)
+    evidence: EvidenceRef | None = None
+    evidence_shown: bool = False  # the evidence lines are expanded (collapsed until clicked)
 
 
 class ChatView(QTextBrowser):
@@ -127,6 +141,21 @@ class ChatView(QTextBrowser):
         self._dirty = True
         self._render_last()
 
+    def show_evidence(self, index: int, shown: bool = True) -> None:
+        """Expand (or collapse) the evidence lines under message `index`; the view stays where it was,
+        except at the bottom of the conversation, where it follows what was expanded."""
+        msg = self.messages[index]
+        if msg.evidence is None or msg.evidence_shown == shown:
+            return
+        msg.evidence_shown = shown
+        bar = self.verticalScrollBar()
+        value, follow = bar.value(), bar.value() >= bar.maximum() - 4 and index == len(self.messages) - 1
+        self._fill(index)
+        if follow:
+            self._scroll_to_end()
+        else:
+            bar.setValue(value)
+
     def remove_last(self) -> ChatMessage | None:
         """Drop the last message (regenerate replaces the previous answer)."""
         if not self.messages:
@@ -179,10 +208,19 @@ class ChatView(QTextBrowser):
             links = " &nbsp; ".join(
                 f'<a href="src:{index}:{i}">{html.escape(s.label)}</a>' for i, s in enumerate(m.sources))
             foot += f'<p style="margin-top:6px; font-size:small">Sources: {links}</p>'
+        if m.evidence is not None and not m.streaming:
+            foot += self._evidence_html(index, m.evidence, m.evidence_shown)
         if m.meta:
             lines = "<br>".join(html.escape(line) for line in m.meta.splitlines())
             foot += f'<p style="margin:0; color:{MUTED}; font-size:small">{lines}</p>'
         return head + body + foot
+
+    @staticmethod
+    def _evidence_html(index: int, ev: EvidenceRef, shown: bool) -> str:
+        toggle = f'<a href="ev:{index}" style="text-decoration:none">{"▾" if shown else "▸"} Evidence</a>'
+        head = (f'<p style="margin-top:4px; margin-bottom:0; font-size:small">{toggle} '
+                f'<a href="evsrc:{index}">{html.escape(ev.label)}</a></p>')
+        return head + numbered_code_html(ev.text, ev.path, ev.start) if shown else head
 
     def _fill(self, index: int) -> None:
         frame = self._frames[index]
@@ -217,7 +255,9 @@ class ChatView(QTextBrowser):
     def _on_anchor(self, url: QUrl) -> None:
         href = url.toString()
         kind, _, rest = href.partition(":")
-        if kind in ("copy", "src"):
+        if kind in ("ev", "evsrc"):
+            self._on_evidence(kind, rest)
+        elif kind in ("copy", "src"):
             try:
                 m, i = (int(x) for x in rest.split(":"))
             except ValueError:
@@ -233,3 +273,12 @@ class ChatView(QTextBrowser):
                 self.open_source.emit(s.path, s.start)
         elif url.scheme() in ("http", "https"):
             QDesktopServices.openUrl(url)
+
+    def _on_evidence(self, kind: str, index: str) -> None:
+        m = int(index) if index.isdigit() else -1
+        if not 0 <= m < len(self.messages) or (ev := self.messages[m].evidence) is None:
+            return
+        if kind == "ev":
+            self.show_evidence(m, not self.messages[m].evidence_shown)
+        else:
+            self.open_source.emit(ev.path, ev.start)

@@ -15,6 +15,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import PurePosixPath
 
 from markdown_it import MarkdownIt
 from pygments import highlight
@@ -84,15 +85,35 @@ def code_block_html(code: str, lang: str, copy_href: str) -> str:
     label = html.escape(lang or "text")
     # Qt draws a border around every cell of a bordered table: the header and the code sit in
     # one bordered cell, the header being a borderless table of its own.
-    return (
-        f'<table width="100%" cellspacing="0" cellpadding="0" border="1" '
-        f'style="background-color:{CODE_BG}; border-collapse:collapse; border-color:{CODE_BORDER}; '
-        f'border-style:solid; margin-top:4px; margin-bottom:4px"><tr><td>'
+    return _boxed(
         f'<table width="100%" cellspacing="0" cellpadding="4" border="0"><tr>'
         f'<td style="color:{MUTED}; font-size:small">{label}</td>'
         f'<td align="right" style="font-size:small"><a href="{html.escape(copy_href)}">Copy</a></td></tr></table>'
         f'<pre style="font-family:{MONO}; margin-left:8px; margin-right:8px; margin-bottom:8px; margin-top:2px">'
-        f"{highlight_code(code, lang)}</pre></td></tr></table>"
+        f"{highlight_code(code, lang)}</pre>"
+    )
+
+
+def numbered_code_html(code: str, path: str, first_line: int) -> str:
+    """Lines of the file `path` (highlighted as its type), each after its line number counted from `first_line`."""
+    # lexers strip leading and trailing newlines (pygments' stripnl): put those blank lines back,
+    # or every number after them would be off
+    total = code.count("\n") + 1
+    lead = len(code) - len(code.lstrip("\n"))
+    lines = [""] * lead + highlight_code(code, PurePosixPath(path).suffix.lstrip(".")).split("\n")
+    lines += [""] * (total - len(lines))
+    width = len(str(first_line + total - 1))
+    numbered = "\n".join(f'<span style="color:{MUTED}">{n:>{width}}  </span>{line}'
+                         for n, line in enumerate(lines, first_line))
+    return _boxed(f'<pre style="font-family:{MONO}; margin:6px 8px 6px 8px">{numbered}</pre>')
+
+
+def _boxed(inner: str) -> str:
+    """`inner` on the code background inside a thin border (a one-cell table: Qt draws its background)."""
+    return (
+        f'<table width="100%" cellspacing="0" cellpadding="0" border="1" '
+        f'style="background-color:{CODE_BG}; border-collapse:collapse; border-color:{CODE_BORDER}; '
+        f'border-style:solid; margin-top:4px; margin-bottom:4px"><tr><td>{inner}</td></tr></table>'
     )
 
 

@@ -1,8 +1,9 @@
 """`repomem gui PATH --ask QUESTION --screenshot OUT.png`: drive the real window once, then exit.
 
 Why: tests, documentation screenshots and bug reports need the actual app doing the actual thing
-(index in the worker, stream an answer with sources) without a person clicking. Every failure ends
-the run with a one-line message and a non-zero exit code instead of a window left open.
+(index in the worker, stream an answer with sources, its evidence lines expanded) without a person
+clicking. Every failure ends the run with a one-line message and a non-zero exit code instead of a
+window left open.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class ScriptedRun(QObject):
         if not str(pick(answer, "answer", default="")).strip():
             self.fail("the model returned an empty answer")
             return
+        # the picture shows the lines the answer came from, as a click on its evidence line does
+        view = self.window.chat.view
+        view.show_evidence(len(view.messages) - 1)
         QTimer.singleShot(SETTLE_MS, self._capture)
 
     def _capture(self) -> None:
