@@ -16,6 +16,7 @@ inside the root only duplicates what the walk reaches at the real path.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import stat
@@ -338,6 +339,44 @@ def _vendored(name: str, is_dir: bool) -> bool:
     return name in VENDORED_FILES or name.endswith(VENDORED_SUFFIXES)
 
 
+def _entry_paths(value: object) -> Iterable[str]:
+    """The file paths in a package.json entry field (`main`, `module`, `exports`, `bin`, ...): a string, or
+    maps and lists of them, nested (conditional exports)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _entry_paths(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _entry_paths(v)
+
+
+_ENTRY_FIELDS = ("main", "module", "browser", "types", "typings", "exports", "bin")
+
+
+def package_entry_dirs(root: Path) -> frozenset[str]:
+    """Folders (posix, relative to `root`) holding what the root package.json says the package is.
+
+    A published npm package often ships its only readable code in `build/` or `dist/`, which are vendored
+    output in a working tree; the package's own entry points say which of them is the code."""
+    try:
+        meta = json.loads((root / "package.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return frozenset()
+    if not isinstance(meta, dict):
+        return frozenset()
+    dirs: set[str] = set()
+    for name in _ENTRY_FIELDS:
+        for entry in _entry_paths(meta.get(name)):
+            parts = [p for p in PurePosixPath(entry).parts if p not in (".", "/")]
+            if ".." in parts or "*" in entry:
+                continue
+            for i in range(1, len(parts)):
+                dirs.add("/".join(parts[:i]))
+    return frozenset(dirs)
+
+
 def _read_lines(path: Path) -> list[str]:
     try:
         return path.read_text("utf-8", errors="replace").splitlines()
@@ -367,6 +406,7 @@ class IgnoreRules:
             self._exclude = self._spec(_read_lines(self.root / ".git" / "info" / "exclude"))
             self._repomem = self._spec(_read_lines(self.root / ".repomemignore"))
             self._extra = self._spec(self._extra_lines)
+            self._entry_dirs = package_entry_dirs(self.root)
 
     @staticmethod
     def _spec(lines: list[str]) -> pathspec.GitIgnoreSpec | None:
@@ -419,7 +459,7 @@ class IgnoreRules:
             return "repomemignore"
         if self._extra is not None and self._extra.match_file(probe):
             return "extra_ignore"
-        if _vendored(name, is_dir):
+        if _vendored(name, is_dir) and rel not in self._entry_dirs:
             return "vendored"
         if not is_dir and secret_name(rel):
             return "secret_name"

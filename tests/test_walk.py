@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import sys
 from pathlib import Path
@@ -176,6 +178,25 @@ def test_vendored(tmp_path: Path) -> None:
     assert rels(res) == ["app.js"]
     assert set(why.values()) == {"vendored"}
     assert "node_modules/" in why and "lib/site-packages/" in why and "app.min.js" in why and "web/go.sum" in why
+
+
+def test_a_packages_declared_entry_points_are_code_even_in_build_or_dist(tmp_path: Path) -> None:
+    # a published npm package ships its readable code in build/: its package.json says so
+    write(tmp_path, "package.json", json.dumps({"name": "p", "main": "./build/index.cjs",
+                                                "exports": {".": [{"import": "./build/lib/index.js"}, "./build/index.cjs"]},
+                                                "bin": {"p": "./bin/p.js"}}))
+    write(tmp_path, "build/lib/index.js", "export const a = 1;\n")
+    write(tmp_path, "build/index.cjs", "exports.a = 1;\n")
+    write(tmp_path, "dist/other.js", "let b = 2;\n")
+    write(tmp_path, "build/lib/node_modules/dep/x.js", "let c = 3;\n")
+    res = walk_repo(tmp_path)
+    assert sorted(rels(res)) == ["build/index.cjs", "build/lib/index.js", "package.json"]
+    assert reasons(res) == {"dist/": "vendored", "build/lib/node_modules/": "vendored"}
+    # without the declaration build/ is output like any other
+    write(tmp_path, "package.json", json.dumps({"name": "p", "main": "index.js"}))
+    assert "build/" in reasons(walk_repo(tmp_path))
+    write(tmp_path, "package.json", "{not json")
+    assert "build/" in reasons(walk_repo(tmp_path))
 
 
 def test_secret_names(tmp_path: Path) -> None:
