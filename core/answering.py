@@ -45,10 +45,15 @@ class Source:
     cube_id: str
     kind: str = "plaintext"
     source: str = "code"
+    repo: str = ""  # the root of the repository whose memory it is
+
+    @classmethod
+    def of(cls, cube: Cube, repo: str) -> Source:
+        return cls(cube.path, cube.start_line, cube.end_line, cube.symbol, cube.id, cube.kind, cube.source, repo)
 
     def as_dict(self) -> dict:
         return {"path": self.path, "start_line": self.start_line, "end_line": self.end_line,
-                "symbol": self.symbol, "cube_id": self.cube_id}
+                "symbol": self.symbol, "cube_id": self.cube_id, "repo": self.repo}
 
 
 @dataclass
@@ -94,12 +99,23 @@ class AnswerScore:
 
 
 @dataclass
+class _Turn:
+    """The question turn as decoded after the memory, and the room it leaves for the memory."""
+
+    tokens: list[int]
+    n_prefix: int
+    room: int
+    dropped: int  # earliest history turns left out to fit
+
+
+@dataclass
 class _Prepared:
     ctx: Context
     prompt: list[int]
     start: int
     chosen: list[Cube]
     memory_tokens: int
+    sources: list[Source] = field(default_factory=list)  # the chosen cubes, each naming its repository
     spliced: int = 0
     text_parts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -118,6 +134,10 @@ class AnsweringMixin(MemoryState):
         """Top-k active cubes. Conversation and change notes rank below code and notes unless the question
         asks about the past ("what did we decide", "what changed"): an old answer, right or wrong, should
         not crowd out the code it was about. `allow_local=False` leaves out cubes under private paths."""
+        return [c for _, c in self._scored_search(query, k, allow_local=allow_local)]
+
+    def _scored_search(self, query: str, k: int, *, allow_local: bool) -> list[tuple[float, Cube]]:
+        """`search` with each cube's score, best first."""
         self.refresh()
         hits = self.index_.search(query, k=k * 3 + 6)
         about_past = bool(_PAST.search(query))
@@ -131,7 +151,7 @@ class AnsweringMixin(MemoryState):
             weight = 1.0 if cube.source in ("code", "note") or about_past else 0.5
             scored.append((h.score * weight, cube))
         scored.sort(key=lambda sc: -sc[0])
-        return [c for _, c in scored[:k]]
+        return scored[:k]
 
     def _answer_context(self, need: int) -> Context:
         """A context just big enough: llama.cpp's per-token cost grows with the cache size, not its use."""
@@ -177,6 +197,12 @@ class AnsweringMixin(MemoryState):
         Returns the context and the tokens still to decode at `start`. `extra_tokens`: room to leave after
         them (the answer). `touch`: count this as a recall of the chosen cubes (their hotness). The oldest
         history turns are left out when they do not fit. Caller holds self._lock."""
+        turn = self._question_turn(question, history, extra_tokens, system)
+        cubes = self.search(question, k=self.settings.top_k, allow_local=allow_local) if mode != "none" else []
+        return self._place([(c, self) for c in cubes], mode, turn, extra_tokens, touch=touch)
+
+    def _question_turn(self, question: str, history: list[tuple[str, str]], extra_tokens: int,
+                       system: str) -> _Turn:
         s = self.settings
         engine = self.engine
         q_tokens = engine.tokenize(self.layout.question_text(question, history, system))
@@ -190,37 +216,49 @@ class AnsweringMixin(MemoryState):
             raise ContextOverflowError(
                 f"the question needs {len(q_tokens):,} tokens and the context holds {s.n_ctx:,}; "
                 "shorten it or raise the context size")
-        cubes = self.search(question, k=s.top_k, allow_local=allow_local) if mode != "none" else []
+        return _Turn(q_tokens, n_prefix, room, dropped)
+
+    def _place(self, cubes: Sequence[tuple[Cube, AnsweringMixin]], mode: str, turn: _Turn, extra_tokens: int, *,
+               touch: bool = True) -> _Prepared:
+        """Lay out retrieved cubes (best first, each with the memory it comes from) in this memory's answer
+        context. The memory each comes from reads its payload and counts its recall, so the cubes of several
+        repositories that share this model can go into one context. Caller holds the lock of every memory."""
+        s = self.settings
+        engine = self.engine
+        q_tokens, n_prefix, room = turn.tokens, turn.n_prefix, turn.room
         budget = min(s.memory_tokens, room)
         # Boosted memories take their cells twice in the context, not twice from the memory budget.
         boost = s.boost_top if mode == "kv" and s.placement == "parallel" else 0
-        chosen: list[tuple[Cube, str, int, int]] = []  # cube, its text, its tokens, copies if spliced
+        chosen: list[tuple[Cube, AnsweringMixin, str, int, int]] = []  # cube, its memory, text, tokens, copies
         used = cells = 0
-        for cube in cubes:
+        for cube, owner in cubes:
             text = memory_text(cube.path, cube.start_line, cube.end_line, cube.symbol, cube.text)
             n = cube.tokens or len(engine.tokenize(text))
             copies = 2 if len(chosen) < boost and cells + 2 * n <= room else 1
             if used + n > budget or cells + copies * n > room:
                 continue
-            chosen.append((cube, text, n, copies))
+            chosen.append((cube, owner, text, n, copies))
             used += n
             cells += copies * n
         ctx = self._answer_context(n_prefix + cells + len(q_tokens) + extra_tokens)
-        prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _, _ in chosen], memory_tokens=used)
-        if dropped:
-            prep.warnings.append(f"{dropped} earliest turn(s) of the conversation left out to fit the context")
+        prep = _Prepared(ctx=ctx, prompt=[], start=0, chosen=[c for c, _, _, _, _ in chosen], memory_tokens=used,
+                         sources=[Source.of(c, str(o.root)) for c, o, _, _, _ in chosen])
+        if turn.dropped:
+            prep.warnings.append(f"{turn.dropped} earliest turn(s) of the conversation left out to fit the context")
         if touch:
-            self._try_write(lambda: self.store.touch([c.id for c in prep.chosen]), prep.warnings)
+            for owner in {id(o): o for _, o, _, _, _ in chosen}.values():
+                ids = [c.id for c, o, _, _, _ in chosen if o is owner]
+                owner._try_write(lambda o=owner, i=ids: o.store.touch(i), prep.warnings)
         ctx.clear()
         if mode == "kv":
             from repomem import native
 
             prefix_blob, _ = self._prefix_state(ctx)
             payloads, repeat = [], []
-            for cube, text, n, copies in chosen:
+            for cube, owner, text, n, copies in chosen:
                 buf = None
                 if cube.kind == "activation" and cube.model_fingerprint == self.fingerprint:
-                    buf = self._load_payload(cube, prep.warnings)
+                    buf = owner._load_payload(cube, prep.warnings)
                 if buf is None:
                     prep.text_parts.append(text)
                 else:
@@ -243,7 +281,7 @@ class AnsweringMixin(MemoryState):
                 prep.warnings.append(f"{len(prep.text_parts)} of {len(chosen)} memories are not compiled yet: "
                                      "placed as text (mixed)")
         else:
-            prep.text_parts = [t for _, t, _, _ in chosen]
+            prep.text_parts = [t for _, _, t, _, _ in chosen]
             prep.prompt = engine.tokenize(self.layout.prefix + "".join(prep.text_parts)) + q_tokens
         return prep
 
@@ -265,26 +303,36 @@ class AnsweringMixin(MemoryState):
             params = sampling or SamplingParams(temperature=s.temperature, max_tokens=s.max_answer_tokens)
             prep = self._prepare(question, mode, list(history), params.max_tokens, system=system,
                                  allow_local=allow_local)
-            gen = prep.ctx.generate(prep.prompt, start_pos=prep.start, params=params, on_text=on_text,
-                                    cancel=cancel)
-            sources = [Source(c.path, c.start_line, c.end_line, c.symbol, c.id, c.kind, c.source)
-                       for c in prep.chosen]
-            ans = Answer(answer=gen.text.strip(), mode=mode, ttft_s=gen.ttft_s + prep.splice_s,
-                         total_s=gen.total_s + prep.splice_s, memory_tokens=prep.memory_tokens, sources=sources,
-                         spliced=prep.spliced, as_text=len(prep.text_parts), conversation_id=conversation_id,
-                         stop_reason=gen.stop_reason, warnings=prep.warnings, prompt_tokens=len(prep.prompt),
-                         cached_tokens=prep.cached, spliced_tokens=prep.spliced_tokens,
-                         completion_tokens=len(gen.tokens),
-                         evidence=find_evidence(gen.text, question, [EvidencePiece(c.id, c.path, c.start_line, c.text)
-                                                                     for c in prep.chosen], self.index_.idf))
-            if record and gen.stop_reason != "cancelled":
-                self._unsaved_exchanges.append(UnsavedExchange(question, ans))
-            self._save_exchanges(ans.warnings)
-            try:
-                self._promote_hot()
-            except StoreError as exc:  # read-only or full: hotness waits for a writable store
-                log.info("cannot promote hot memories: %s", exc)
+            ans = self._generate(prep, question, mode, params, conversation_id, on_text, cancel)
+            self._keep(question, ans, record=record)
             return ans
+
+    def _generate(self, prep: _Prepared, question: str, mode: str, params: SamplingParams,
+                  conversation_id: str | None, on_text: Callable[[str], None] | None,
+                  cancel: threading.Event | None) -> Answer:
+        gen = prep.ctx.generate(prep.prompt, start_pos=prep.start, params=params, on_text=on_text, cancel=cancel)
+        return Answer(answer=gen.text.strip(), mode=mode, ttft_s=gen.ttft_s + prep.splice_s,
+                      total_s=gen.total_s + prep.splice_s, memory_tokens=prep.memory_tokens, sources=prep.sources,
+                      spliced=prep.spliced, as_text=len(prep.text_parts), conversation_id=conversation_id,
+                      stop_reason=gen.stop_reason, warnings=prep.warnings, prompt_tokens=len(prep.prompt),
+                      cached_tokens=prep.cached, spliced_tokens=prep.spliced_tokens,
+                      completion_tokens=len(gen.tokens),
+                      evidence=find_evidence(gen.text, question, [EvidencePiece(c.id, c.path, c.start_line, c.text)
+                                                                  for c in prep.chosen], self.index_.idf))
+
+    def _keep(self, question: str, ans: Answer, *, record: bool) -> None:
+        """After an answer: its exchange into this memory's conversation (unless `record` is False or it was
+        cancelled), then the promotion of what became hot."""
+        if record and ans.stop_reason != "cancelled":
+            self._unsaved_exchanges.append(UnsavedExchange(question, ans))
+        self._save_exchanges(ans.warnings)
+        self._promote_hot_quietly()
+
+    def _promote_hot_quietly(self) -> None:
+        try:
+            self._promote_hot()
+        except StoreError as exc:  # read-only or full: hotness waits for a writable store
+            log.info("cannot promote hot memories: %s", exc)
 
     def score_answer(self, question: str, answer: str, *, mode: str | None = None) -> AnswerScore:
         """How the model, given this question's memory, predicts a known answer token by token (teacher forcing).

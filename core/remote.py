@@ -73,6 +73,6 @@ def ask_remote(mem: RepoMemory, question: str, endpoint: str, *, model: str | No
         raise RepomemError(f"endpoint {url} unreachable: {exc}") from exc
     if stop == "cancelled" and not parts:
         raise CancelledError("cancelled")
-    sources = [Source(c.path, c.start_line, c.end_line, c.symbol, c.id, c.kind, c.source) for c, _ in memory]
+    sources = [Source.of(c, str(mem.root)) for c, _ in memory]
     return Answer(answer="".join(parts).strip(), mode="text", ttft_s=ttft, total_s=time.perf_counter() - t0,
                   memory_tokens=used // 3, sources=sources, as_text=len(memory), stop_reason=stop)
