@@ -35,12 +35,12 @@ import numpy as np
 from . import retrieval
 
 FILE_NAME = "search-index.npz"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 1
 
 # Which state members are lists of strings, and the dtype of every array member.
 _STRING_KEYS = ("ids", "paths", "symbols", "stamps.ids", "stamps.status")
 _ARRAY_DTYPES = {"start_line": np.int64, "end_line": np.int64, "doc_len": np.float64, "alive": np.bool_,
-                 "path_kind": np.int8, "stamps.updated": np.float64, "stamps.version": np.int64,
+                 "is_test": np.bool_, "stamps.updated": np.float64, "stamps.version": np.int64,
                  "stamps.start_line": np.int64, "stamps.end_line": np.int64}
 _SCALARS = ("n_slots", "n_live", "total_len")
 _STAMP_COLUMNS = ("updated", "status", "version", "start_line", "end_line")
@@ -162,7 +162,7 @@ def _decode(members: dict[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str
 def _check(state: Mapping[str, Any], n_stamps: int) -> None:
     """Shapes and ranges agree: a bug or a foreign file must not become an index that crashes later."""
     n = state["n_slots"]
-    for key in ("ids", "paths", "symbols", "start_line", "end_line", "doc_len", "alive", "path_kind"):
+    for key in ("ids", "paths", "symbols", "start_line", "end_line", "doc_len", "alive", "is_test"):
         if len(state[key]) != n:
             raise ValueError(f"{key} has {len(state[key])} entries for {n} slots")
     if int(state["alive"].sum()) != state["n_live"]:

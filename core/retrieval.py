@@ -13,9 +13,7 @@ Why this module looks the way it does:
   setting or a module is strong evidence that a bag-of-words count over the body does not convey:
   the chunk that defines a name beats the ten that merely use it. Test files get a lower prior
   unless the question talks about tests: they repeat the product's vocabulary densely but rarely
-  hold the answer to "what does X do". Documentation and type declarations (Markdown, reST,
-  ``.d.ts``, ``.pyi``) get the same treatment unless the question talks about docs: a README's
-  option list names everything and holds few of the values and behaviours the code does.
+  hold the answer to "what does X do".
 * The repository changes while the app runs (the watcher re-chunks edited files), and a large
   repository has ~50K chunks. ``rank_bm25`` precomputes over a frozen corpus, so every edit would
   mean a full rebuild. We keep our own inverted index instead (design "a" of the brief): term ->
@@ -58,9 +56,7 @@ __all__ = [
     "Hit",
     "code_tokens",
     "defined_names",
-    "is_doc_path",
     "is_test_path",
-    "path_kind",
     "path_tokens",
     "recall_at_k",
     "select_within_budget",
@@ -392,25 +388,6 @@ def is_test_path(path: str) -> bool:
 
 _TEST_QUERY_TERMS = frozenset({"test", "pytest", "unittest", "spec", "fixtur", "conftest", "mock"})
 
-# Prose and declarations: they restate the code's names densely (a README's option list, a .d.ts or .pyi
-# signature) but rarely hold the value or the behaviour a question about the code is after.
-_DOC_SUFFIXES = (".md", ".markdown", ".rst", ".txt", ".adoc", ".asciidoc", ".d.ts", ".d.mts", ".d.cts", ".pyi")
-_DOC_QUERY_TERMS = frozenset({"readm", "doc", "document", "changelog", "guid", "tutori", "stub", "declar", "d.ts"})
-
-
-@lru_cache(maxsize=65536)
-def is_doc_path(path: str) -> bool:
-    """True for documentation and type-declaration files (Markdown, reST, text, .d.ts, .pyi)."""
-    return path.lower().endswith(_DOC_SUFFIXES)
-
-
-PATH_CODE, PATH_TEST, PATH_DOC = 0, 1, 2
-
-
-def path_kind(path: str) -> int:
-    """PATH_TEST, PATH_DOC or PATH_CODE: which prior a document of this path gets."""
-    return PATH_TEST if is_test_path(path) else PATH_DOC if is_doc_path(path) else PATH_CODE
-
 
 # --------------------------------------------------------------------------------------------
 # Index
@@ -696,10 +673,9 @@ class BM25Index:
     against it. The fields are the chunk's symbol, the names it defines, and its path; their idf
     is ``log(1 + (N-df+0.5)/(df+0.5))`` over that field: never negative and near zero for a term
     every path shares ("src", the package name), so only distinctive mentions boost. ``prior`` is
-    ``test_prior`` for test files unless the question mentions tests, ``doc_prior`` for documentation
-    and declaration files unless it mentions docs, else 1.
+    ``test_prior`` for test files unless the question mentions tests, else 1.
 
-    docs/benchmarks.md has what the default weights and priors were chosen on.
+    docs/benchmarks.md has what the default weights and the test prior were chosen on.
 
     Every public method holds one lock: the watcher edits while the UI searches, and even a search
     mutates (it merges queued postings).
@@ -715,14 +691,12 @@ class BM25Index:
         defs_weight: float = 0.5,
         path_weight: float = 1.0,
         test_prior: float = 0.5,
-        doc_prior: float = 0.5,
     ) -> None:
         self.k1 = k1
         self.b = b
         self.epsilon = epsilon
         self.weights = {"symbol": symbol_weight, "defs": defs_weight, "path": path_weight}
         self.test_prior = test_prior
-        self.doc_prior = doc_prior
         self._lock = threading.RLock()
 
         # Slots are never reused while tombstoned postings may still name them.
@@ -731,7 +705,7 @@ class BM25Index:
         self._meta: dict[str, DocMeta] = {}
         self._doc_len = np.zeros(64, dtype=np.float64)
         self._alive = np.zeros(64, dtype=bool)
-        self._path_kind = np.zeros(64, dtype=np.int8)
+        self._is_test = np.zeros(64, dtype=bool)
         self._doc_tids: list[tuple[array, ...] | None] = []  # slot -> term ids (body, *fields)
         self._n_slots = 0
         self._n_live = 0
@@ -785,13 +759,13 @@ class BM25Index:
         self._n_slots += 1
         if slot >= self._alive.shape[0]:
             self._alive = _grow(self._alive, slot + 1)
-            self._path_kind = _grow(self._path_kind, slot + 1)
+            self._is_test = _grow(self._is_test, slot + 1)
             self._doc_len = _grow(self._doc_len, slot + 1)
         self._slot_of[doc_id] = slot
         self._id_of.append(doc_id)
         self._meta[doc_id] = DocMeta(path, symbol, start_line, end_line)
         self._alive[slot] = True
-        self._path_kind[slot] = path_kind(path)
+        self._is_test[slot] = is_test_path(path)
         self._doc_len[slot] = len(toks)
         self._n_live += 1
         self._total_len += len(toks)
@@ -858,9 +832,9 @@ class BM25Index:
         cap = max(64, n)
         new_len = np.zeros(cap, dtype=np.float64)
         new_len[:n] = self._doc_len[live]
-        new_kind = np.zeros(cap, dtype=np.int8)
-        new_kind[:n] = self._path_kind[live]
-        self._doc_len, self._path_kind = new_len, new_kind
+        new_test = np.zeros(cap, dtype=bool)
+        new_test[:n] = self._is_test[live]
+        self._doc_len, self._is_test = new_len, new_test
         self._alive = np.zeros(cap, dtype=bool)
         self._alive[:n] = True
         self._slot_of = {d: i for i, d in enumerate(self._id_of) if d is not None}
@@ -888,7 +862,7 @@ class BM25Index:
                                  dtype=np.int64),
             "doc_len": self._doc_len[:n].copy(),
             "alive": self._alive[:n].copy(),
-            "path_kind": self._path_kind[:n].copy(),
+            "is_test": self._is_test[:n].copy(),
         }
         for i, name in enumerate(("body", *_FIELDS)):
             pieces = [t[i] if t is not None else array("i") for t in self._doc_tids]
@@ -919,7 +893,7 @@ class BM25Index:
         }
         self._doc_len = _grow(np.asarray(state["doc_len"], dtype=np.float64).copy(), n)
         self._alive = _grow(alive.copy(), n)
-        self._path_kind = _grow(np.asarray(state["path_kind"], dtype=np.int8).copy(), n)
+        self._is_test = _grow(np.asarray(state["is_test"], dtype=bool).copy(), n)
         cols = [_PackedArrays(state[f"tids.{name}"], state[f"tids.{name}.offsets"]) for name in ("body", *_FIELDS)]
         self._doc_tids = _PackedRows(cols, alive)  # type: ignore[assignment]
         self._n_slots = n
@@ -1028,11 +1002,8 @@ class BM25Index:
         uniq = list(dict.fromkeys(toks))
         self._field_scores(uniq, scores, touched)
         n_slots = self._n_slots
-        kinds = self._path_kind[:n_slots]
         if self.test_prior != 1.0 and not _TEST_QUERY_TERMS.intersection(uniq):
-            scores[kinds == PATH_TEST] *= self.test_prior
-        if self.doc_prior != 1.0 and not _DOC_QUERY_TERMS.intersection(uniq):
-            scores[kinds == PATH_DOC] *= self.doc_prior
+            scores[self._is_test[:n_slots]] *= self.test_prior
         touched &= self._alive[:n_slots]
         cand = np.flatnonzero(touched)
         if cand.size == 0:

@@ -21,9 +21,7 @@ from repomem.core.retrieval import (
     _Postings,
     code_tokens,
     defined_names,
-    is_doc_path,
     is_test_path,
-    path_kind,
     path_tokens,
     recall_at_k,
     select_within_budget,
@@ -346,32 +344,6 @@ def test_test_files_rank_lower_unless_the_question_is_about_tests() -> None:
     index.add("test", body + "\nassert retry_request(url)", "tests/test_net.py", "test_retry_request")
     assert index.search("how does retry_request send", k=2)[0].doc_id == "src"
     assert index.search("which test covers retry_request", k=2)[0].doc_id == "test"
-
-
-def test_docs_and_declarations_rank_lower_unless_the_question_is_about_docs() -> None:
-    docs = {
-        # the README says the option's words as often as the code does; the code holds the default
-        "code": ("function parse(args) {\n  // camel-case expansion\n  const camelCase = opts.camelCase ?? true\n}",
-                 "lib/parse.js", "parse"),
-        "readme": ("## camel-case expansion\nShould keys get camel-case expansion? On by default.", "README.md",
-                   "camel-case expansion"),
-        "types": ("camelCase?: boolean; // camel-case expansion", "types/index.d.ts", "Options"),
-        "stub": ("def parse(args, camelCase: bool = ...) -> dict: ... # camel-case expansion", "pkg/parse.pyi", "parse"),
-        "other": ("function other() { return 1 }", "lib/other.js", "other"),
-        "keys": ("const keys = Object.keys(x)", "lib/keys.js", "keys"),
-        "run": ("function run() { parse(process.argv) }", "lib/run.js", "run"),
-    }
-    index, plain = BM25Index(), BM25Index(doc_prior=1.0)
-    for d, (text, path, symbol) in docs.items():
-        index.add(d, text, path, symbol)
-        plain.add(d, text, path, symbol)
-    q = "Is camel-case expansion of keys on by default in parse?"
-    assert plain.search(q, k=1)[0].doc_id != "code"  # without the prior the prose wins
-    assert index.search(q, k=1)[0].doc_id == "code"
-    assert index.search("What does the README say about camel-case expansion by default?", k=1)[0].doc_id == "readme"
-    assert [is_doc_path(p) for p in ("README.md", "docs/a.rst", "x.d.ts", "y.pyi", "CHANGES.txt", "a.ts", "b.py")] == [
-        True, True, True, True, True, False, False]
-    assert (path_kind("tests/test_x.py"), path_kind("docs/x.md"), path_kind("src/x.py")) == (1, 2, 0)
 
 
 def test_search_filter_k_ties_and_edge_cases() -> None:
