@@ -25,6 +25,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "AnswerScore": ("answering", "AnswerScore"),
     "Source": ("answering", "Source"),
     "IndexSummary": ("indexing", "IndexSummary"),
+    # one question across several repositories' memories
+    "ask_across": ("across", "ask_across"),
     # settings.json
     "Settings": ("settings", "Settings"),
     "load_settings": ("settings", "load"),
@@ -71,6 +73,7 @@ __all__ = [
     "AnswerScore",
     "Source",
     "IndexSummary",
+    "ask_across",
     "Settings",
     "load_settings",
     "save_settings",
@@ -118,6 +121,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from . import models, paths
+    from .across import ask_across
     from .answering import Answer, AnswerScore, Source
     from .conversations import ConversationStore
     from .doctor import report as doctor_report
