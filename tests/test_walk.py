@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 import os
 import sys
 from pathlib import Path
@@ -182,9 +181,10 @@ def test_vendored(tmp_path: Path) -> None:
 
 def test_a_packages_declared_entry_points_are_code_even_in_build_or_dist(tmp_path: Path) -> None:
     # a published npm package ships its readable code in build/: its package.json says so
-    write(tmp_path, "package.json", json.dumps({"name": "p", "main": "./build/index.cjs",
-                                                "exports": {".": [{"import": "./build/lib/index.js"}, "./build/index.cjs"]},
-                                                "bin": {"p": "./bin/p.js"}}))
+    manifest = {"name": "p", "main": "./build/index.cjs",
+                "exports": {".": [{"import": "./build/lib/index.js"}, "./build/index.cjs"]},
+                "bin": {"p": "./bin/p.js"}}
+    write(tmp_path, "package.json", json.dumps(manifest))
     write(tmp_path, "build/lib/index.js", "export const a = 1;\n")
     write(tmp_path, "build/index.cjs", "exports.a = 1;\n")
     write(tmp_path, "dist/other.js", "let b = 2;\n")
