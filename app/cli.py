@@ -156,12 +156,16 @@ def watch(paths: tuple[str, ...], foreground: bool, no_catch_up: bool, debounce:
 @click.argument("path", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (keys: see watcher_status).")
 def status(path: str | None, as_json: bool) -> None:
-    """Whether a watcher keeps PATH current: pid, queue, current file, last update, errors."""
+    """Whether a watcher keeps PATH current: pid, file events waiting, current file, the compile backlog and
+    its ETA, last update, errors."""
     import time as _time
 
-    from repomem.core import watcher_status
+    from repomem.core import describe_backlog, watcher_status
 
-    st = watcher_status(_repo_arg(path))
+    root = _repo_arg(path)
+    st = watcher_status(root)
+    if not st["running"]:
+        st["compile"] = _store_backlog(root)  # nobody is compiling: count it from the store (no model)
     if as_json:
         _print_json(st)
         return
@@ -175,8 +179,9 @@ def status(path: str | None, as_json: bool) -> None:
     t.add_row("watcher", f"[green]running[/] (pid {st['pid']})" if st["running"] else
               ("[red]crashed[/] (no clean shutdown)" if st["state"] == "crashed" else "not running"))
     t.add_row("state", st["state"])
+    t.add_row("compile", describe_backlog(st["compile"]) if st["compile"] is not None else "not indexed")
     if st["running"]:
-        t.add_row("queue", str(st["queue"]))
+        t.add_row("file events", f"{st['queue']} waiting")
         cur = st["current"] or "-"
         if st.get("progress"):
             p = st["progress"]
@@ -196,6 +201,17 @@ def status(path: str | None, as_json: bool) -> None:
                   f"{e['path'] + ': ' if e['path'] else ''}{e['message']}")
     t.add_row("log", st["log"])
     console.print(t)
+
+
+def _store_backlog(root: Path) -> dict | None:
+    """The compile backlog of ROOT's store, None when it has none (asking leaves no folder behind)."""
+    from repomem.core import CubeStore, paths
+
+    folder = paths.home() / "repos" / paths.repo_key(root)
+    if not (folder / "cubes.db").is_file():
+        return None
+    with CubeStore.open(folder) as store:
+        return store.compile_backlog()
 
 
 @cli.command("gui")

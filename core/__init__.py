@@ -47,6 +47,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "spawn_watcher": ("watch_status", "spawn_watcher"),
     "stop_watcher": ("watch_status", "stop_watcher"),
     "watcher_status": ("watch_status", "watcher_status"),
+    "describe_backlog": ("watch_status", "describe_backlog"),
     "watcher_threads": ("watch", "watcher_threads"),
     "watcher_log_path": ("watch_status", "log_path"),
     # one-shot reports and the remote text mode
@@ -90,6 +91,7 @@ __all__ = [
     "spawn_watcher",
     "stop_watcher",
     "watcher_status",
+    "describe_backlog",
     "watcher_threads",
     "watcher_log_path",
     "doctor_report",
@@ -137,5 +139,5 @@ if TYPE_CHECKING:
     from .store import Cube, CubeStore
     from .store_check import check_store
     from .watch import WatchedMemory, Watcher, run_watch, setup_logging, watcher_threads
+    from .watch_status import describe_backlog, spawn_watcher, stop_watcher, watcher_status
     from .watch_status import log_path as watcher_log_path
-    from .watch_status import spawn_watcher, stop_watcher, watcher_status

@@ -25,6 +25,10 @@ from .walk import IgnoreRules, RepoFile, load_file, walk_repo
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
+# A sync of more files than this (a branch switch, a rebase, a regenerated tree) records no per-file change
+# notes, as a walk of the whole repository records none: they would be noise, and each would be compiled.
+CHANGE_NOTES_MAX_FILES = 20
+
 
 @dataclass
 class IndexSummary:
@@ -37,6 +41,8 @@ class IndexSummary:
     tokens: int = 0
     kept_tokens: int = 0
     payload_bytes: int = 0
+    payloads_reused: int = 0  # shelved payloads given back to cubes whose text came back (no model run)
+    kept_as_text: int = 0  # queued cubes left as text: they failed to compile or did not fit the disk budget
     seconds: float = 0.0
     changed_paths: list[str] = field(default_factory=list)
     removed_paths: list[str] = field(default_factory=list)
@@ -119,10 +125,12 @@ class IndexingMixin(MemoryState):
         """Re-read exactly these files (changed, created or deleted), as the watcher reports them."""
         t0 = time.perf_counter()
         summary = IndexSummary()
+        rels = list(dict.fromkeys(rel_paths))
+        notes = len(rels) <= CHANGE_NOTES_MAX_FILES
         with self._lock:
             if self._rules is None:
                 self._rules = IgnoreRules(self.root)
-            for rel in dict.fromkeys(rel_paths):
+            for rel in rels:
                 if cancel is not None and cancel.is_set():
                     break
                 got = load_file(self.root, rel, rules=self._rules)
@@ -138,7 +146,7 @@ class IndexingMixin(MemoryState):
                 summary.files += 1
                 if self._file_sha(rel) == got.sha256:
                     continue
-                self._ingest(rel, got.text, got.language, got.sha256, summary, record_change=True)
+                self._ingest(rel, got.text, got.language, got.sha256, summary, record_change=notes)
         self._search.save(min_changes=SAVE_AFTER_CHANGES)  # e.g. after a branch switch
         if compile and summary.changed_paths:
             self._compile_into(summary, progress=progress, cancel=cancel)

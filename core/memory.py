@@ -21,7 +21,7 @@ from . import engine_pool, paths
 from . import settings as settings_mod
 from .answering import Answer, AnsweringMixin, AnswerScore, Source
 from .compiler import CompileOptions, Compiler
-from .compiling import CompilingMixin
+from .compiling import CompileRate, CompilingMixin
 from .conversations import ConversationStore
 from .engine import Context, Engine
 from .errors import RepomemError, StoreDamagedError, StoreError, storage_error
@@ -57,6 +57,8 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
         self._compiler: Compiler | None = None
         self._compiler_options: CompileOptions | None = None
         self._warned_encoding = ""
+        self._rate = CompileRate()
+        self._gc_due = 0.0  # the first compile pass looks for payload files nothing refers to
         self._answer_ctx: Context | None = None
         self._layout: Layout | None = None
         self._prefix_blob: bytes | None = None

@@ -11,6 +11,13 @@ Crash safety: every change is one short SQLite transaction (WAL); a payload is c
 row points at it. `kill -9` at any moment leaves a store that opens, where no cube points at a
 missing payload; orphan payloads and unfinished writes are removed by `gc_payloads()`.
 
+Payload files and the disk budget: a payload file is deleted as soon as nothing refers to it any more
+(payloads are content-addressed, so only when no cube and no shelf row has that sha256). When a cube's
+text changes or leaves its file (an edit, a branch switch), its payload goes on the *shelf* instead,
+keyed by (cube, content hash, model fingerprint, encoding): the same text coming back (switching back
+to the branch) takes it again without a compile (`reuse_shelved`). Shelved payloads count against the
+disk budget and are the first to go (`make_room`), and they expire after `SHELF_KEEP_S`.
+
 SQL: queries and updates are raw SQL, each write one `BEGIN IMMEDIATE` transaction retried while
 another process holds the lock; sqlite-utils does the table work that reads better through it
 (migrations' `transform`, the `files` upsert), nested inside those transactions as savepoints.
@@ -61,6 +68,9 @@ LOCK_RETRIES = 8
 GC_GRACE_S = 600.0
 # compile_queue: a cube edited within this many seconds counts as hot.
 RECENT_EDIT_S = 3600.0
+# How long a payload of text a cube no longer has is kept for that text coming back (a branch switched
+# back to), unless the disk budget needs the room first.
+SHELF_KEEP_S = 86400.0
 
 CUBE_KINDS = ("plaintext", "activation", "parameter")
 SOURCES = ("code", "conversation", "change", "note")
@@ -253,9 +263,31 @@ def _m2_payloads_by_sha256(conn: sqlite3.Connection) -> None:
     db["settings_kv"].drop()
 
 
+def _m3_payload_shelf(conn: sqlite3.Connection) -> None:
+    """Payloads of text a cube no longer has, kept for that text coming back (see the module docstring)."""
+    conn.execute(
+        """
+        CREATE TABLE shelf (
+            cube_id TEXT NOT NULL,
+            content_hash TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            encoding TEXT NOT NULL DEFAULT '',
+            sha256 TEXT NOT NULL,
+            bytes INTEGER NOT NULL,
+            tokens INTEGER,
+            kept_tokens INTEGER,
+            shelved_at REAL NOT NULL,
+            PRIMARY KEY (cube_id, content_hash, fingerprint, encoding)
+        )
+        """
+    )
+    conn.execute("CREATE INDEX shelf_sha ON shelf(sha256)")
+    conn.execute("CREATE INDEX shelf_age ON shelf(shelved_at)")
+
+
 # Applied in order, each in its own transaction; `meta.schema_version` = how many have run.
 # Append only: never edit a migration that has shipped.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial, _m2_payloads_by_sha256]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial, _m2_payloads_by_sha256, _m3_payload_shelf]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _CUBE_COLUMNS = [f.name for f in fields(Cube)]
@@ -294,6 +326,7 @@ class CubeStore:
         self.read_only = read_only
         self.db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
         self._lock = threading.RLock()
+        self._dropped: list[str] = []  # payloads the transaction under way stopped referring to
 
     # ---- opening ----------------------------------------------------------------------------
 
@@ -431,8 +464,8 @@ class CubeStore:
                     try:
                         result = fn(self.conn)
                         self.conn.execute("COMMIT")
-                        return result
                     except BaseException as exc:
+                        self._dropped.clear()
                         if self.conn.in_transaction:
                             self.conn.execute("ROLLBACK")
                         if isinstance(exc, sqlite3.OperationalError) and _is_locked(exc):
@@ -441,8 +474,29 @@ class CubeStore:
                             raise storage_error(exc, "store write failed", self.dir) from exc
                         else:
                             raise
+                    else:
+                        dropped, self._dropped = self._dropped, []
+                        self._delete_unreferenced(dropped)
+                        return result
             time.sleep(min(0.05 * 2**attempt, 1.0))
         raise StoreError(f"the store in {self.dir} stayed locked by another process ({last})")
+
+    def _delete_unreferenced(self, shas: Iterable[str]) -> None:
+        """Delete the payload files of these hashes that no cube and no shelf row refers to (after the
+        commit that dropped them: a crash in between leaves a file for `gc_payloads`, never a dangling row)."""
+        todo = list(dict.fromkeys(shas))
+        for i in range(0, len(todo), 400):
+            part = todo[i:i + 400]
+            marks = ", ".join("?" * len(part))
+            try:
+                used = {r[0] for r in self.conn.execute(
+                    f"SELECT payload_sha256 FROM cubes WHERE payload_sha256 IN ({marks}) "
+                    f"UNION SELECT sha256 FROM shelf WHERE sha256 IN ({marks})", [*part, *part])}
+            except sqlite3.Error:  # the files stay for gc_payloads
+                return
+            for sha in part:
+                if sha not in used:
+                    self.payloads.delete(sha)
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         last: BaseException | None = None
@@ -487,6 +541,23 @@ class CubeStore:
                 vals["end_line"],
             ),
         )
+
+    def _let_go(self, conn: sqlite3.Connection, cube: Cube | dict[str, Any], now: float, *, shelve: bool) -> None:
+        """Inside a transaction that clears a cube's payload: shelve it (`shelve`: the cube's text changed or
+        left its file, and may come back) or let its file be deleted after the commit."""
+        get = (lambda k: getattr(cube, k)) if isinstance(cube, Cube) else cube.get
+        sha = get("payload_sha256")
+        if not sha:
+            return
+        if shelve and get("model_fingerprint") and get("payload_bytes") is not None:
+            conn.execute(
+                "INSERT OR REPLACE INTO shelf(cube_id, content_hash, fingerprint, encoding, sha256, bytes, tokens, "
+                "kept_tokens, shelved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (get("id"), get("content_hash"), get("model_fingerprint"), get("encoding") or "", sha,
+                 get("payload_bytes"), get("tokens"), get("kept_tokens"), now),
+            )
+        else:
+            self._dropped.append(sha)
 
     @staticmethod
     def _get(conn: sqlite3.Connection, cube_id: str) -> Cube | None:
@@ -641,6 +712,7 @@ class CubeStore:
                 res.created.append(cid)
 
             for old in free:
+                self._let_go(conn, old, now, shelve=True)
                 conn.execute(
                     f"UPDATE cubes SET status = 'archived', {_PAYLOAD_CLEAR}, updated = ? WHERE id = ?",
                     (now, old.id),
@@ -666,6 +738,7 @@ class CubeStore:
         bump: bool = True,
     ) -> None:
         version = old.version + 1 if bump else old.version
+        self._let_go(conn, old, now, shelve=True)
         conn.execute(
             f"UPDATE cubes SET text = ?, content_hash = ?, start_line = ?, end_line = ?, language = ?, "
             f"symbol = ?, chunk_kind = ?, version = ?, updated = ?, status = 'active', visibility = ?, "
@@ -707,6 +780,7 @@ class CubeStore:
             cols = [d[0] for d in cur.description]
             gone = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
             for row in gone:
+                self._let_go(conn, row, now, shelve=True)
                 conn.execute(
                     f"UPDATE cubes SET status = 'archived', {_PAYLOAD_CLEAR}, updated = ? WHERE id = ?",
                     (now, row["id"]),
@@ -808,6 +882,7 @@ class CubeStore:
             now = time.time()
             digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
             end = max(1, len(text.splitlines()))
+            self._let_go(conn, cube, now, shelve=False)
             conn.execute(
                 f"UPDATE cubes SET text = ?, content_hash = ?, end_line = ?, version = version + 1, updated = ?, "
                 f"tokens = NULL, archived_at = NULL, {_PAYLOAD_CLEAR} WHERE id = ?",
@@ -867,7 +942,7 @@ class CubeStore:
         was compiled.
 
         Returns False (and changes nothing) when the cube changed, was archived or deleted since
-        the compile started: the caller just drops the work and GC takes the payload.
+        the compile started: the caller just drops the work, and the new file goes unless another cube has it.
         """
         size = self.payloads.size(sha)
         if size is None:
@@ -878,8 +953,11 @@ class CubeStore:
         def run(conn: sqlite3.Connection) -> bool:
             cube = self._get(conn, cube_id)
             if cube is None or cube.content_hash != expected_content_hash or cube.status == "archived":
+                self._dropped.append(sha)  # nobody takes the new payload: deleted unless another cube has it
                 return False
             now = time.time()
+            if cube.payload_sha256 != sha:
+                self._let_go(conn, cube, now, shelve=False)  # the payload it replaces (another encoding)
             conn.execute(
                 "UPDATE cubes SET kind = 'activation', status = 'active', payload_bytes = ?, "
                 "payload_sha256 = ?, tokens = ?, kept_tokens = ?, model_fingerprint = ?, encoding = ?, "
@@ -916,10 +994,14 @@ class CubeStore:
         return self._write(run)
 
     def _archive(self, conn: sqlite3.Connection, cube_id: str, now: float, reason: str) -> bool:
+        """Drop the payload and keep the cube out of the compile queue; a cube without a payload is only
+        kept out (it did not fit the budget, or does not compile)."""
         cube = self._get(conn, cube_id)
-        if cube is None or (cube.payload_sha256 is None and cube.kind != "activation"):
+        out_of_queue = cube is not None and (cube.archived_at is not None or cube.status == "archived")
+        if cube is None or (cube.payload_sha256 is None and out_of_queue):
             return False
         status = "active" if cube.status == "stale" else cube.status
+        self._let_go(conn, cube, now, shelve=False)
         conn.execute(
             f"UPDATE cubes SET {_PAYLOAD_CLEAR}, status = ?, archived_at = ? WHERE id = ?",
             (status, now, cube_id),
@@ -1006,12 +1088,13 @@ class CubeStore:
         return self._write(run)
 
     def forget(self, cube_id: str) -> bool:
-        """Delete a cube now (the user asked); its history keeps a `forgotten` event, GC takes the payload."""
+        """Delete a cube now (the user asked), and its payload file; its history keeps a `forgotten` event."""
 
         def run(conn: sqlite3.Connection) -> bool:
             cube = self._get(conn, cube_id)
             if cube is None:
                 return False
+            self._let_go(conn, cube, time.time(), shelve=False)
             conn.execute("DELETE FROM cubes WHERE id = ?", (cube_id,))
             self._history(conn, cube, "forgotten", time.time(), {"path": cube.path, "symbol": cube.symbol})
             return True
@@ -1197,47 +1280,133 @@ class CubeStore:
         )
         return [Cube.from_row(r) for r in self._rows(sql, (int(min_access), int(limit)))]
 
+    _KEPT_SHAS = (
+        "SELECT payload_sha256 AS sha, payload_bytes AS b FROM cubes WHERE payload_sha256 IS NOT NULL "
+        "UNION ALL SELECT sha256, bytes FROM shelf"
+    )
+
     def payload_bytes(self) -> int:
-        """Bytes of the payloads cubes point at (each payload counted once)."""
+        """Bytes of the payloads kept (referenced by a cube or shelved), each payload counted once: what the
+        disk budget holds."""
         rows = self._rows(
-            "SELECT COALESCE(SUM(b), 0) AS n FROM (SELECT MAX(payload_bytes) AS b FROM cubes "
-            "WHERE payload_sha256 IS NOT NULL GROUP BY payload_sha256)"
-        )
+            f"SELECT COALESCE(SUM(b), 0) AS n FROM (SELECT MAX(b) AS b FROM ({self._KEPT_SHAS}) GROUP BY sha)")
         return int(rows[0]["n"])
 
-    def enforce_budget(self, max_bytes: int) -> list[str]:
-        """Archive cubes, coldest first, until referenced payloads fit `max_bytes`; never pinned ones.
+    def referenced_payloads(self) -> set[str]:
+        """Hashes of every payload kept (a cube's or shelved): any other payload file is garbage."""
+        return {r["sha"] for r in self._rows(f"SELECT DISTINCT sha FROM ({self._KEPT_SHAS})")}
 
-        Coldest: stale payloads first, then least recently accessed, least accessed, least
-        important. Returns the archived ids; run `gc_payloads()` to free the disk space.
+    @staticmethod
+    def _coldness(stale: bool, last_access: float | None, access_count: int, importance: float,
+                  updated: float) -> tuple:
+        """Sort key of `make_room`'s eviction order: smaller is colder (the SQL order below, in Python)."""
+        return (not stale, last_access or 0.0, access_count, importance, updated)
+
+    def make_room(self, incoming: int, max_bytes: int, *, for_cube: Cube | None = None) -> tuple[bool, list[str]]:
+        """Make kept payloads plus `incoming` new bytes fit `max_bytes`; returns (fits, archived cube ids).
+
+        Frees, in order: shelved payloads (oldest first), then compiled cubes coldest first: stale
+        payloads, then least recently accessed, least accessed, least important, least recently updated;
+        never pinned ones. With `for_cube` (the cube about to get those bytes) only cubes colder than it
+        are archived, so a compile never pushes out something hotter than what it adds. Freed files are
+        deleted right after the commit.
         """
 
-        def run(conn: sqlite3.Connection) -> list[str]:
+        def kept(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
             refs: dict[str, int] = {}
             sizes: dict[str, int] = {}
-            for sha, nbytes in conn.execute(
-                "SELECT payload_sha256, payload_bytes FROM cubes WHERE payload_sha256 IS NOT NULL"
-            ):
+            for sha, nbytes in conn.execute(self._KEPT_SHAS):
                 refs[sha] = refs.get(sha, 0) + 1
                 sizes[sha] = max(sizes.get(sha, 0), nbytes or 0)
+            return refs, sizes
+
+        if sum(self._read(kept)[1].values()) + incoming <= max_bytes:  # the usual case: no write lock taken
+            return True, []
+
+        def run(conn: sqlite3.Connection) -> tuple[bool, list[str]]:
+            refs, sizes = kept(conn)
             total = sum(sizes.values())
-            if total <= max_bytes:
-                return []
-            now = time.time()
+
+            def release(sha: str) -> None:
+                nonlocal total
+                refs[sha] -= 1
+                if refs[sha] == 0:
+                    total -= sizes[sha]
+
             out: list[str] = []
-            cands = conn.execute(
-                "SELECT id, payload_sha256 FROM cubes WHERE payload_sha256 IS NOT NULL AND pinned = 0 "
+            if total + incoming <= max_bytes:
+                return True, out
+            for key in conn.execute(
+                "SELECT cube_id, content_hash, fingerprint, encoding, sha256 FROM shelf ORDER BY shelved_at"
+            ).fetchall():
+                if total + incoming <= max_bytes:
+                    return True, out
+                conn.execute("DELETE FROM shelf WHERE cube_id = ? AND content_hash = ? AND fingerprint = ? "
+                             "AND encoding = ?", key[:4])
+                self._dropped.append(key[4])
+                release(key[4])
+            limit = None
+            if for_cube is not None and not for_cube.pinned:
+                limit = self._coldness(for_cube.status == "stale", for_cube.last_access, for_cube.access_count,
+                                       for_cube.importance, for_cube.updated)
+            now = time.time()
+            for cid, sha, *key in conn.execute(
+                "SELECT id, payload_sha256, status = 'stale', last_access, access_count, importance, updated "
+                "FROM cubes WHERE payload_sha256 IS NOT NULL AND pinned = 0 "
                 "ORDER BY (status = 'stale') DESC, COALESCE(last_access, 0) ASC, access_count ASC, "
                 "importance ASC, updated ASC"
-            ).fetchall()
-            for cid, sha in cands:
-                if total <= max_bytes:
+            ).fetchall():
+                if total + incoming <= max_bytes:
+                    break
+                if limit is not None and self._coldness(bool(key[0]), *key[1:]) >= limit:
                     break
                 if self._archive(conn, cid, now, "budget"):
                     out.append(cid)
-                    refs[sha] -= 1
-                    if refs[sha] == 0:
-                        total -= sizes[sha]
+                    release(sha)
+            return total + incoming <= max_bytes, out
+
+        return self._write(run)
+
+    def enforce_budget(self, max_bytes: int) -> list[str]:
+        """Archive cubes, coldest first (after every shelved payload), until kept payloads fit `max_bytes`;
+        never pinned ones. Returns the archived ids; their files are deleted."""
+        return self.make_room(0, max_bytes)[1]
+
+    def reuse_shelved(self, fingerprint: str, encoding: str | None) -> list[str]:
+        """Give every live cube without a current payload the shelved payload of its own text for this model
+        and encoding, if its file is intact (a branch switched back to); returns their ids. No model runs."""
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT c.id, s.sha256, s.bytes, s.tokens, s.kept_tokens FROM cubes c JOIN shelf s "
+                "ON s.cube_id = c.id AND s.content_hash = c.content_hash AND s.fingerprint = ? AND s.encoding = ? "
+                "WHERE c.status IN ('active', 'stale') AND c.archived_at IS NULL "
+                "AND NOT (c.kind = 'activation' AND c.status = 'active' AND c.payload_sha256 IS NOT NULL "
+                "         AND c.model_fingerprint = ? AND c.encoding IS ?)",
+                (fingerprint, encoding or "", fingerprint, encoding),
+            ).fetchall()
+            now = time.time()
+            out: list[str] = []
+            for cid, sha, nbytes, tokens, kept in rows:
+                conn.execute("DELETE FROM shelf WHERE cube_id = ? AND sha256 = ? AND fingerprint = ?",
+                             (cid, sha, fingerprint))
+                if self.payloads.size(sha) != nbytes:
+                    self._dropped.append(sha)  # gone or damaged: compiled again instead
+                    continue
+                cube = self._get(conn, cid)
+                if cube is None:
+                    continue
+                if cube.payload_sha256 != sha:
+                    self._let_go(conn, cube, now, shelve=False)
+                conn.execute(
+                    "UPDATE cubes SET kind = 'activation', status = 'active', payload_bytes = ?, payload_sha256 = ?, "
+                    "tokens = ?, kept_tokens = ?, model_fingerprint = ?, encoding = ?, archived_at = NULL WHERE id = ?",
+                    (nbytes, sha, tokens, kept, fingerprint, encoding, cid),
+                )
+                self._history(conn, cube, "compiled", now, {"fingerprint": fingerprint, "encoding": encoding,
+                                                            "bytes": nbytes, "tokens": tokens, "kept_tokens": kept,
+                                                            "reused": True})
+                out.append(cid)
             return out
 
         return self._write(run)
@@ -1286,6 +1455,8 @@ class CubeStore:
             "tokens": totals["tokens"],
             "kept_tokens": totals["kept_tokens"],
             "payload_bytes": self.payload_bytes(),
+            "shelved": self._rows("SELECT COUNT(*) AS n FROM shelf")[0]["n"],
+            "compile_backlog": self.compile_backlog(),
             "payload_files": n_files,
             "payload_bytes_on_disk": on_disk,
             "files": self._rows("SELECT COUNT(*) AS n FROM files")[0]["n"],
@@ -1296,16 +1467,60 @@ class CubeStore:
 
     # ---- maintenance ------------------------------------------------------------------------
 
-    def gc_payloads(self, grace_s: float = GC_GRACE_S) -> int:
-        """Delete payloads no cube points at, and unfinished writes; returns how many.
+    def gc_payloads(self, grace_s: float = GC_GRACE_S, shelf_keep_s: float = SHELF_KEEP_S) -> int:
+        """Drop shelved payloads older than `shelf_keep_s`, then delete payloads nothing refers to and
+        unfinished writes; returns how many files went.
 
-        Payloads younger than `grace_s` are kept: another process may be about to attach them.
+        Unreferenced payloads younger than `grace_s` are kept: another process may be about to attach them.
         """
-        referenced = {
-            r["payload_sha256"]
-            for r in self._rows("SELECT DISTINCT payload_sha256 FROM cubes WHERE payload_sha256 IS NOT NULL")
-        }
-        return self.payloads.gc(referenced, grace_s)
+        cutoff = time.time() - shelf_keep_s
+        if not self.read_only and self._rows("SELECT 1 FROM shelf WHERE shelved_at < ? LIMIT 1", (cutoff,)):
+            def expire(conn: sqlite3.Connection) -> None:
+                self._dropped += [r[0] for r in conn.execute("SELECT sha256 FROM shelf WHERE shelved_at < ?",
+                                                             (cutoff,))]
+                conn.execute("DELETE FROM shelf WHERE shelved_at < ?", (cutoff,))
+
+            self._write(expire)
+        return self.payloads.gc(self.referenced_payloads(), grace_s)
+
+    def compile_backlog(self, fingerprint: str | None = None, encoding: str | None = None) -> dict[str, Any]:
+        """How much `compile_queue(fingerprint, encoding=...)` holds: {cubes, tokens, tokens_per_s, eta_s}.
+
+        `tokens` is estimated from the text (at the characters per token of the cubes compiled so far);
+        `tokens_per_s` is the last compile rate recorded (`record_compile_rate`), None before any, and then
+        `eta_s` is None too. Without `fingerprint` the compiled cubes count as current (the model that last
+        opened this store marked the others stale): a reader with no model loaded gets the same numbers.
+        """
+        current = "kind = 'activation' AND status = 'active' AND payload_sha256 IS NOT NULL"
+        args: list[Any] = []
+        if fingerprint is not None:
+            current += " AND model_fingerprint = ? AND (? IS NULL OR encoding IS ?)"
+            args += [fingerprint, encoding, encoding]
+        pending = f"(archived_at IS NULL AND NOT ({current}))"
+        row = self._read(lambda c: c.execute(
+            f"SELECT COALESCE(SUM({pending}), 0), COALESCE(SUM(CASE WHEN {pending} THEN LENGTH(text) END), 0), "
+            "COALESCE(SUM(tokens), 0), COALESCE(SUM(CASE WHEN tokens IS NOT NULL THEN LENGTH(text) END), 0) "
+            "FROM cubes WHERE status IN ('active', 'stale')", args * 2).fetchone())
+        cubes, chars, done_tokens, done_chars = (int(v) for v in row)
+        # chunking.estimate_tokens' ratio until this store has compiled something to measure it on
+        per_char = done_tokens / done_chars if done_tokens and done_chars else 1 / 3.5
+        tokens = round(chars * per_char)
+        rate = self.compile_rate()
+        return {"cubes": cubes, "tokens": tokens, "tokens_per_s": rate,
+                "eta_s": round(tokens / rate, 1) if rate else None}
+
+    def record_compile_rate(self, tokens_per_s: float) -> None:
+        """Remember how fast this machine compiles (tokens per second of recent compile steps) for the ETA."""
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO meta(key, value) VALUES ('compile_rate', ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (f"{tokens_per_s:.3f}",))
+
+        self._write(run)
+
+    def compile_rate(self) -> float | None:
+        """The last compile rate recorded, in tokens per second (None before any)."""
+        rows = self._rows("SELECT value FROM meta WHERE key = 'compile_rate'")
+        return float(rows[0]["value"]) if rows else None
 
     def check(self, *, verify: bool = False) -> dict[str, int]:
         """Find cubes whose payload is missing or damaged and demote them to plaintext.
@@ -1334,6 +1549,7 @@ class CubeStore:
                 if cube is None or cube.payload_sha256 is None:
                     continue
                 status = "active" if cube.status == "stale" else cube.status
+                self._let_go(conn, cube, now, shelve=False)
                 conn.execute(f"UPDATE cubes SET {_PAYLOAD_CLEAR}, status = ? WHERE id = ?", (status, cid))
                 self._history(conn, cube, "demoted", now, {"reason": reason, "payload": cube.payload_sha256})
                 fixed += 1

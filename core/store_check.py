@@ -142,7 +142,7 @@ def _check_payloads(store: CubeStore, report: CheckReport, progress: Progress | 
 
 
 def _check_files(store: CubeStore, report: CheckReport) -> None:
-    referenced = {c.payload_sha256 for c in store.cubes() if c.payload_sha256}
+    referenced = store.referenced_payloads()
     report.orphans = sorted(sha for sha in store.payloads.iterate() if sha not in referenced)
     for sha in report.orphans:
         age = store.payloads.age(sha)

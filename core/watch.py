@@ -9,7 +9,10 @@ How it works, and why:
 * The worker blocks on a condition variable. Its only timeouts are deadlines: the debounce (a batch
   is taken once no event arrived for `debounce_s`, or `max_delay_s` after its first event so a
   file written continuously cannot starve the rest) and the idle-unload deadline. A `git checkout`
-  touching a thousand files therefore becomes one batch, and an idle watcher sleeps in the kernel,
+  touching a thousand files therefore becomes one batch: while git holds `.git/index.lock` the batch
+  is held (up to `GIT_BUSY_MAX_S`), no compile step starts, and the batch ends only after
+  `GIT_SETTLE_S` without events, so a checkout slower than the debounce, or events delivered late, do not
+  cut it into pieces. An idle watcher sleeps in the kernel,
   waking every `SETTINGS_CHECK_S` only to stat settings.json while a memory is open: an edit of the
   settings (model, cache type, payload encoding) reopens the memory and queues a compile pass, which
   re-encodes the existing payloads one per step like any other compile job.
@@ -18,8 +21,11 @@ How it works, and why:
   hash and never a compile. Changed chunks are searchable as plaintext cubes (new version) as soon as
   that returns. KV compilation follows as separate jobs of one cube each
   (`compile_pending(limit=1)`, hottest = recently edited first), and a newer debounced batch is taken
-  between two cubes, so a fresh edit never waits behind a checkout's backlog. Large batches are cut
-  into slices; between slices newer edits jump the queue too.
+  between two cubes, so a fresh edit never waits behind a checkout's backlog. Cubes whose text came
+  back (switching back to a branch) get their shelved payload again without a model run. Large batches
+  are cut into slices; between slices newer edits jump the queue too.
+* The status carries the compile backlog (cubes, estimated tokens), the measured compile rate and the
+  ETA (`compile`), refreshed after each batch and every `BACKLOG_REFRESH_S` while compiling.
 * The watcher asks its memory only for what `WatchedMemory` declares; `RepoMemory` implements it.
 * Shutdown (SIGINT/SIGTERM -> `stop()`) sets the same Event the memory receives as `cancel`: the cube
   being compiled finishes or is dropped (the store writes a cube in one transaction), nothing is
@@ -36,9 +42,9 @@ Robustness choices (each is logged and shown in the status' `errors`, none stops
     the batch runs (a vanished path is simply a delete, so nothing is stored); the target is synced.
   - a file that fails to sync (permissions, vanished mid-read): the batch is retried file by file
     so one bad file cannot block the others; the failure is recorded.
-  - `.gitignore`, `.repomemignore` or `.git/info/exclude` changed: rules are reloaded and the
-    repository is re-indexed (a walk with hash checks) so newly un-ignored files come in and newly
-    ignored ones lose their cubes.
+  - `.gitignore`, `.repomemignore`, `.git/info/exclude` or the root `package.json` (its entry points
+    make folders such as `dist/` code) changed: rules are reloaded and the repository is re-indexed (a
+    walk with hash checks) so newly un-ignored files come in and newly ignored ones lose their cubes.
   - the repository folder deleted, moved away or emptied (an unmounted drive): the watcher does
     **not** sync the disappearance (that would wipe the memory of a drive that is merely unplugged;
     a batch deleting most of the repository waits `mass_delete_grace_s` for the folder to go too);
@@ -84,9 +90,18 @@ __all__ = ["WatchedMemory", "Watcher", "open_memory", "run_watch", "setup_loggin
 log = logging.getLogger(__name__)
 
 IGNORE_FILES = (".gitignore", ".repomemignore")
+# Files at the root whose change reloads the rules like an ignore file: the root package.json names the
+# folders (entry points, e.g. dist/) that count as code rather than vendored output.
+ROOT_RULE_FILES = (".git/info/exclude", "package.json")
 MAX_ERRORS = 20
 _COMPILE = object()  # worker job: compile one pending cube
 SETTINGS_CHECK_S = 2.0  # how soon a running watcher follows an edit of settings.json
+BACKLOG_REFRESH_S = 5.0  # how often the compile backlog and ETA in the status are counted again
+GIT_BUSY_MAX_S = 60.0  # longest a batch waits for git to let go of .git/index.lock (a crashed git leaves it)
+GIT_POLL_S = 0.1  # events under .git/ are ignored, so the lock's removal is noticed by a stat this often
+# After git let go of its lock, the quiet time that ends the batch: the observer thread may still be
+# delivering the checkout's events (late on a busy machine, e.g. while the watcher compiles).
+GIT_SETTLE_S = 1.0
 # One sync at a time per process: two repositories watched by one process must not compile at once
 # on a laptop's few cores (the engine is shared anyway).
 _SYNC_GATE = threading.Lock()
@@ -119,6 +134,10 @@ class WatchedMemory(Protocol):
         """The file of the cube `compile_pending` would take next (for the status), None when none is queued."""
         ...
 
+    def compile_backlog(self) -> dict[str, Any]:
+        """What is left to compile: {cubes, tokens, tokens_per_s, eta_s} (tokens estimated, rate measured)."""
+        ...
+
     def indexed_paths(self) -> list[str]:
         """The files the memory holds cubes of (what a deleted folder held)."""
         ...
@@ -146,6 +165,7 @@ class _Pending:
     rules_changed: bool = False
     first: float = 0.0
     last: float = 0.0
+    git_seen: float = 0.0  # last time git was seen changing the tree while this batch gathered
 
     def __bool__(self) -> bool:
         return bool(self.paths or self.gone_dirs or self.new_dirs or self.rules_changed)
@@ -220,16 +240,18 @@ class Watcher:
         self._root_back = False
         self._observer: Any = None
         self._root_watch: Any = None
+        self._event_filter: list[type] = []  # the watchdog event classes observed (set with the observer)
         self._thread: threading.Thread | None = None
         self._rules: Any = None
         self._own_dirs = self._own_prefixes()
         self._last_work = time.monotonic()
         self._status_written = 0.0
+        self._backlog_at = 0.0  # monotonic time the compile backlog was last counted
         self._status: dict[str, Any] = {
             "version": STATUS_VERSION, "root": str(self.root), "pid": os.getpid(), "state": "starting", "queue": 0,
             "current": None, "batch": [], "progress": None, "started": time.time(), "updated": None,
             "last_update": None, "last_change": None, "last_compile": None, "last_event": None,
-            "model_loaded": False,
+            "model_loaded": False, "compile": None,
             "errors": [], "error_count": 0, "log": str(log_path(self.root)),
             "stats": {"batches": 0, "files": 0, "changed": 0, "removed": 0, "compiled": 0},
         }
@@ -295,14 +317,14 @@ class Watcher:
         return [rel.as_posix()]
 
     def _rel(self, p: str | bytes) -> str | None:
-        p = os.fsdecode(p)
-        if not p:
+        """The repository-relative path of an event's path (strings only: a checkout sends thousands)."""
+        p, root = os.fsdecode(p), str(self.root)
+        if p == root:
+            return ""
+        if not p.startswith(root + os.sep):
             return None
-        try:
-            rel = Path(p).relative_to(self.root).as_posix()
-        except ValueError:
-            return None
-        return "" if rel == "." else rel
+        rel = p[len(root) + 1:]
+        return rel.replace(os.sep, "/") if os.sep != "/" else rel
 
     def _on_event(self, event: Any) -> None:
         """Called by watchdog for every event: classify and file it; never raises, never blocks long."""
@@ -336,25 +358,24 @@ class Watcher:
             touched.append((self._rel(src), "gone_dir" if kind == "deleted" else "new_dir"))
         else:
             touched.append((self._rel(src), "file"))
+        touched = [(rel, role) for rel, role in touched if rel and not self._skip(rel, role != "file")]
+        if not touched:
+            return
         now = time.monotonic()
         with self._cond:
-            woke = False
+            pend = self._pending
+            starts = not pend
+            if starts:
+                pend.first = now
+            pend.last = now
             for rel, role in touched:
-                if not rel or self._skip(rel, role != "file"):
-                    continue
-                pend = self._pending
-                if not pend:
-                    pend.first = now
-                pend.last = now
-                if rel.rsplit("/", 1)[-1] in IGNORE_FILES or rel == ".git/info/exclude":
+                if rel.rsplit("/", 1)[-1] in IGNORE_FILES or rel in ROOT_RULE_FILES:
                     pend.rules_changed = True
                     if rel == ".git/info/exclude":
-                        woke = True
                         continue
                 {"file": pend.paths, "gone_dir": pend.gone_dirs, "new_dir": pend.new_dirs}[role][rel] = now
-                woke = True
-            if woke:
-                self._status["last_event"] = time.time()
+            self._status["last_event"] = time.time()
+            if starts:  # later events only move the deadline the worker already sleeps towards
                 self._cond.notify_all()
 
     def _skip(self, rel: str, is_dir: bool) -> bool:
@@ -379,25 +400,30 @@ class Watcher:
     def _start_observer(self) -> None:
         import warnings
 
-        from watchdog.events import FileSystemEventHandler
+        from watchdog import events as ev
         from watchdog.observers import Observer
 
         # watchdog re-adds the inotify watch of a renamed folder and warns about its own bookkeeping
         warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
         watcher = self
 
-        class _Handler(FileSystemEventHandler):
+        class _Handler(ev.FileSystemEventHandler):
             def dispatch(self, event: Any) -> None:
                 watcher._on_event(event)
 
         self._handler = _Handler()
+        # Only what changes content: a checkout also opens and reads thousands of files, and each event
+        # costs the observer thread time while the worker waits for the batch to settle.
+        self._event_filter = [ev.FileCreatedEvent, ev.FileDeletedEvent, ev.FileModifiedEvent, ev.FileMovedEvent,
+                              ev.FileClosedEvent, ev.DirCreatedEvent, ev.DirDeletedEvent, ev.DirMovedEvent]
         obs = Observer()
         try:
-            self._root_watch = obs.schedule(self._handler, str(self.root), recursive=True)
+            self._root_watch = obs.schedule(self._handler, str(self.root), recursive=True,
+                                            event_filter=self._event_filter)
             parent = self.root.parent
             if parent != self.root:
                 try:  # sees the repository folder itself vanish and come back, without polling
-                    obs.schedule(self._handler, str(parent), recursive=False)
+                    obs.schedule(self._handler, str(parent), recursive=False, event_filter=self._event_filter)
                 except OSError as exc:
                     log.info("cannot watch %s (%s): a missing repository is noticed by a slow check", parent, exc)
             obs.start()
@@ -416,7 +442,8 @@ class Watcher:
                 obs.unschedule(self._root_watch)
         except Exception:  # the emitter already stopped itself when the folder went away
             pass
-        self._root_watch = obs.schedule(self._handler, str(self.root), recursive=True)
+        self._root_watch = obs.schedule(self._handler, str(self.root), recursive=True,
+                                        event_filter=self._event_filter)
 
     # -- worker ---------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -453,13 +480,19 @@ class Watcher:
                 if self._missing or self._stop.is_set():
                     continue
                 if pend:
-                    deadline = min(pend.last + self.debounce_s, pend.first + self.max_delay_s)
-                    if now >= deadline:
+                    # git mid-checkout: the tree is half switched, so neither sync it nor compile from it;
+                    # once git is done, GIT_SETTLE_S of quiet lets the last of its events arrive
+                    git_busy = now - pend.first < GIT_BUSY_MAX_S and self._git_busy()
+                    if git_busy:
+                        pend.git_seen = now
+                    deadline = (max(pend.git_seen, pend.last) + GIT_SETTLE_S if pend.git_seen else
+                                min(pend.last + self.debounce_s, pend.first + self.max_delay_s))
+                    if now >= deadline and not git_busy:
                         self._pending = _Pending()
                         return pend
-                    if self._compile_owed:
+                    if self._compile_owed and not git_busy:
                         return _COMPILE  # one cube while the batch settles: preempted within one cube
-                    wait = deadline - now
+                    wait = GIT_POLL_S if git_busy else deadline - now
                 elif self._compile_owed:
                     return _COMPILE
                 elif self._model_loaded and self.idle_unload_s >= 0:
@@ -474,6 +507,10 @@ class Watcher:
             if unload:
                 self._release_model()
         return None
+
+    def _git_busy(self) -> bool:
+        """Whether git is in the middle of changing the work tree (checkout, merge, rebase, stash)."""
+        return os.path.exists(self.root / ".git" / "index.lock")
 
     def _wait_for_root(self) -> bool:
         """While the repository is missing: True once it is back, else sleep until a hint or the slow check."""
@@ -683,12 +720,27 @@ class Watcher:
         if n:
             self._status["stats"]["compiled"] += n
             self._compile_run = (n_done + n, t_run)
+            self._count_backlog()
             return
         self._compile_owed, self._compile_run = False, (0, 0.0)
         if n_done:
             log.info("compiled %d cube(s) in %.2fs", n_done, time.perf_counter() - t_run)
+        self._count_backlog(force=True)
         self._set(state="idle", current=None, progress=None, last_compile=time.time())
         self._write_status(force=True)
+
+    def _count_backlog(self, *, force: bool = False) -> None:
+        """Refresh the status' `compile` block (backlog, rate, ETA); a count reads every live cube's length,
+        so while compiling it is redone every BACKLOG_REFRESH_S only."""
+        mem = self._mem
+        now = time.monotonic()
+        if mem is None or (not force and now - self._backlog_at < BACKLOG_REFRESH_S):
+            return
+        self._backlog_at = now
+        try:
+            self._set(compile=mem.compile_backlog())
+        except Exception as exc:  # the status is informative; a failing count must not stop the work
+            log.warning("cannot count the compile backlog: %s", exc)
 
     def _sync_failed(self, rel: str, exc: BaseException) -> None:
         if not self.root.is_dir():
@@ -707,6 +759,7 @@ class Watcher:
         st["removed"] += len(removed)
         st["compiled"] += compiled
         now = time.time()
+        self._count_backlog(force=True)
         self._set(last_update=now, state="compiling" if self._compile_owed else "idle", current=None, batch=[],
                   progress=None, queue=self._queue_len())
         if changed or removed:

@@ -21,7 +21,8 @@ from . import atomic, paths
 from .errors import RepomemError
 from .locks import holder
 
-STATUS_VERSION = 1
+# 2: `compile` (the compile backlog, rate and ETA). A reader fills what an older file lacks with defaults.
+STATUS_VERSION = 2
 STATUS_FILE = "watch-status.json"
 LOCK_FILE = "watch.lock"
 LOG_FILE = "watch.log"
@@ -67,7 +68,9 @@ def watcher_status(root: str | Path) -> dict[str, Any]:
     ({stage, done, total}|None), last_update (last batch synced) / last_change (last batch that
     changed cubes) / last_compile (compile queue drained) / last_event / started / updated (epoch
     seconds or None),
-    model_loaded (bool), errors (last 20: {time, path, message}), error_count, stats
+    model_loaded (bool), compile ({cubes, tokens, tokens_per_s, eta_s}|None: what is left to compile,
+    tokens estimated from the text, the measured compile rate in tokens per second and the seconds left
+    at that rate, None until measured), errors (last 20: {time, path, message}), error_count, stats
     ({batches, files, changed, removed, compiled}), root, log (path of watch.log).
     `crashed`: the file says a watcher was active but nobody holds the lock any more.
     """
@@ -78,7 +81,8 @@ def watcher_status(root: str | Path) -> dict[str, Any]:
         "root": str(root), "state": "stopped", "queue": 0, "current": None, "batch": [], "progress": None,
         "last_update": None, "last_change": None, "last_compile": None, "last_event": None, "started": None,
         "updated": None,
-        "model_loaded": False, "errors": [], "error_count": 0, "stats": {}, "log": str(log_path(root)),
+        "model_loaded": False, "compile": None, "errors": [], "error_count": 0, "stats": {},
+        "log": str(log_path(root)),
     }
     out.update({k: v for k, v in data.items() if k != "version"})
     out["running"] = pid is not None
@@ -88,6 +92,20 @@ def watcher_status(root: str | Path) -> dict[str, Any]:
             out["state"] = "crashed"
         out.update(queue=0, current=None, batch=[], progress=None, model_loaded=False)
     return out
+
+
+def describe_backlog(backlog: dict[str, Any] | None) -> str:
+    """One line for a person: what is left to compile and about how long it takes (see `compile` above)."""
+    if not backlog or not backlog.get("cubes"):
+        return "nothing left to compile"
+    text = f"{backlog['cubes']:,} cubes (~{backlog.get('tokens') or 0:,} tokens) left to compile"
+    rate, eta = backlog.get("tokens_per_s"), backlog.get("eta_s")
+    if not rate or eta is None:
+        return f"{text}, rate not measured yet"
+    minutes = eta / 60
+    span = (f"{eta:.0f} s" if eta < 90 else f"{minutes:.0f} min" if minutes < 90
+            else f"{minutes // 60:.0f} h {minutes % 60:.0f} min" if minutes < 48 * 60 else f"{minutes / 1440:.1f} days")
+    return f"{text}: about {span} at {rate:,.0f} tokens/s"
 
 
 def spawn_watcher(root: str | Path, *, wait_s: float = 15.0) -> int:

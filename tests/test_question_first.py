@@ -184,6 +184,8 @@ def test_the_app_answers_while_it_compiles_in_the_background(qtbot, tmp_path: Pa
         with qtbot.waitSignal(win.chat_ctl.answer_finished, timeout=120_000):
             win.ask("What does handler_7 return?", "text")
         assert _compiled(store_dir) < 70, "the answer waited for the compile queue"
+        # the sidebar says what is left to compile (the store's counters, refreshed while compiling)
+        qtbot.waitUntil(lambda: "left to compile" in win.sidebar.list.item(0).text(), timeout=30_000)
         # the pre-empted compile is queued again and goes on once the question is answered
         qtbot.waitUntil(lambda: state.activity == "compiling", timeout=30_000)
     finally:

@@ -120,7 +120,7 @@ def test_schema_1_store_migrates_to_payloads_by_sha256(tmp_path: Path) -> None:
     conn.execute("INSERT INTO settings_kv(key, value) VALUES ('k', '1')")
     conn.close()
     with CubeStore.open(d) as s:
-        assert s.schema_version == SCHEMA_VERSION == 2
+        assert s.schema_version == SCHEMA_VERSION == 3
         columns = {r[1] for r in s.conn.execute("PRAGMA table_info(cubes)")}
         assert "payload_path" not in columns and "payload_sha256" in columns
         indexes = {r[1]: r[2] for r in s.conn.execute("PRAGMA index_list(cubes)")}
@@ -256,6 +256,8 @@ def test_attach_refuses_changed_text_and_missing_file(store: CubeStore) -> None:
     store.upsert_chunks("pkg/mod.py", chunks(SRC_V1.replace("x + 1", "x - 1")), "repo", "s2")
     assert not store.attach_payload(cube.id, cube.content_hash, sha, n, 1, 1, "fp", None)
     assert store.get(cube.id).kind == "plaintext"
+    assert store.payloads.size(sha) is None  # nobody took it: deleted at once
+    sha, n = store.write_payload(b"payload")
     with pytest.raises(PayloadMissing):
         store.attach_payload(cube.id, store.get(cube.id).content_hash, "0" * 64, n, 1, 1, "fp", None)
     with pytest.raises(PayloadCorrupt):
@@ -353,7 +355,83 @@ def test_enforce_budget_coldest_first_pinned_never(store: CubeStore) -> None:
     assert store.payload_bytes() == 2000
     assert store.enforce_budget(0) == [c["Gamma"].id]
     assert store.get(c["LIMIT"].id).has_payload
-    assert store.gc_payloads(grace_s=0) == 3
+    assert store.stats()["payload_files"] == 1  # the archived cubes' files went with them
+    assert store.gc_payloads(grace_s=0) == 0
+
+
+def test_payload_files_go_as_soon_as_nothing_refers_to_them(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    c = by_symbol(store)
+    shared = compile_fake(store, c["alpha"], data=b"same bytes")
+    assert compile_fake(store, c["beta"], data=b"same bytes") == shared  # content-addressed: one file
+    assert store.archive(c["alpha"].id) and shared.exists()  # beta still has it
+    assert store.forget(c["beta"].id) and not shared.exists()
+    f16 = compile_fake(store, c["Gamma"], data=b"f16 rows")
+    sha, n = store.write_payload(b"k4v3 rows")  # a re-encode replaces the payload
+    assert store.attach_payload(c["Gamma"].id, c["Gamma"].content_hash, sha, n, 40, 20, "model-a", "k4v3")
+    assert not f16.exists() and store.payloads.path(sha).exists()
+    assert store.stats()["payload_files"] == 1 and store.gc_payloads(grace_s=0) == 0
+
+
+def test_changed_text_shelves_its_payload_and_the_same_text_back_reuses_it(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    alpha = by_symbol(store)["alpha"]
+    file = compile_fake(store, alpha, data=b"alpha kv" * 100)
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1.replace("x + 1", "x - 1")), "repo", "s2")  # branch B
+    assert not store.get(alpha.id).has_payload and file.exists()
+    assert store.payload_bytes() == 800 and store.stats()["shelved"] == 1  # it counts against the budget
+    assert store.reuse_shelved("model-a", "f16") == []  # not the text it was compiled from
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s3")  # back to branch A
+    assert store.reuse_shelved("model-b", "f16") == [] and store.reuse_shelved("model-a", "k4v3") == []
+    assert store.reuse_shelved("model-a", "f16") == [alpha.id]
+    back = store.get(alpha.id)
+    assert back.has_payload and store.payloads.path(back.payload_sha256) == file and back.tokens == 40
+    assert store.history(alpha.id)[-1].detail["reused"] and store.stats()["shelved"] == 0
+    store.remove_file("pkg/mod.py")  # a file the other branch does not have: shelved too
+    assert store.stats()["shelved"] == 1 and file.exists()
+    assert store.gc_payloads(shelf_keep_s=0) == 0 and not file.exists()  # expired: shelf row and file go
+
+
+def test_make_room_takes_the_shelf_then_colder_cubes_never_hotter_ones(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    c = by_symbol(store)
+    files = {name: compile_fake(store, c[name], data=bytes([i]) * 1000)
+             for i, name in enumerate(["LIMIT", "alpha", "beta", "Gamma"])}
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1.replace("return y * 2", "return y * 3")), "repo", "s2")
+    assert store.payload_bytes() == 4000  # beta's payload is shelved now, still on disk
+    now = time.time()
+    store.touch([c["Gamma"].id], at=now)
+    store.touch([c["alpha"].id], at=now - 100)
+    store.touch([c["LIMIT"].id], at=now - 200)
+    new_beta = store.get(c["beta"].id)
+    assert store.make_room(1000, 5000, for_cube=new_beta) == (True, [])
+    assert store.make_room(1000, 4000, for_cube=new_beta) == (True, [])  # the shelved payload went first
+    assert not files["beta"].exists() and store.payload_bytes() == 3000
+    # beta was never asked for: only colder cubes may go for it, and there are none
+    assert store.make_room(1000, 3000, for_cube=new_beta) == (False, [])
+    store.touch([c["beta"].id], at=now - 50)
+    assert store.make_room(1000, 3000, for_cube=store.get(c["beta"].id)) == (True, [c["LIMIT"].id])
+    assert not files["LIMIT"].exists() and files["alpha"].exists()
+    assert store.make_room(2500, 2000) == (False, [c["alpha"].id, c["Gamma"].id])  # no cube given: any cube
+    assert store.payload_bytes() == 0 and store.stats()["payload_files"] == 0
+
+
+def test_compile_backlog_counts_what_the_queue_holds(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    c = by_symbol(store)
+    chars = sum(len(x.text) for x in c.values())
+    assert store.compile_backlog() == {"cubes": 4, "tokens": round(chars / 3.5), "tokens_per_s": None,
+                                       "eta_s": None}
+    compile_fake(store, c["alpha"])  # 40 tokens
+    store.record_compile_rate(20.0)
+    rest = chars - len(c["alpha"].text)
+    got = store.compile_backlog("model-a", "f16")
+    assert got["cubes"] == 3 and got["tokens"] == round(rest * 40 / len(c["alpha"].text))
+    assert got["tokens_per_s"] == 20.0 and got["eta_s"] == round(got["tokens"] / 20.0, 1)
+    assert store.compile_backlog("model-b", "f16")["cubes"] == 4
+    assert store.compile_backlog("model-a", "k4v3")["cubes"] == 4
+    assert store.compile_backlog()["cubes"] == 3 == store.stats()["compile_backlog"]["cubes"]
+    assert len(store.compile_queue("model-a", limit=None, encoding="f16")) == 3
 
 
 def test_pin_forget_notes_settings_skips_stats(store: CubeStore) -> None:
@@ -467,9 +545,8 @@ def test_kill_9_leaves_a_consistent_store(tmp_path: Path) -> None:
         assert report["missing"] == 0 and report["corrupt"] == 0
         s.gc_payloads(grace_s=0)
         assert not list((d / "payloads").rglob("*.tmp"))
-        referenced = {c.payload_sha256 for c in s.cubes() if c.payload_sha256}
         on_disk = {p.stem for p in (d / "payloads").rglob("*.kv")}
-        assert on_disk == referenced
+        assert on_disk == s.referenced_payloads()
         assert s.check()["missing"] == 0
         # and it is still writable
         s.upsert_chunks("after.py", chunk_text("after.py", "x = 1\n", "python"), "repo", "z")

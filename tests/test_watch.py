@@ -114,6 +114,10 @@ class RecordingMemory:
         with self.lock:
             return self.pending[-1] if self.pending else None
 
+    def compile_backlog(self) -> dict:
+        with self.lock:
+            return {"cubes": len(self.pending), "tokens": 0, "tokens_per_s": None, "eta_s": None}
+
     def indexed_paths(self) -> list[str]:
         return sorted(self.known)
 
@@ -265,6 +269,38 @@ def test_burst_is_coalesced_and_unchanged_files_compile_nothing(watched) -> None
     assert time.monotonic() - t0 < 5
 
 
+def test_a_checkout_slower_than_the_debounce_is_one_batch_while_git_holds_its_lock(repo: Path, home: Path) -> None:
+    mem = RecordingMemory(repo)
+    w = Watcher(repo, memory_factory=lambda r: mem, catch_up=False, **FAST).start()
+    lock = repo / ".git" / "index.lock"
+    try:
+        lock.parent.mkdir()
+        lock.write_text("")  # git checkout in progress
+        for i in range(6):  # 2.4 s of writes with gaps longer than the debounce, past max_delay_s
+            (repo / f"switched_{i}.py").write_text(f"S = {i}\n")
+            time.sleep(0.4)
+        assert mem.calls == [], "a batch was taken while git was still switching the tree"
+        lock.unlink()
+        wait_for(lambda: mem.calls and idle(w, 1), what="the checkout synced", watcher=w)
+        time.sleep(3 * FAST["debounce_s"])
+        assert len(mem.calls) == 1 and sorted(mem.calls[0]) == [f"switched_{i}.py" for i in range(6)]
+    finally:
+        w.stop()
+        w.join(10)
+
+
+def test_status_carries_the_compile_backlog(watched) -> None:
+    w, mem = watched
+    wait_for(lambda: not mem.pending and idle(w, 1), what="catch-up compiled", watcher=w)
+    assert w.status()["compile"] == {"cubes": 0, "tokens": 0, "tokens_per_s": None, "eta_s": None}
+    mem.compile_delay = 0.3
+    for i in range(5):
+        (w.root / f"more_{i}.py").write_text(f"M = {i}\n")
+    wait_for(lambda: (w.status()["compile"] or {}).get("cubes", 0) >= 4, what="backlog counted", watcher=w)
+    assert watcher_status(w.root)["compile"]["cubes"] >= 4  # in the status file other processes read
+    wait_for(lambda: idle(w, 2) and w.status()["compile"]["cubes"] == 0, 20, "backlog drained", w)
+
+
 def test_recently_edited_first(repo: Path, home: Path) -> None:
     mem = RecordingMemory(repo)
     w = Watcher(repo, memory_factory=lambda r: mem, catch_up=False, **{**FAST, "debounce_s": 0.6}).start()
@@ -378,6 +414,23 @@ def test_gitignore_change_reloads_rules_and_resyncs(watched) -> None:
     assert "gen/late.py" not in mem.known
     (w.root / ".gitignore").write_text("*.log\n")
     wait_for(lambda: {"gen/out.py", "gen/late.py"} <= set(mem.known), what="un-ignored files back")
+
+
+def test_root_package_json_entry_points_reload_the_rules(watched) -> None:
+    w, mem = watched
+    (w.root / "dist").mkdir()
+    (w.root / "dist" / "index.js").write_text("module.exports = 1;\n")
+    (w.root / "lib").mkdir()
+    (w.root / "lib" / "package.json").write_text('{"main": "dist/index.js"}\n')  # not the root's: no reload
+    wait_for(lambda: "lib/package.json" in mem.known and idle(w, 1), what="lib/package.json indexed")
+    assert "dist/index.js" not in mem.known and mem.index_calls == 1  # vendored output
+    (w.root / "package.json").write_text('{"name": "p", "main": "dist/index.js"}\n')
+    wait_for(lambda: "dist/index.js" in mem.known and mem.index_calls == 2, what="the entry folder indexed")
+    (w.root / "dist" / "extra.js").write_text("module.exports = 2;\n")  # events there are seen now
+    wait_for(lambda: "dist/extra.js" in mem.known, what="a new file in the entry folder synced")
+    (w.root / "package.json").write_text('{"name": "p", "main": "index.js"}\n')
+    wait_for(lambda: not any(p.startswith("dist/") for p in mem.known) and mem.index_calls == 3,
+             what="the folder vendored again")
 
 
 # -- robustness -----------------------------------------------------------------------------------

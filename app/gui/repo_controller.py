@@ -171,7 +171,7 @@ class RepoController(QObject):
         by_kind, by_status = st.get("by_kind", {}), st.get("by_status", {})
         self._set(root, files=int(st.get("files", 0)), cubes=int(st.get("cubes", 0)),
                   compiled=int(by_kind.get("activation", 0)), stale=int(by_status.get("stale", 0)),
-                  archived=int(by_status.get("archived", 0)))
+                  archived=int(by_status.get("archived", 0)), backlog=st.get("compile_backlog"))
         self.stats_changed.emit(root)
 
     # -- watchers ------------------------------------------------------------------------------

@@ -2,13 +2,15 @@
 
 Why the state is shown per repository: the memory is only useful if the user can see that it is
 current: how much is indexed, how much is compiled to KV, what is stale (compiled by another model)
-or archived (over the disk budget), whether a watcher keeps it up to date, and what runs right now.
+or archived (over the disk budget), what is left to compile and about how long that takes, whether a
+watcher keeps it up to date, and what runs right now.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
@@ -22,6 +24,8 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
+from repomem.core import describe_backlog
 
 ROOT_ROLE = Qt.ItemDataRole.UserRole
 
@@ -41,6 +45,7 @@ class RepoState:
     done: int = 0
     total: int = 0
     error: str = ""
+    backlog: dict[str, Any] | None = None  # what is left to compile ({cubes, tokens, tokens_per_s, eta_s})
 
     @property
     def name(self) -> str:
@@ -55,6 +60,8 @@ class RepoState:
             extra.append(f"{self.archived:,} archived")
         if extra:
             parts.append(" · ".join(extra))
+        if self.backlog is not None:
+            parts.append(describe_backlog(self.backlog))
         status = self.watcher
         if self.activity:
             status = f"{self.activity} {self.done:,}/{self.total:,}" if self.total else self.activity
