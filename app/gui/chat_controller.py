@@ -1,4 +1,5 @@
-"""Runs the conversation: asks on the memory worker, streams tokens into the view, keeps history.
+"""Runs the conversation: asks on the memory worker (this repository's memory, or all open ones at once),
+streams tokens into the view, keeps history.
 
 Why a controller: the pane and the list are plain widgets; this object owns the one answer in
 flight (its job, its stop event) and the current conversation, and it is the only place that turns
@@ -7,6 +8,8 @@ core's `Answer` (sources, timings, mode) into what the transcript shows.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from PySide6.QtCore import QObject, Signal
@@ -46,14 +49,21 @@ def evidence_ref(evidence: Any) -> EvidenceRef | None:
     return EvidenceRef.from_core(evidence) if evidence else None
 
 
-def recorded_message(record: Any) -> ChatMessage:
-    """A message of a stored conversation as the transcript shows it (answers saved before evidence
-    was recorded have none)."""
+def source_refs(sources: Sequence[Any], root: str, *, across: bool = False) -> list[SourceRef]:
+    """The citations under an answer. Those of an answer across repositories (`across`, or a stored answer
+    citing another repository than `root`) name each source's repository."""
+    repos = [str(pick(s, "repo", default="") or "") for s in sources]
+    named = across or any(r and r != root for r in repos)
+    return [replace(SourceRef.from_core(s), repo=r if named else "") for s, r in zip(sources, repos, strict=True)]
+
+
+def recorded_message(record: Any, root: str = "") -> ChatMessage:
+    """A message of a stored conversation of `root` as the transcript shows it (answers saved before
+    evidence was recorded have none)."""
     role = str(pick(record, "role", default="assistant"))
     meta = pick(record, "meta", default={}) or {}
     meta = meta if isinstance(meta, dict) else {}
-    return ChatMessage(role, str(pick(record, "content", default="")),
-                       [SourceRef.from_core(s) for s in meta.get("sources", [])],
+    return ChatMessage(role, str(pick(record, "content", default="")), source_refs(meta.get("sources", []), root),
                        answer_meta(meta) if role == "assistant" and meta else "", recorded=True,
                        evidence=evidence_ref(meta.get("evidence")))
 
@@ -65,9 +75,11 @@ class ChatController(QObject):
     error = Signal(str)
 
     def __init__(self, worker: MemoryWorker, stores: ops.StoreAccess, pane: ChatPane,
-                 conversations: ConversationList, parent: QObject | None = None) -> None:
+                 conversations: ConversationList, parent: QObject | None = None, *,
+                 open_roots: Callable[[], Sequence[str]] = lambda: ()) -> None:
         super().__init__(parent)
         self.worker, self.stores, self.pane, self.list = worker, stores, pane, conversations
+        self.open_roots = open_roots  # every repository open in the app (the scope "All open repositories")
         self.root = ""
         self.conversation_id = ""
         self.job: Job | None = None
@@ -124,7 +136,7 @@ class ChatController(QObject):
     def _show_messages(self, conversation_id: str, messages: list[Any]) -> None:
         if conversation_id != self.conversation_id or self.closed:
             return
-        self.pane.view.set_messages([recorded_message(m) for m in messages])
+        self.pane.view.set_messages([recorded_message(m, self.root) for m in messages])
         self.pane.set_streaming(False)
 
     def new_conversation(self) -> None:
@@ -159,7 +171,9 @@ class ChatController(QObject):
             return None
         mode = mode or self.pane.current_mode()
         self.pane.view.add_message(ChatMessage("user", question))
-        return self._start(ops.asker(question, mode, self.conversation_id), mode)
+        roots = self._scope()
+        asker = ops.asker_across if roots else ops.asker
+        return self._start(asker(question, mode, self.conversation_id), mode, roots)
 
     def regenerate(self, mode: str = "") -> Job | None:
         """Ask the last question again; its previous answer is replaced (in the view and in history)."""
@@ -177,21 +191,33 @@ class ChatController(QObject):
         # Only a recorded exchange is dropped from history: after a stopped or failed answer the
         # last recorded exchange is an older one, which must stay.
         conv = self.conversation_id if recorded else ""
-        return self._start(ops.regenerate(question, mode, conv, self.conversation_id), mode)
+        roots = self._scope()
+        return self._start(ops.regenerate(question, mode, conv, self.conversation_id, across=bool(roots)), mode,
+                           roots)
 
     def stop(self) -> None:
         if self.job is not None:
             self.job.cancel.set()
 
-    def _start(self, fn: Any, mode: str) -> Job:
+    def _scope(self) -> list[str]:
+        """The repositories to ask across, this one first (its conversation holds the exchange); [] to ask
+        this repository alone."""
+        if self.pane.current_scope() != "all":
+            return []
+        return [self.root, *(r for r in self.open_roots() if r != self.root)]
+
+    def _start(self, fn: Any, mode: str, across: list[str]) -> Job:
         self.pane.view.add_message(ChatMessage("assistant", streaming=True, meta=f"{mode} · thinking…"))
         self.pane.set_streaming(True)
         self.pane.timing.setText("")
-        job = self.worker.call(self.root, fn, name="ask")
+        if across:
+            job = self.worker.call_across(across, fn, name="ask")
+        else:
+            job = self.worker.call(self.root, fn, name="ask")
         self.job = job
         root = self.root
         job.text.connect(self._on_text)
-        job.succeeded.connect(lambda ans, r=root: self._on_answer(r, ans))
+        job.succeeded.connect(lambda ans, r=root, named=bool(across): self._on_answer(r, ans, across=named))
         job.failed.connect(lambda msg, r=root: self._on_failed(r, msg))
         job.cancelled.connect(lambda r=root: self._on_cancelled(r))
         return job
@@ -213,12 +239,12 @@ class ChatController(QObject):
         self.pane.set_streaming(False)
         return True
 
-    def _on_answer(self, root: str, answer: Any) -> None:
+    def _on_answer(self, root: str, answer: Any, *, across: bool = False) -> None:
         if not self._finish() or root != self.root:
             return
         self.last_answer = answer
         text = str(pick(answer, "answer", default="")) or self.pane.view.messages[-1].text
-        sources = [SourceRef.from_core(s) for s in pick(answer, "sources", default=[])]
+        sources = source_refs(pick(answer, "sources", default=[]), root, across=across)
         warnings = pick(answer, "warnings", default=[]) or []
         meta = "\n".join([answer_meta(answer), *map(str, warnings)])
         recorded = pick(answer, "stop_reason", default="") != "cancelled"

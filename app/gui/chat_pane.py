@@ -1,4 +1,5 @@
-"""The chat pane: transcript, question box, send / stop / regenerate, memory mode, time to first token.
+"""The chat pane: transcript, question box, send / stop / regenerate, memory mode, scope (this repository or
+all open ones), time to first token.
 
 Why it only emits requests: asking runs on the memory worker; the main window owns that job and
 feeds the streamed text back through `ChatView`. The pane's only state is "is an answer streaming".
@@ -30,6 +31,12 @@ MODE_TIPS = {
     "text": "Retrieved code is placed in the prompt as text (classic RAG)",
     "none": "Ask the model alone, without the repository's memory",
 }
+SCOPE_LABELS = {
+    "repo": "This repository",
+    "all": "All open repositories",
+}
+SCOPE_TIP = ("Answer from this repository's memory, or from the memories of every repository open here "
+             "(each source then names its repository)")
 
 
 class QuestionBox(QPlainTextEdit):
@@ -66,6 +73,11 @@ class ChatPane(QWidget):
         for key, label in MODE_LABELS.items():
             self.mode.addItem(label, key)
             self.mode.setItemData(self.mode.count() - 1, MODE_TIPS[key], Qt.ItemDataRole.ToolTipRole)
+        self.scope = QComboBox()
+        self.scope.setObjectName("scopeCombo")
+        self.scope.setToolTip(SCOPE_TIP)
+        for key, label in SCOPE_LABELS.items():
+            self.scope.addItem(label, key)
         self.send_button = QPushButton("Send")
         self.send_button.setDefault(True)
         self.send_button.clicked.connect(self.submit)
@@ -79,6 +91,7 @@ class ChatPane(QWidget):
         self.timing.setStyleSheet("color: #6e7781; font-size: 11px")
         bar = QHBoxLayout()
         bar.addWidget(self.mode)
+        bar.addWidget(self.scope)
         bar.addWidget(self.timing, 1)
         bar.addWidget(self.regen_button)
         bar.addWidget(self.stop_button)
@@ -93,6 +106,15 @@ class ChatPane(QWidget):
 
     def current_mode(self) -> str:
         return str(self.mode.currentData())
+
+    def current_scope(self) -> str:
+        """"repo" (this repository) or "all" (every open repository)."""
+        return str(self.scope.currentData())
+
+    def set_scope(self, scope: str) -> None:
+        i = self.scope.findData(scope)
+        if i >= 0:
+            self.scope.setCurrentIndex(i)
 
     def set_mode(self, mode: str) -> None:
         i = self.mode.findData(mode)

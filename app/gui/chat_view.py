@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QTimer, QUrl, Signal
@@ -37,16 +38,24 @@ REFRESH_MS = 60
 
 @dataclass
 class SourceRef:
-    """A `path:start-end` citation shown under an answer; clicking it opens the file at `start`."""
+    """A `path:start-end` citation shown under an answer; clicking it opens the file at `start`. Under an
+    answer across repositories it names its repository (`repo: path:start-end`) and opens the file there."""
 
     path: str
     start: int
     end: int
     symbol: str = ""
+    repo: str = ""  # the repository's root, when the citation names it
 
     @property
     def label(self) -> str:
-        return f"{self.path}:{self.start}-{self.end}"
+        where = f"{self.path}:{self.start}-{self.end}"
+        return f"{Path(self.repo).name}: {where}" if self.repo else where
+
+    @property
+    def file(self) -> str:
+        """What to open: the path in its own repository, or in the current one."""
+        return str(Path(self.repo) / self.path) if self.repo else self.path
 
     @classmethod
     def from_core(cls, src: Any) -> SourceRef:
@@ -270,7 +279,7 @@ class ChatView(QTextBrowser):
                 self.copied.emit(msg.code_blocks[i])
             elif kind == "src" and 0 <= i < len(msg.sources):
                 s = msg.sources[i]
-                self.open_source.emit(s.path, s.start)
+                self.open_source.emit(s.file, s.start)
         elif url.scheme() in ("http", "https"):
             QDesktopServices.openUrl(url)
 

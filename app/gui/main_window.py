@@ -96,7 +96,8 @@ class MainWindow(QMainWindow):
         self._show_model()
 
         self.repos = RepoController(self.worker, self.stores, self.sidebar, watch=watch, parent=self)
-        self.chat_ctl = ChatController(self.worker, self.stores, self.chat, self.conversations, parent=self)
+        self.chat_ctl = ChatController(self.worker, self.stores, self.chat, self.conversations, parent=self,
+                                       open_roots=self.sidebar.roots)
         self.repos.error.connect(self.notify_error)
         self.repos.stats_changed.connect(self._stats_changed)
         self.chat_ctl.error.connect(self.notify_error)
@@ -193,9 +194,12 @@ class MainWindow(QMainWindow):
             self.inspector.refresh()
 
     # -- chat helpers (also used by the scripted mode and tests) ----------------------------------
-    def ask(self, question: str, mode: str = "") -> Any:
+    def ask(self, question: str, mode: str = "", scope: str = "") -> Any:
+        """`scope`: "repo" (this repository) or "all" (every open repository); "" keeps the pane's choice."""
         if mode:
             self.chat.set_mode(mode)
+        if scope:
+            self.chat.set_scope(scope)
         return self.chat_ctl.ask(question, mode)
 
     def open_source(self, rel_path: str, line: int) -> None:

@@ -66,12 +66,25 @@ def asker(question: str, mode: str, conversation_id: str | None) -> Callable[[An
     return ask
 
 
-def regenerate(question: str, mode: str, drop_from: str, conversation_id: str) -> Callable[[Any, Job], Any]:
-    """Drop the last exchange from conversation `drop_from` (if given), then ask the question again."""
-    def run(mem: Any, job: Job) -> Any:
+def asker_across(question: str, mode: str, conversation_id: str | None) -> Callable[[list[Any], Job], Any]:
+    """Ask the memories of several repositories at once; the first one's conversation records it."""
+    def ask(mems: list[Any], job: Job) -> Any:
+        from repomem.core import ask_across
+
+        return ask_across(mems, question, mode=mode, conversation_id=conversation_id or None,
+                          on_text=job.stream, cancel=job.cancel)
+
+    return ask
+
+
+def regenerate(question: str, mode: str, drop_from: str, conversation_id: str, *,
+               across: bool = False) -> Callable[[Any, Job], Any]:
+    """Drop the last exchange from conversation `drop_from` (if given), then ask the question again
+    (`across`: of the memories `mems`, whose first one holds the conversation)."""
+    def run(target: Any, job: Job) -> Any:
         if drop_from:
-            mem.conversations.delete_last_exchange(drop_from)
-        return asker(question, mode, conversation_id)(mem, job)
+            (target[0] if across else target).conversations.delete_last_exchange(drop_from)
+        return (asker_across if across else asker)(question, mode, conversation_id)(target, job)
 
     return run
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,11 @@ class MemoryWorker(QThread):
              background: bool = False) -> Job:
         """Shorthand: submit `fn(mem, job)` for repository `root` (None: no repository)."""
         return self.submit(Job(fn, name=name, root=str(root) if root else None, background=background))
+
+    def call_across(self, roots: Sequence[str], fn: Callable[..., Any], *, name: str = "") -> Job:
+        """Submit `fn(mems, job)` with the memories of `roots`, in that order (a question across repositories)."""
+        keys = [str(r) for r in roots]
+        return self.submit(Job(lambda _mem, job: fn([self._open(k) for k in keys], job), name=name))
 
     def reconfigure(self, settings: Any) -> Job:
         """New settings: close every open memory so the next job reopens it with them."""
