@@ -27,10 +27,10 @@ def serve(paths: tuple[str, ...], host: str, port: int | None, api_key: str | No
     """Serve the memory of PATH... (default: .) to editors: OpenAI-compatible /v1 and MCP at /mcp."""
     from repomem.app.server.config import ServeConfig, resolve_api_key
     from repomem.app.server.runner import Service, serve_forever
-    from repomem.core import settings as settings_mod
+    from repomem.core import load_settings
 
     _log(verbose)
-    s = settings_mod.load()
+    s = load_settings()
     config = ServeConfig(host=host, port=s.server_port if port is None else port,
                          api_key=resolve_api_key(api_key, s.server_api_key),
                          cors_origins=list(cors) or list(s.server_cors_origins), max_queue=max_queue,

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from repomem.core import settings as settings_mod
-from repomem.core.errors import ContextOverflowError, RepomemError
-from repomem.core.memory import RepoMemory
+from repomem.core import ContextOverflowError, RepomemError, RepoMemory, Settings
 
 CALC = '''"""A tiny calculator module."""
 
@@ -47,7 +45,7 @@ def repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def mem(repo: Path, home: Path, test_model_path: Path):
-    s = settings_mod.Settings(model=str(test_model_path), max_answer_tokens=12, encoding="f16",
+    s = Settings(model=str(test_model_path), max_answer_tokens=12, encoding="f16",
                               private_paths=["private/*"])
     m = RepoMemory.open(repo, settings=s)
     yield m
@@ -79,7 +77,7 @@ def test_history_and_instructions_are_decoded_after_the_memory_and_counted(mem: 
 
 def test_oldest_turns_give_way_and_an_oversized_question_is_refused(repo: Path, home: Path,
                                                                    test_model_path: Path) -> None:
-    s = settings_mod.Settings(model=str(test_model_path), max_answer_tokens=12, encoding="f16", n_ctx=1024)
+    s = Settings(model=str(test_model_path), max_answer_tokens=12, encoding="f16", n_ctx=1024)
     mem = RepoMemory.open(repo, settings=s)
     try:
         mem.index(compile=False)

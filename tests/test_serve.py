@@ -1,15 +1,17 @@
 """`repomem serve` with real clients against a real server on 127.0.0.1 and the small model.
 
 One server (in this process, on a thread, the way the desktop app runs it) is shared by the module:
-the `openai` SDK streamed and not, an Aider-shaped request, OpenAI's errors, a disconnect mid-stream,
-two clients at once, a full queue, the `mcp` SDK over streamable HTTP and over stdio (`repomem mcp`,
-a subprocess), private paths, and a file edited while serving (stale, then fresh). The API key is
-checked on servers of its own, and `repomem serve` itself once as a subprocess.
+the `openai` SDK streamed and not, an Aider-shaped request, OpenAI's errors, a rebinding Host and a
+non-JSON POST, disconnects, two clients at once, editors in lines of their own, a full queue, the
+`mcp` SDK over streamable HTTP and over stdio (`repomem mcp`, a subprocess), private paths, and a
+file edited while serving (stale, then fresh, then a recent change). The API key is checked on
+servers of its own, and `repomem serve` itself once as a subprocess; `repomem bench serve` runs once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import signal
@@ -18,17 +20,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from click.testing import CliRunner
 
-from repomem.app.server.config import ServeConfig
+from repomem.app.cli import cli
+from repomem.app.server.clients import http_client, mcp_client
+from repomem.app.server.config import ServeConfig, resolve_api_key
+from repomem.app.server.mcp_tools import parse_since, search_paths
 from repomem.app.server.runner import ServerThread, Service
-from repomem.core import settings as settings_mod
-from repomem.core.memory import RepoMemory
+from repomem.core import RepoMemory, SamplingParams, Settings, load_settings, save_settings
 
 CALC = '''"""A tiny calculator module."""
 
@@ -71,7 +77,7 @@ class Served:
     url: str
     service: Service
     repo: Path
-    settings: settings_mod.Settings
+    settings: Settings
 
     @property
     def name(self) -> str:
@@ -89,8 +95,8 @@ def _make_repo(root: Path) -> Path:
     return root
 
 
-def _settings(model: Path) -> settings_mod.Settings:
-    return settings_mod.Settings(model=str(model), encoding="f16", max_answer_tokens=16, n_ctx=4096, boost_top=0,
+def _settings(model: Path) -> Settings:
+    return Settings(model=str(model), encoding="f16", max_answer_tokens=16, n_ctx=4096, boost_top=0,
                                  private_paths=["private/*"])
 
 
@@ -102,7 +108,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, test_model_path: Path):
     mem.index()  # compiled before serving: answers splice KV
     mem.close()
     # a debounce long enough to see a just-edited file as stale before its watcher syncs it
-    service = Service.open([repo], ServeConfig(port=0, max_queue=2, debounce_s=2.0), settings=settings)
+    service = Service.open([repo], ServeConfig(port=0, max_queue=2, debounce_s=5.0), settings=settings)
     thread = ServerThread(service).start()
     yield Served(thread.url, service, repo, settings)
     thread.stop()
@@ -112,10 +118,37 @@ def _health(served: Served) -> dict:
     return httpx.get(served.url + "/health", timeout=30).json()
 
 
+def _idle(served: Served) -> dict:
+    """The queue's stats once its worker is done with the job that just answered."""
+    deadline = time.monotonic() + 10
+    while (stats := served.service.queue.stats())["running"] is not None:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.02)
+    return stats
+
+
+def _check_evidence(evidence: dict | None, sources: list[dict], root: Path) -> None:
+    """The evidence is lines of one of the answer's sources, cited and quoted as the file has them."""
+    assert evidence is not None
+    assert evidence["id"] in {s["id"] for s in sources}
+    assert evidence["citation"] == f"{evidence['path']}:{evidence['start_line']}-{evidence['end_line']}"
+    lines = (root / evidence["path"]).read_text().splitlines()[evidence["start_line"] - 1:evidence["end_line"]]
+    assert evidence["lines"].splitlines() == lines and evidence["lines"].strip()
+
+
 # -- the openai SDK ----------------------------------------------------------------------------------
-def test_models_one_per_repository(served: Served) -> None:
+def test_models_one_per_repository_with_each_mode_and_the_alias(served: Served) -> None:
     models = served.client().models.list()
-    assert [m.id for m in models.data] == [served.name] == ["repomem/calcrepo"]
+    assert [m.id for m in models.data] == ["repomem/calcrepo", "repomem/calcrepo:text", "repomem/calcrepo:none",
+                                           "repomem", "repomem:text", "repomem:none"]
+    assert models.data[0].id == served.name
+    assert [m.model_extra["repomem"]["mode"] for m in models.data[:3]] == ["kv", "text", "none"]
+    # every listed name is one the server answers to, in the mode it names
+    client = served.client()
+    for m in models.data:
+        resp = client.chat.completions.create(model=m.id, max_tokens=1,
+                                              messages=[{"role": "user", "content": "What does scale do?"}])
+        assert resp.model_extra["repomem"]["mode"] == m.model_extra["repomem"]["mode"]
 
 
 def test_openai_sdk_answer_with_sources_and_honest_usage(served: Served) -> None:
@@ -129,6 +162,7 @@ def test_openai_sdk_answer_with_sources_and_honest_usage(served: Served) -> None
         assert content.strip() and "\n\nSources: calc.py:11-13" in content
         ext = resp.model_extra["repomem"]
         assert {"citation": "calc.py:11-13", "symbol": "scale"}.items() <= ext["sources"][0].items()
+        _check_evidence(ext["evidence"], ext["sources"], served.repo)
         assert 1 <= resp.usage.completion_tokens <= 12
         assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     assert kv.model_extra["repomem"]["mode"] == "kv" and text.model_extra["repomem"]["mode"] == "text"
@@ -153,7 +187,9 @@ def test_openai_sdk_streamed_with_usage_and_footer_opt_out(served: Served) -> No
     assert content.strip() and content.endswith("Sources: calc.py:6-8")
     finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finish) == 1 and finish[0].choices[0].finish_reason in ("stop", "length")
-    assert finish[0].model_extra["repomem"]["sources"][0]["citation"] == "calc.py:6-8"
+    ext = finish[0].model_extra["repomem"]
+    assert ext["sources"][0]["citation"] == "calc.py:6-8"
+    _check_evidence(ext["evidence"], ext["sources"], served.repo)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
     assert len({c.id for c in chunks}) == 1
 
@@ -225,6 +261,42 @@ def test_errors_have_openai_shape_and_status(served: Served) -> None:
     assert httpx.get(served.url + "/v1/nothing").json()["error"]["message"] == "Not Found"
 
 
+def test_a_rebinding_host_and_a_non_json_post_are_refused(served: Served) -> None:
+    port = served.url.rsplit(":", 1)[1]
+    queue = served.service.queue
+    before = queue.stats()
+    question = {"model": "repomem", "max_tokens": 1, "messages": [{"role": "user", "content": "What does scale do?"}]}
+    # a page on evil.example whose name now resolves to 127.0.0.1 sends its own name as Host
+    for path in ("/health", "/v1/models"):
+        r = httpx.get(served.url + path, headers={"Host": f"evil.example:{port}"})
+        assert r.status_code == 400 and "repositories" not in r.text and "repomem" not in r.text
+    r = httpx.post(served.url + "/v1/chat/completions", json=question, headers={"Host": f"evil.example:{port}"})
+    assert r.status_code == 400
+    r = httpx.post(served.url + "/mcp", json={}, headers={"Host": f"evil.example:{port}"})
+    assert r.status_code == 400
+    for name in ("localhost", "127.0.0.1", "[::1]"):
+        assert httpx.get(served.url + "/health", headers={"Host": f"{name}:{port}"}).status_code == 200
+    # a cross-site form or text/plain POST (no CORS preflight) must not start a generation
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        r = httpx.post(served.url + "/v1/chat/completions", content=json.dumps(question).encode(), headers=headers)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    after = queue.stats()
+    assert (after["served"], after["cancelled"], after["rejected"]) == (
+        before["served"], before["cancelled"], before["rejected"])
+    ok = httpx.post(served.url + "/v1/chat/completions", content=json.dumps(question).encode(),
+                    headers={"Content-Type": "application/json; charset=utf-8"}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_trusted_hosts_are_loopback_and_the_bind_address() -> None:
+    assert ServeConfig().trusted_hosts() == ["127.0.0.1", "localhost", "[::1]"]
+    assert ServeConfig(host="::1").trusted_hosts() == ["127.0.0.1", "localhost", "[::1]"]
+    assert ServeConfig(host="10.1.2.3", api_key="k").trusted_hosts()[-1] == "10.1.2.3"
+    assert ServeConfig(host="fd00::5", api_key="k").trusted_hosts()[-1] == "[fd00::5]"
+    assert ServeConfig(host="0.0.0.0", api_key="k").trusted_hosts() == ["*"]  # any name: the key guards it
+
+
 def test_full_queue_is_503_with_retry_after(served: Served) -> None:
     gate = threading.Event()
     queue = served.service.queue
@@ -263,8 +335,29 @@ def test_disconnect_mid_stream_cancels_and_the_next_request_is_served_at_once(se
                                                     messages=[{"role": "user", "content": "Say hi."}])
     assert quick.choices[0].message.content is not None
     assert time.monotonic() - t0 < 10  # the abandoned 3000-token story would hold the model for minutes
-    queue = _health(served)["queue"]
-    assert queue["cancelled"] == before + 1 and queue["running"] is None
+    assert _idle(served)["cancelled"] == before + 1
+
+
+def test_disconnect_while_a_non_streamed_answer_is_generated_cancels_it(served: Served) -> None:
+    body = json.dumps({"model": "repomem:none", "max_tokens": 3000, "temperature": 2.0, "top_p": 1.0, "seed": 2,
+                       "messages": [{"role": "user", "content": "Write a very long story about calculators."}]})
+    queue = served.service.queue
+    before = queue.stats()["cancelled"]
+    host, port = served.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+        deadline = time.monotonic() + 60
+        while queue.stats()["running"] is None:  # the generation has started
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+    t0 = time.monotonic()
+    quick = served.client().chat.completions.create(model="repomem:none", max_tokens=2,
+                                                    messages=[{"role": "user", "content": "Say hi."}])
+    assert quick.choices[0].message.content is not None
+    assert time.monotonic() - t0 < 10  # the abandoned story would hold the model for minutes
+    assert _idle(served)["cancelled"] == before + 1
 
 
 def test_two_concurrent_clients_are_both_answered_from_their_own_memory(served: Served) -> None:
@@ -290,34 +383,157 @@ def test_two_concurrent_clients_are_both_answered_from_their_own_memory(served: 
     assert retry_footer.startswith("retry.py:") and calc_footer.startswith("calc.py:11-13")
 
 
+def _lines_while_held(served: Served, senders: list[Callable[[], bool]]) -> list[int]:
+    """Hold the model, let each sender's request queue up, and return how many wait in each line; then let
+    them through and check each was answered."""
+    queue = served.service.queue
+    gate = threading.Event()
+    held = queue.submit("test", lambda cancel: gate.wait(60))
+    answered: list[bool] = []
+    threads = [threading.Thread(target=lambda f=f: answered.append(f())) for f in senders]
+    try:
+        deadline = time.monotonic() + 60
+        while queue.stats()["running"] != "test":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for t in threads:
+            t.start()
+        while queue.stats()["waiting"] < len(senders):
+            assert time.monotonic() < deadline and all(t.is_alive() for t in threads), queue.stats()
+            time.sleep(0.05)
+        lines = sorted(queue.stats()["waiting_by_client"].values())
+    finally:
+        gate.set()
+        held.future.result(30)
+        for t in threads:
+            t.join(120)
+    assert answered == [True] * len(senders)
+    return lines
+
+
+def test_editors_on_one_machine_wait_in_lines_of_their_own(served: Served) -> None:
+    from mcp import Client
+    from mcp_types import Implementation
+
+    def chat(user_agent: str, user: str | None = None) -> Callable[[], bool]:
+        body = {"model": "repomem", "max_tokens": 2, "messages": [{"role": "user", "content": "What is add?"}]}
+        if user:
+            body["user"] = user
+
+        def send() -> bool:
+            r = httpx.post(served.url + "/v1/chat/completions", json=body, headers={"User-Agent": user_agent},
+                           timeout=120)
+            return r.status_code == 200
+
+        return send
+
+    def mcp_ask(name: str, mode: str) -> Callable[[], bool]:
+        async def run() -> bool:
+            info = Implementation(name=name, version="1")
+            async with Client(served.url + "/mcp", mode=mode, client_info=info) as mcp:
+                r = await mcp.call_tool("ask_repo", {"question": "What is add?"})
+                return not r.is_error
+
+        return lambda: asyncio.run(run())
+
+    # the control: one editor's two requests share its line (and the queue holds two waiting)
+    assert _lines_while_held(served, [chat("Continue/1.2"), chat("Continue/1.2")]) == [2]
+    assert _lines_while_held(served, [chat("Continue/1.2"), chat("aider/0.86")]) == [1, 1]
+    assert _lines_while_held(served, [chat("OpenWebUI", "alice"), chat("OpenWebUI", "bob")]) == [1, 1]
+    # MCP: two sessions of the same agent; two agents speaking the sessionless protocol
+    assert _lines_while_held(served, [mcp_ask("agent", "legacy"), mcp_ask("agent", "legacy")]) == [1, 1]
+    assert _lines_while_held(served, [mcp_ask("cline", "auto"), mcp_ask("cursor", "auto")]) == [1, 1]
+
+
+def test_client_keys() -> None:
+    ua = {"user-agent": "Continue/1.2"}
+    assert http_client("", ua, "127.0.0.1") == http_client("", dict(ua), "127.0.0.1")
+    assert http_client("", ua, "127.0.0.1") != http_client("", ua, "10.0.0.2")
+    assert http_client("", ua, "127.0.0.1") != http_client("", {"user-agent": "aider"}, "127.0.0.1")
+    assert http_client("alice", ua, "127.0.0.1") == http_client("alice", {}, "10.0.0.2")  # `user` names the line
+    assert mcp_client(None, None) == "mcp:stdio"
+    assert mcp_client({"mcp-session-id": "s1"}, "127.0.0.1") != mcp_client({"mcp-session-id": "s2"}, "127.0.0.1")
+    assert mcp_client({}, "127.0.0.1", "cline/1") != mcp_client({}, "127.0.0.1", "cursor/1")
+    assert "alice" not in http_client("alice", ua, None)  # /health shows lines, not names
+
+
 def test_private_paths_never_leave_through_answers_or_tools(served: Served) -> None:
+    question = "How does rotate_vault_keys rotate the vault keys and scale?"
+    mem = served.service.repos.repos[0].mem
+    # the controls: on this machine the question retrieves the private file first, and an answer allowed to
+    # read it (the app's own) shows its lines as evidence
+    assert mem.search(question)[0].path == "private/vault.py"
+    local = served.service.queue.submit("test", lambda cancel: mem.ask(
+        question, mode="text", sampling=SamplingParams(max_tokens=8), record=False, allow_local=True))
+    assert local.future.result(120).evidence.path == "private/vault.py"
     client = served.client()
     for model in ("repomem", "repomem:text"):
         resp = client.chat.completions.create(model=model, max_tokens=8, messages=[
-            {"role": "user", "content": "How does rotate_vault_keys rotate the vault keys and scale?"}])
-        assert not any(s["path"].startswith("private/") for s in resp.model_extra["repomem"]["sources"])
+            {"role": "user", "content": question}])
+        ext = resp.model_extra["repomem"]
+        assert ext["sources"]  # it answered from the memory, just not the private part
+        assert not any(s["path"].startswith("private/") for s in ext["sources"])
+        _check_evidence(ext["evidence"], ext["sources"], served.repo)
+        assert "vault" not in json.dumps(ext["evidence"])
         assert "private/" not in resp.choices[0].message.content
 
-    async def search() -> dict:
+    async def tools() -> tuple[dict, dict]:
         from mcp import Client
 
         async with Client(served.url + "/mcp") as mcp:
-            result = await mcp.call_tool("search_code", {"query": "rotate_vault_keys vault keys"})
-            return result.structured_content
+            found = (await mcp.call_tool("search_code", {"query": question})).structured_content
+            asked = await mcp.call_tool("ask_repo", {"question": question, "mode": "text"})
+            return found, {"text": asked.content[0].text, **asked.structured_content}
 
-    assert not any(h["path"].startswith("private/") for h in asyncio.run(search())["results"])
+    found, asked = asyncio.run(tools())
+    assert found["results"] and not any(h["path"].startswith("private/") for h in found["results"])
+    assert asked["sources"] and not any(s["path"].startswith("private/") for s in asked["sources"])
+    _check_evidence(asked["evidence"], asked["sources"], served.repo)
+    assert "private/" not in asked["text"] and "vault" not in json.dumps(asked["evidence"])
+
+
+def test_health_and_memory_status_name_no_private_file(tmp_path: Path, home: Path, test_model_path: Path) -> None:
+    repo = _make_repo(tmp_path / "calcrepo")
+    settings = _settings(test_model_path)
+    mem = RepoMemory.open(repo, settings=settings)
+    mem.index(compile=False)
+    mem.close()
+    # no watcher: the edited files stay stale while the server is asked
+    thread = ServerThread(Service.open([repo], ServeConfig(port=0), settings=settings, watch=False)).start()
+    try:
+        (repo / "private" / "vault.py").write_text(VAULT.replace("rotate()", "rotate(force=True)"))
+        (repo / "calc.py").write_text(CALC.replace("factor=3", "factor=4"))
+        assert sorted(thread.service.repos.repos[0].mem.stale_files()) == ["calc.py", "private/vault.py"]  # control
+
+        async def status() -> dict:
+            from mcp import Client
+
+            async with Client(thread.url + "/mcp") as mcp:
+                r = await mcp.call_tool("memory_status", {})
+                return {"text": r.content[0].text, **r.structured_content}
+
+        health = httpx.get(thread.url + "/health", timeout=30).json()
+        assert health["repositories"][0]["stale"] == ["calc.py"]
+        for leaving in (json.dumps(health), json.dumps(asyncio.run(status()))):
+            assert "private/" not in leaving and "vault" not in leaving
+            assert str(repo) not in leaving  # nor where the repository lives on this machine
+    finally:
+        thread.stop()
 
 
 # -- MCP ---------------------------------------------------------------------------------------------
-async def _every_tool(mcp, stale_file: Path | None = None) -> dict:
+async def _every_tool(mcp, on_note: Callable[[str], None] = lambda _id: None) -> dict:
+    """Call every tool once; `on_note(id)` runs while the note `remember` kept exists (before `forget`)."""
     out = {}
     tools = await mcp.list_tools()
     out["tools"] = sorted(t.name for t in tools.tools)
+    out["ask_params"] = sorted(next(t for t in tools.tools if t.name == "ask_repo").input_schema["properties"])
     r = await mcp.call_tool("search_code", {"query": "scale factor", "k": 3, "path_glob": "*.py"})
     out["search"] = r.structured_content
     out["search_text"] = r.content[0].text
     r = await mcp.call_tool("ask_repo", {"question": "What does scale do?"})
     out["ask"] = r.structured_content
+    out["ask_text"] = r.content[0].text
     r = await mcp.call_tool("memory_status", {})
     out["status"] = r.structured_content
     r = await mcp.call_tool("remember", {"note": "We decided scale keeps a default factor of 3.",
@@ -325,8 +541,10 @@ async def _every_tool(mcp, stale_file: Path | None = None) -> dict:
     out["remember"] = r.structured_content
     r = await mcp.call_tool("search_code", {"query": "decided default factor"})
     out["found_note"] = {h["id"]: h for h in r.structured_content["results"]}
+    on_note(out["remember"]["id"])
+    t0 = time.time()
     r = await mcp.call_tool("recent_changes", {"since": "1h"})
-    out["changes"] = r.structured_content
+    out["changes"] = (t0, r.structured_content)
     r = await mcp.call_tool("remember", {"note": 'Deploy with token = "ghp_' + "a1B2" * 10 + '"'})
     out["secret"] = (r.is_error, r.content[0].text)
     r = await mcp.call_tool("forget", {"id": out["remember"]["id"]})
@@ -336,18 +554,24 @@ async def _every_tool(mcp, stale_file: Path | None = None) -> dict:
     return out
 
 
-def _check_every_tool(out: dict, stdio: bool) -> None:
+def _check_every_tool(out: dict, root: Path) -> None:
     assert out["tools"] == ["ask_repo", "forget", "memory_status", "recent_changes", "remember", "search_code"]
+    assert out["ask_params"] == ["mode", "question", "repo"]  # the SDK's context is not a tool argument
     hit = out["search"]["results"][0]
     assert hit["citation"] == "calc.py:11-13" and hit["symbol"] == "scale" and hit["fresh"] is True
     assert "def scale" in hit["snippet"] and "calc.py:11-13 (scale) [fresh]" in out["search_text"]
     assert out["ask"]["answer"].strip() and out["ask"]["sources"][0]["citation"] == "calc.py:11-13"
+    ev = out["ask"]["evidence"]
+    _check_evidence(ev, out["ask"]["sources"], root)
+    assert f"Evidence: {ev['citation']}\n```\n{ev['lines']}\n```" in out["ask_text"]
     st = out["status"]["repositories"][0]
     assert st["files"] == 3 and st["compiled_share"] > 0.5 and st["watcher"]["running"]
     assert "root" not in st
     note = out["found_note"][out["remember"]["id"]]
     assert note["source"] == "note" and note["fresh"] is None and note["snippet"].endswith("Files: calc.py")
-    assert isinstance(out["changes"]["changes"], list)
+    asked_at, changes = out["changes"]
+    since = datetime.datetime.fromisoformat(changes["since"]).timestamp()
+    assert abs(since - (asked_at - 3600)) < 5  # "1h" read as an hour before the call
     assert out["secret"][0] and "secret" in out["secret"][1]
     assert out["forget"] == (False, {"forgotten": out["remember"]["id"]})
     assert out["forget_code"][0] and "not a note" in out["forget_code"][1]
@@ -360,47 +584,104 @@ def test_mcp_over_streamable_http_calls_every_tool(served: Served) -> None:
         async with Client(served.url + "/mcp") as mcp:
             return await _every_tool(mcp)
 
-    _check_every_tool(asyncio.run(run()), stdio=False)
+    _check_every_tool(asyncio.run(run()), served.repo)
 
 
-def test_mcp_over_stdio_calls_every_tool(served: Served) -> None:
+def test_mcp_over_stdio_calls_every_tool_on_the_same_store(served: Served) -> None:
     from mcp import Client, StdioServerParameters
 
     params = StdioServerParameters(command=sys.executable, args=[
         "-m", "repomem.app.cli", "mcp", str(served.repo), "--model", served.settings.model],
         env=dict(os.environ))
-    before = served.service.repos.repos[0].mem.store.cubes(source="note")
+    store = served.service.repos.repos[0].mem.store
+    seen = {}
+
+    def on_note(note_id: str) -> None:  # the note `repomem mcp` kept, as the HTTP server (and the inspector) see it
+        seen["note"] = store.get(note_id)
 
     async def run() -> dict:
         async with Client(params, read_timeout_seconds=300) as mcp:
-            return await _every_tool(mcp)
+            return await _every_tool(mcp, on_note)
 
-    _check_every_tool(asyncio.run(run()), stdio=True)
-    # the note went through the same store the HTTP server reads (and the inspector shows)
-    assert served.service.repos.repos[0].mem.store.cubes(source="note") == before
+    out = asyncio.run(run())
+    _check_every_tool(out, served.repo)
+    assert seen["note"] is not None and seen["note"].source == "note" and "default factor of 3" in seen["note"].text
+    assert store.get(out["remember"]["id"]) is None  # and forget removed it there
 
 
-def test_a_file_edited_while_serving_is_stale_then_fresh(served: Served) -> None:
+def test_a_file_edited_while_serving_is_stale_then_fresh_and_a_recent_change(served: Served) -> None:
     from mcp import Client
 
-    async def search() -> list[dict]:
+    async def call(tool: str, args: dict) -> dict:
         async with Client(served.url + "/mcp") as mcp:
-            r = await mcp.call_tool("search_code", {"query": "Retry backoff attempt"})
-            return r.structured_content["results"]
+            r = await mcp.call_tool(tool, args)
+            return {"text": r.content[0].text, **r.structured_content}
+
+    def retry_hit() -> dict:
+        return next(h for h in asyncio.run(call("search_code", {"query": "Retry backoff attempt"}))["results"]
+                    if h["path"] == "retry.py")
 
     path = served.repo / "retry.py"
+    edited_at = time.time()
     path.write_text(RETRY.replace("0.5 * (2 ** attempt)", "0.25 * (2 ** attempt)"))
-    hit = next(h for h in asyncio.run(search()) if h["path"] == "retry.py")
+    hit = retry_hit()
     assert hit["fresh"] is False
     assert "retry.py" in _health(served)["repositories"][0]["stale"]
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while True:
-        hit = next(h for h in asyncio.run(search()) if h["path"] == "retry.py")
+        hit = retry_hit()
         if hit["fresh"]:
             break
         assert time.monotonic() < deadline, "the watcher never synced the edit"
         time.sleep(0.5)
     assert "0.25" in hit["snippet"] and _health(served)["repositories"][0]["stale_files"] == 0
+    # the change memory has it: which file, where its changed code is now, the diff
+    since = datetime.datetime.fromtimestamp(edited_at - 1).isoformat()
+    changes = asyncio.run(call("recent_changes", {"since": since}))
+    change = next(c for c in changes["changes"] if c["path"] == "retry.py")
+    assert change["citations"] == [hit["citation"]]
+    assert "+        return 0.25 * (2 ** attempt)" in change["summary"]
+    assert f"{hit['citation']} ({change['symbols']})" in changes["text"]
+    later = asyncio.run(call("recent_changes", {"since": str(time.time() + 60)}))
+    assert later["changes"] == []
+
+
+def test_search_code_path_glob_finds_k_matches_ranked_below_many_others(tmp_path: Path, home: Path,
+                                                                          test_model_path: Path) -> None:
+    root = tmp_path / "globrepo"
+    (root / "gen").mkdir(parents=True)
+    (root / "src").mkdir()
+    for i in range(60):  # outrank everything under src/ for the query
+        (root / "gen" / f"g{i}.py").write_text(f"def frobnicate_{i}(x):\n    return frobnicate(frobnicate(x))\n")
+    for i in range(3):
+        (root / "src" / f"s{i}.py").write_text(f'def handler_{i}(request):\n    """Parse, validate and store."""\n'
+                                                f"    data = parse(request)\n    return frobnicate(data)\n")
+    mem = RepoMemory.open(root, settings=Settings(model=str(test_model_path)))
+    try:
+        mem.index(compile=False)
+        assert all(c.path.startswith("gen/") for c in mem.search("frobnicate", k=50, allow_local=False))
+        hits = search_paths(mem, "frobnicate", 3, "src/*.py")
+        assert sorted(c.path for c in hits) == ["src/s0.py", "src/s1.py", "src/s2.py"]
+        assert search_paths(mem, "frobnicate", 5, "src/*.py") == hits  # fewer exist: all of them
+        assert [c.path for c in search_paths(mem, "frobnicate", 2, None)] == [c.path for c in mem.search(
+            "frobnicate", k=2, allow_local=False)]
+    finally:
+        mem.close()
+
+
+def test_parse_since_reads_durations_dates_and_epoch_seconds() -> None:
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    now = time.time()
+    for text, ago in (("30m", 1800), ("6h", 6 * 3600), (" 2d ", 2 * 86400), ("1w", 604800), ("1.5h", 5400)):
+        assert abs(now - ago - parse_since(text)) < 2, text
+    assert parse_since("1700000000") == 1700000000.0
+    assert parse_since("2024-03-01T12:30:00+00:00") == datetime.datetime(2024, 3, 1, 12, 30,
+                                                                         tzinfo=datetime.UTC).timestamp()
+    assert parse_since("2024-03-01") == datetime.datetime(2024, 3, 1).timestamp()  # local midnight
+    for bad in ("yesterday", "5y", ""):
+        with pytest.raises(ToolError, match="cannot read"):
+            parse_since(bad)
 
 
 # -- API key -----------------------------------------------------------------------------------------
@@ -415,7 +696,7 @@ def test_api_key_enforced_off_loopback_and_cors_only_when_configured(served: Ser
     try:
         url = f"http://127.0.0.1:{thread.port}"
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret-key", max_retries=0)
-        assert [m.id for m in good.models.list().data] == [served.name]
+        assert good.models.list().data[0].id == served.name
         with pytest.raises(openai.AuthenticationError) as bad:
             openai.OpenAI(base_url=url + "/v1", api_key="s3cret-kez", max_retries=0).models.list()
         assert bad.value.code == "invalid_api_key"
@@ -434,7 +715,21 @@ def test_api_key_enforced_off_loopback_and_cors_only_when_configured(served: Ser
         thread.stop()
 
 
-def test_repomem_serve_cli_refuses_then_serves_and_stops_on_sigterm(served: Served) -> None:
+def test_api_key_comes_from_the_flag_else_the_environment_else_the_settings(home: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    save_settings(Settings(server_api_key="from-settings"))
+    monkeypatch.delenv("REPOMEM_API_KEY", raising=False)
+    settings_key = load_settings().server_api_key
+    assert resolve_api_key(None, settings_key) == "from-settings"
+    monkeypatch.setenv("REPOMEM_API_KEY", " from-env ")
+    assert resolve_api_key(None, settings_key) == "from-env"
+    assert resolve_api_key("from-flag", settings_key) == "from-flag"
+    monkeypatch.delenv("REPOMEM_API_KEY")
+    assert resolve_api_key(None, "") == ""
+
+
+def test_repomem_serve_cli_refuses_then_serves_with_the_environments_key_and_stops_on_sigterm(
+        served: Served) -> None:
     env = {k: v for k, v in os.environ.items() if k != "REPOMEM_API_KEY"}
     refused = subprocess.run([sys.executable, "-m", "repomem.app.cli", "serve", str(served.repo), "--host", "0.0.0.0"],
                              capture_output=True, text=True, env=env, timeout=60)
@@ -443,21 +738,40 @@ def test_repomem_serve_cli_refuses_then_serves_and_stops_on_sigterm(served: Serv
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "repomem.app.cli", "serve", str(served.repo), "--port", str(port),
-                             "--model", served.settings.model], env=env, stderr=subprocess.PIPE, text=True)
+                             "--model", served.settings.model], env={**env, "REPOMEM_API_KEY": "env-key"},
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/health"
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+                refused_health = httpx.get(url, timeout=5)
                 break
             except httpx.HTTPError:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
                 time.sleep(0.2)
+        assert refused_health.status_code == 401  # the key from the environment guards even loopback
+        health = httpx.get(url, headers={"Authorization": "Bearer env-key"}, timeout=30).json()
         assert health["repositories"][0]["model"] == served.name
         assert health["repositories"][0]["watcher"]["in_process"] is False  # the module's server watches it
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_bench_serve_runs_end_to_end(tmp_path: Path, home: Path, test_model_path: Path) -> None:
+    """`repomem bench serve` on one question, without the llama_cpp.server baseline: it must not rot."""
+    _make_repo(tmp_path / "corpus" / "calcrepo")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "q1", "repo": "calcrepo", "question": "What does scale do?"}) + "\n")
+    res = CliRunner().invoke(cli, ["bench", "serve", "--json", "--qa", str(qa), "--repo-root", str(tmp_path / "corpus"),
+                                   "--limit", "1", "--model", str(test_model_path), "--answer-tokens", "2",
+                                   "--repeats", "1", "--no-baseline"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["questions"] == 1 and out["kv_http_ttft_ms"] > 0 and out["text_http_ttft_ms"] > 0
+    assert out["rows"][0]["spliced"] >= 1 and out["rows"][0]["memory_tokens"] > 0
+    assert out["baseline"] == "not run: --no-baseline" and out["llama_server_ttft_ms"] is None
 
 
 @pytest.mark.default_model
@@ -485,4 +799,4 @@ def test_health_shows_queue_and_memory_state(served: Served) -> None:
     repo = h["repositories"][0]
     assert repo["files"] == 3 and repo["cubes"] >= 5 and 0 < repo["compiled_share"] <= 1
     assert repo["watcher"]["running"] and repo["watcher"]["in_process"]
-    assert json.dumps(h)  # plain JSON types only
+    assert "root" not in repo and str(served.repo) not in json.dumps(h)

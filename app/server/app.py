@@ -2,7 +2,8 @@
 
 The key, when one is set, is checked on every request (constant time), `/health` and `/mcp`
 included; a bind address other machines can reach is refused without one (`config.ServeConfig`).
-No CORS headers unless origins are configured: a web page must not read the memory by default.
+A web page must not read the memory: no CORS headers unless origins are configured, and a request
+whose `Host` is not a loopback name or the bind address (DNS rebinding) is refused with 400.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -87,7 +89,7 @@ def build_app(repos: Repositories, queue: FairQueue, config: ServeConfig, mcp_se
         async with mcp_server.session_manager.run():
             yield
 
-    middleware = []
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=config.trusted_hosts(), www_redirect=False)]
     if config.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type", "X-API-Key"]))

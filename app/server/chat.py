@@ -28,6 +28,7 @@ class ChatRequest:
     include_usage: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
     sources_footer: bool = True
+    user: str = ""  # the client's own name for whoever asks: the fair queue's line (`clients.py`)
 
 
 def parse_chat(body: Any, settings: Settings) -> ChatRequest:
@@ -47,6 +48,9 @@ def parse_chat(body: Any, settings: Settings) -> ChatRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise APIError(400, "`stream_options` must be an object", param="stream_options")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise APIError(400, "`user` must be a string", param="user")
     tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     sampling = SamplingParams(
         temperature=_number(body, "temperature", settings.temperature, 0.0, 2.0),
@@ -57,7 +61,8 @@ def parse_chat(body: Any, settings: Settings) -> ChatRequest:
     )
     return ChatRequest(model=model.strip(), question=question, history=history, system=system,
                        stream=_bool(body, "stream", False), include_usage=_bool(stream_options, "include_usage", False),
-                       sampling=sampling, sources_footer=_bool(options, "sources_footer", True))
+                       sampling=sampling, sources_footer=_bool(options, "sources_footer", True),
+                       user=(user or "").strip())
 
 
 def _messages(messages: Any) -> tuple[str, list[tuple[str, str]], str]:

@@ -12,6 +12,8 @@ from repomem.core import RepomemError
 
 API_KEY_ENV = "REPOMEM_API_KEY"
 DEFAULT_HOST = "127.0.0.1"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
 
 
 @dataclass
@@ -34,6 +36,18 @@ class ServeConfig:
             raise RepomemError(f"port {self.port} is out of range")
         if self.max_queue < 1:
             raise RepomemError("the queue must hold at least one waiting request")
+
+    def trusted_hosts(self) -> list[str]:
+        """The names a request's `Host` header may carry (the port is not compared).
+
+        A web page that rebinds its own domain to 127.0.0.1 still sends that domain as Host, so
+        only the loopback names and the bind address are accepted. A wildcard bind (0.0.0.0, ::)
+        is reached under any of the machine's names; there the API key it requires keeps pages out.
+        """
+        if self.host in WILDCARD_HOSTS:
+            return ["*"]
+        bind = f"[{self.host.strip('[]')}]" if ":" in self.host else self.host
+        return list(dict.fromkeys([*LOOPBACK_NAMES, bind.lower()]))
 
 
 def resolve_api_key(flag: str | None, settings_key: str = "") -> str:

@@ -2,8 +2,9 @@
 
 Every result cites `path:start-end` and comes twice: as text the agent's model reads, and as
 structured content a program can use. Model work (`ask_repo`) goes through the server's fair queue
-like any HTTP request; searches and notes do not need the model and run on their own. Cubes under
-private paths never leave through a tool, as through the HTTP API.
+like any HTTP request, in a line of its MCP session's own (`clients.py`); searches and notes do not
+need the model and run on their own. Cubes under private paths never leave through a tool, as
+through the HTTP API.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import re
 import time
 from typing import Annotated, Any
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
-from repomem.core import Answer, RepomemError, __version__
+from repomem.core import Answer, Cube, RepomemError, RepoMemory, __version__
 
-from .openai_api import source_dict
+from .clients import mcp_client
+from .openai_api import evidence_dict, source_dict
 from .queue import FairQueue, QueueFull
-from .repos import Repositories
+from .repos import MODES, Repositories
 
 SNIPPET_CHARS = 1500
 INSTRUCTIONS = (
@@ -53,11 +55,8 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
         whether the file is unchanged since it was indexed (fresh: false means re-read the file)."""
         served = _repo(repos, repo)
         mem = served.mem
-        cubes = mem.search(query, k=k if not path_glob else k * 4 + 10, allow_local=False)
-        if path_glob:
-            cubes = [c for c in cubes if fnmatch.fnmatch(c.path, path_glob)]
         hits = []
-        for c in cubes[:k]:
+        for c in search_paths(mem, query, k, path_glob):
             hit = {"citation": c.location if c.source == "code" else c.path, "path": c.path,
                    "start_line": c.start_line, "end_line": c.end_line, "symbol": c.symbol, "source": c.source,
                    "fresh": mem.file_is_current(c.path) if c.source == "code" else None, "id": c.id,
@@ -73,15 +72,17 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
     @server.tool(annotations=read_only)
     async def ask_repo(
         question: Annotated[str, Field(description="A question about the repository")],
+        ctx: Context,
         mode: Annotated[str, Field(description="kv (compiled memory, fastest), text or none")] = "kv",
         repo: Repo = "",
     ) -> CallToolResult:
         """Ask repomem's local model, which answers from the repository's memory, with its sources."""
         served = _repo(repos, repo)
-        if mode not in ("kv", "text", "none"):
+        if mode not in MODES:
             raise ToolError(f"unknown mode {mode!r}; use kv, text or none")
+        client = _queue_client(ctx)
         try:
-            ticket = queue.submit("mcp", lambda cancel: served.mem.ask(question, mode=mode, cancel=cancel,
+            ticket = queue.submit(client, lambda cancel: served.mem.ask(question, mode=mode, cancel=cancel,
                                                                        record=False, allow_local=False))
         except QueueFull as exc:
             raise ToolError(str(exc)) from None
@@ -93,8 +94,11 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
         except RepomemError as exc:
             raise ToolError(str(exc)) from None
         sources = [source_dict(s) for s in ans.sources]
+        evidence = evidence_dict(ans)
         text = ans.answer + ("\n\nSources: " + ", ".join(s["citation"] for s in sources) if sources else "")
-        return _result(text, {"answer": ans.answer, "mode": ans.mode, "sources": sources,
+        if evidence:
+            text += f"\n\nEvidence: {evidence['citation']}\n```\n{evidence['lines']}\n```"
+        return _result(text, {"answer": ans.answer, "mode": ans.mode, "sources": sources, "evidence": evidence,
                               "ttft_s": round(ans.ttft_s, 3), "warnings": ans.warnings})
 
     @server.tool(annotations=read_only)
@@ -102,8 +106,6 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
         """What the memory holds: files, memories, the share compiled to KV, files changed since indexed,
         and whether a watcher keeps it current."""
         states = [repos.health(r) for r in ([_repo(repos, repo)] if repo else repos.repos)]
-        for st in states:
-            st.pop("root", None)  # where the repository lives on this machine is not the agent's business
         lines = []
         for st in states:
             w = st["watcher"]
@@ -118,14 +120,17 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
         limit: Annotated[int, Field(ge=1, le=200)] = 20,
         repo: Repo = "",
     ) -> CallToolResult:
-        """Changes to the repository's files the memory recorded (file, symbols, a short diff), newest first."""
+        """Changes to the repository's files the memory recorded (file, symbols, a short diff), newest first,
+        each with path:start-end of where its symbols are now."""
         served = _repo(repos, repo)
         start = parse_since(since)
         changes = served.mem.changes_since(start, limit=limit, allow_local=False)
         items = [{"path": c.path.removeprefix("change:"), "at": _iso(c.created), "symbols": c.symbol,
-                  "summary": c.text[:SNIPPET_CHARS], "id": c.id} for c in changes]
+                  "citations": change_citations(served.mem, c), "summary": c.text[:SNIPPET_CHARS], "id": c.id}
+                 for c in changes]
         lines = [f"{len(items)} change(s) since {_iso(start)} in {served.name}:"]
-        lines += [f"\n- {i['at']} {i['path']} ({i['symbols']})\n{i['summary'].rstrip()}" for i in items]
+        lines += [f"\n- {i['at']} {', '.join(i['citations']) or i['path']} ({i['symbols']})\n"
+                  f"{i['summary'].rstrip()}" for i in items]
         return _result("\n".join(lines), {"repository": served.name, "since": _iso(start), "changes": items})
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False))
@@ -159,6 +164,27 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
     return server
 
 
+def search_paths(mem: RepoMemory, query: str, k: int, path_glob: str | None) -> list[Cube]:
+    """The top `k` shared cubes whose path matches `path_glob`. `RepoMemory.search` takes no path filter,
+    so the search is widened until `k` match or it has been asked for every cube in the index."""
+    if not path_glob:
+        return mem.search(query, k=k, allow_local=False)
+    fetch = k * 4 + 10
+    while True:
+        hits = [c for c in mem.search(query, k=fetch, allow_local=False) if fnmatch.fnmatch(c.path, path_glob)]
+        if len(hits) >= k or fetch >= len(mem.index_):
+            return hits[:k]
+        fetch *= 4
+
+
+def change_citations(mem: RepoMemory, change: Cube) -> list[str]:
+    """`path:start-end` of the code cubes a change note names (the symbols it touched), where they are now."""
+    rel = change.path.removeprefix("change:")
+    names = set((change.symbol or "").split(", "))
+    return [c.location for c in mem.store.cubes(path=rel, source="code")
+            if c.status != "archived" and (c.symbol or "(module)") in names]
+
+
 def parse_since(since: str) -> float:
     """`30m`, `6h`, `2d`, `1w` ago, an ISO date or date-time (local time unless it names a zone), or epoch seconds."""
     text = since.strip()
@@ -174,6 +200,14 @@ def parse_since(since: str) -> float:
     except ValueError:
         raise ToolError(f"cannot read {since!r} as a time: use 30m, 6h, 2d, 1w or an ISO date") from None
     return when.timestamp()
+
+
+def _queue_client(ctx: Context) -> str:
+    request = ctx.request_context.request
+    params = ctx.session.client_params
+    info = params.client_info if params is not None else None
+    return mcp_client(ctx.headers, request.client.host if getattr(request, "client", None) else None,
+                      f"{info.name}/{info.version}" if info is not None else "")
 
 
 def _repo(repos: Repositories, name: str) -> Any:

@@ -16,7 +16,7 @@ system prefix and the spliced memory), which are therefore not part of `prompt_t
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import json
 import time
 import uuid
@@ -30,9 +30,10 @@ from starlette.responses import JSONResponse, Response
 from repomem.core import Answer, CancelledError, ContextOverflowError, ModelError, RepomemError
 
 from .chat import ChatRequest, parse_chat
+from .clients import http_client
 from .errors import APIError
 from .queue import FairQueue, QueueFull, Ticket
-from .repos import ModelNotFound, Repositories, ServedRepo
+from .repos import MODEL_PREFIX, MODES, ModelNotFound, Repositories, ServedRepo
 
 DISCONNECT_POLL_S = 0.1
 
@@ -43,11 +44,17 @@ class ClientGone(Exception):
 
 # -- /v1/models -------------------------------------------------------------------------------------
 async def list_models(request: Request) -> Response:
+    """Every name `model` takes, so clients that pick from a list (Open WebUI) can pick each: per
+    repository `repomem/<name>` (the settings' mode, kv unless changed) and a suffix for each other
+    mode, then the same for the `repomem` alias (the first repository)."""
     repos: Repositories = request.app.state.repos
     created = int(request.app.state.started)
-    data = [{"id": r.model_id, "object": "model", "created": created, "owned_by": "repomem",
-             "repomem": {"modes": ["kv", "text", "none"], "context_length": repos.settings.n_ctx}}
-            for r in repos.repos]
+    default = repos.settings.mode
+    variants = [("", default)] + [(f":{m}", m) for m in MODES if m != default]
+    named = [(r.model_id, r) for r in repos.repos] + [(MODEL_PREFIX, repos.repos[0])]
+    data = [{"id": base + suffix, "object": "model", "created": created, "owned_by": "repomem",
+             "repomem": {"repository": repo.name, "mode": mode, "context_length": repos.settings.n_ctx}}
+            for base, repo in named for suffix, mode in variants]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -55,6 +62,10 @@ async def list_models(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     repos: Repositories = request.app.state.repos
     queue: FairQueue = request.app.state.queue
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":  # a cross-site form or text/plain POST needs no preflight: refuse it
+        raise APIError(415, "send the request as JSON (Content-Type: application/json)",
+                       code="unsupported_media_type")
     try:
         body = await request.json()
     except (ValueError, UnicodeDecodeError):
@@ -66,7 +77,8 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(404, str(exc), code="model_not_found", param="model") from None
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    ticket = _submit(queue, client_key(request), repo, mode, req, loop, events)
+    client = http_client(req.user, request.headers, request.client.host if request.client else None)
+    ticket = _submit(queue, client, repo, mode, req, loop, events)
     reply = Reply(req, mode or repos.settings.mode)
     try:
         first = await _first_event(request, queue, ticket, events)
@@ -87,19 +99,11 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse(reply.completion(event[1]))
 
 
-def client_key(request: Request) -> str:
-    """Whom the queue is fair to: the API key's digest if one was sent, else the remote address."""
-    auth = request.headers.get("authorization", "")
-    token = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-    if token:
-        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:8]
-    return "ip:" + (request.client.host if request.client else "unknown")
-
-
 def _submit(queue: FairQueue, client: str, repo: ServedRepo, mode: str | None, req: ChatRequest,
             loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Ticket:
     def put(kind: str, value: Any) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+        with contextlib.suppress(RuntimeError):  # the loop closed: the server stopped, nobody reads these
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
     def job(cancel: Any) -> Answer:
         return repo.mem.ask(req.question, mode=mode, history=req.history, system=req.system, sampling=req.sampling,
@@ -225,8 +229,9 @@ class Reply:
         return "length" if not self.stopped and ans.stop_reason in ("length", "context") else "stop"
 
     def extension(self, ans: Answer) -> dict:
-        return {"mode": ans.mode, "sources": [source_dict(s) for s in ans.sources], "spliced": ans.spliced,
-                "as_text": ans.as_text, "ttft_s": round(ans.ttft_s, 4), "warnings": ans.warnings}
+        return {"mode": ans.mode, "sources": [source_dict(s) for s in ans.sources], "evidence": evidence_dict(ans),
+                "spliced": ans.spliced, "as_text": ans.as_text, "ttft_s": round(ans.ttft_s, 4),
+                "warnings": ans.warnings}
 
     @staticmethod
     def usage(ans: Answer) -> dict:
@@ -268,3 +273,13 @@ def source_dict(s: Any) -> dict:
     cite = f"{s.path}:{s.start_line}-{s.end_line}" if s.source == "code" else s.path
     return {"citation": cite, "path": s.path, "start_line": s.start_line, "end_line": s.end_line,
             "symbol": s.symbol, "source": s.source, "id": s.cube_id}
+
+
+def evidence_dict(ans: Answer) -> dict | None:
+    """The exact lines the answer stands in, cited `path:start-end` (None when it read no memory). They come
+    from the answer's own sources, so a private file's lines cannot be among them."""
+    ev = ans.evidence
+    if ev is None:
+        return None
+    return {"citation": ev.location, "path": ev.path, "start_line": ev.start_line, "end_line": ev.end_line,
+            "lines": ev.text, "id": ev.cube_id}

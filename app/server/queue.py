@@ -1,10 +1,10 @@
 """One process, one model: every model job goes through one fair, bounded queue.
 
 Why round-robin per client and not first-come: an agent that fires ten requests must not make the
-person typing in another editor wait behind all ten. Waiting jobs sit in one line per client (API
-key or remote address); the worker takes the head of the line of the client served longest ago. A
-full queue refuses at once (the HTTP layer answers 503 with Retry-After) instead of letting requests
-pile up for minutes.
+person typing in another editor wait behind all ten. Waiting jobs sit in one line per client
+(`clients.py` says who is who); the worker takes the head of the line of the client served longest
+ago. A full queue refuses at once (the HTTP layer answers 503 with Retry-After) instead of letting
+requests pile up for minutes.
 Each job gets a `cancel` event: setting it removes a waiting job, and a running generation stops at
 its next token (`RepoMemory.ask` checks it).
 """

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repomem.core import RepomemError, RepoMemory
-from repomem.core import settings as settings_mod
+from repomem.core import RepomemError, RepoMemory, Settings, load_settings
 
 log = logging.getLogger(__name__)
 MODEL_PREFIX = "repomem"
+MODES = ("kv", "text", "none")  # the `:mode` suffixes a model name may carry
 STALE_LISTED = 20  # stale file names /health lists (the count is always complete)
 
 
@@ -41,17 +41,17 @@ class ServedRepo:
 class Repositories:
     """Open with `Repositories.open(paths, ...)`; `close()` stops the watchers started here."""
 
-    def __init__(self, repos: list[ServedRepo], settings: settings_mod.Settings):
+    def __init__(self, repos: list[ServedRepo], settings: Settings):
         if not repos:
             raise RepomemError("no repository to serve")
         self.repos = repos
         self.settings = settings
 
     @classmethod
-    def open(cls, paths: list[str | Path], *, settings: settings_mod.Settings | None = None, model: str | None = None,
+    def open(cls, paths: list[str | Path], *, settings: Settings | None = None, model: str | None = None,
              watch: bool = True, debounce_s: float = 0.25) -> Repositories:
         """Open each repository's memory (indexing it as plaintext first if it never was) and watch it."""
-        settings = settings or settings_mod.load()
+        settings = settings or load_settings()
         served: list[ServedRepo] = []
         try:
             for p in paths:
@@ -76,7 +76,7 @@ class Repositories:
     def resolve(self, model: str) -> tuple[ServedRepo, str | None]:
         """`repomem`, `repomem/<name>`, each with an optional `:kv`, `:text` or `:none`: (repository, mode)."""
         base, _, mode = model.strip().partition(":")
-        if mode and mode not in settings_mod.MODES:
+        if mode and mode not in MODES:
             raise ModelNotFound(f"unknown mode {mode!r} in model {model!r}; use :kv, :text or :none")
         if base == MODEL_PREFIX:
             return self.repos[0], mode or None
@@ -96,7 +96,10 @@ class Repositories:
         raise RepomemError(f"no repository {name!r}; this server has {', '.join(r.name for r in self.repos)}")
 
     def health(self, repo: ServedRepo) -> dict[str, Any]:
-        """Files, cubes, compiled share, stale files and the watcher of one repository (reads files: a thread)."""
+        """Files, cubes, compiled share, stale files and the watcher of one repository (reads files: a thread).
+
+        What leaves through `/health` and `memory_status`: no file under a private path is named (nor
+        counted among the stale ones), and not where the repository lives on this machine."""
         from repomem.core import watcher_status
 
         mem = repo.mem
@@ -104,10 +107,10 @@ class Repositories:
         stats = mem.store.stats()
         live = stats["cubes"] - stats["by_status"].get("archived", 0)
         compiled = stats["by_kind"].get("activation", 0) - stats["by_status"].get("stale", 0)
-        stale = sorted(mem.stale_files())
+        stale = sorted(rel for rel in mem.stale_files() if not mem.is_private(rel))
         w = watcher_status(repo.root)
         return {
-            "model": repo.model_id, "name": repo.name, "root": str(repo.root), "files": stats["files"],
+            "model": repo.model_id, "name": repo.name, "files": stats["files"],
             "cubes": live, "compiled": compiled, "compiled_share": round(compiled / live, 3) if live else 0.0,
             "by_source": stats["by_source"], "stale_files": len(stale), "stale": stale[:STALE_LISTED],
             "watcher": {"running": w["running"], "pid": w["pid"], "in_process": repo.watcher is not None,
@@ -153,7 +156,7 @@ def model_ids(roots: list[str | Path]) -> list[str]:
     return [f"{MODEL_PREFIX}/{n}" for n in names]
 
 
-def _watch(root: Path, debounce_s: float, settings: settings_mod.Settings, model: str | None) -> Any:
+def _watch(root: Path, debounce_s: float, settings: Settings, model: str | None) -> Any:
     """Start a watcher in this process unless one already runs for the repository (then None). It compiles
     with this server's model and settings (another model's payloads would not splice here)."""
     from repomem.core import Watcher, watcher_status, watcher_threads

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
-from repomem.core import RepomemError
-from repomem.core import settings as settings_mod
+from repomem.core import RepomemError, Settings
 
 from .app import build_app
 from .config import ServeConfig
@@ -41,7 +40,7 @@ class Service:
         self.app = build_app(repos, self.queue, config, self.mcp)
 
     @classmethod
-    def open(cls, paths: list[str | Path], config: ServeConfig, *, settings: settings_mod.Settings | None = None,
+    def open(cls, paths: list[str | Path], config: ServeConfig, *, settings: Settings | None = None,
              model: str | None = None, watch: bool = True) -> Service:
         config.check()  # before anything is opened: a refused bind leaves no trace
         repos = Repositories.open(paths, settings=settings, model=model, watch=watch, debounce_s=config.debounce_s)
