@@ -80,8 +80,9 @@ async def chat_completions(request: Request) -> Response:
     client = http_client(req.user, request.headers, request.client.host if request.client else None)
     ticket = _submit(queue, client, repo, mode, req, loop, events)
     reply = Reply(req, mode or repos.settings.mode)
+    watched = WatchedJob(request, queue, ticket, events)
     try:
-        first = await _first_event(request, queue, ticket, events)
+        first = await watched.first()
     except ClientGone:
         return Response(status_code=499)
     if req.stream:
@@ -91,7 +92,7 @@ async def chat_completions(request: Request) -> Response:
     try:
         while event[0] == "text":
             reply.add(event[1])
-            event = await _next_event(request, queue, ticket, events)
+            event = await watched.next()
     except ClientGone:
         return Response(status_code=499)
     if event[0] == "error":
@@ -128,24 +129,36 @@ def _submit(queue: FairQueue, client: str, repo: ServedRepo, mode: str | None, r
     return ticket
 
 
-async def _next_event(request: Request, queue: FairQueue, ticket: Ticket,
-                      events: asyncio.Queue) -> tuple[str, Any]:
-    """The job's next event, watching for the client to go away meanwhile (then the job is cancelled)."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if await request.is_disconnected():
-                queue.cancel(ticket)
-                raise ClientGone from None
+class WatchedJob:
+    """A job's events for a request that is not streamed, watching for the client to go away meanwhile
+    (then the job is cancelled). The client is looked at every DISCONNECT_POLL_S whether or not pieces
+    keep arriving: a fast generation must not hide a disconnect."""
 
+    def __init__(self, request: Request, queue: FairQueue, ticket: Ticket, events: asyncio.Queue) -> None:
+        self.request, self.queue, self.ticket, self.events = request, queue, ticket, events
+        self._checked = time.monotonic()
 
-async def _first_event(request: Request, queue: FairQueue, ticket: Ticket,
-                       events: asyncio.Queue) -> tuple[str, Any]:
-    event = await _next_event(request, queue, ticket, events)
-    if event[0] == "error":
-        raise api_error(event[1])
-    return event
+    async def next(self) -> tuple[str, Any]:
+        while True:
+            try:
+                event: tuple[str, Any] | None = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                event = None
+            now = time.monotonic()
+            if event is None or now - self._checked >= DISCONNECT_POLL_S:
+                self._checked = now
+                if await self.request.is_disconnected():
+                    self.queue.cancel(self.ticket)
+                    raise ClientGone from None
+            if event is not None:
+                return event
+
+    async def first(self) -> tuple[str, Any]:
+        """The first event; a job that failed before any text raises its error as the API's."""
+        event = await self.next()
+        if event[0] == "error":
+            raise api_error(event[1])
+        return event
 
 
 def api_error(exc: BaseException) -> APIError:
