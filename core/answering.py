@@ -6,7 +6,8 @@ also the path for remote endpoints), or uses no memory (`none`). The prompt layo
 mode (prompt.py), so a compiled payload stands in exactly for its text.
 
 Reads from the facade: `store`, `settings`, `engine`, `layout`, `fingerprint`, `fingerprint_bytes`,
-`conversations`, `index_`, `_lock`, `_answer_ctx`, `_prefix_blob`, `_prefix_len`, `_splice_buf`; calls
+`conversations`, `index_`, `_lock`, `_answer_ctx`, `_prefix_blob`, `_prefix_len`, `_splice_buf`,
+`_system_pieces`, `_system_splice_buf`, `payload_encoding`; calls
 `refresh` (indexing), `_save_exchanges` (notes) and `_promote_hot` (compiling).
 """
 
@@ -29,6 +30,7 @@ from .memory_state import MemoryState
 from .notes import UnsavedExchange
 from .prompt import memory_text
 from .store import Cube
+from .system_piece import SystemPieces
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,10 @@ class _Turn:
     n_prefix: int
     room: int
     dropped: int  # earliest history turns left out to fit
+    # The client's system message as its own turn (`system` tokens) and the rest of the turn (`bare`), where
+    # the template gives it a turn of its own: kv mode splices the first (system_piece.py) and decodes `bare`.
+    system: list[int] = field(default_factory=list)
+    bare: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -129,6 +135,8 @@ class AnsweringMixin(MemoryState):
     _prefix_blob: bytes | None
     _prefix_len: int
     _splice_buf: bytearray
+    _system_pieces: SystemPieces
+    _system_splice_buf: bytearray
 
     def search(self, query: str, k: int = 5, *, allow_local: bool = True) -> list[Cube]:
         """Top-k active cubes. Conversation and change notes rank below code and notes unless the question
@@ -216,7 +224,11 @@ class AnsweringMixin(MemoryState):
             raise ContextOverflowError(
                 f"the question needs {len(q_tokens):,} tokens and the context holds {s.n_ctx:,}; "
                 "shorten it or raise the context size")
-        return _Turn(q_tokens, n_prefix, room, dropped)
+        turn = _Turn(q_tokens, n_prefix, room, dropped)
+        if system.strip() and self.layout.system_turn:
+            turn.system = engine.tokenize(self.layout.system_turn + system)
+            turn.bare = engine.tokenize(self.layout.question_text(question, history))
+        return turn
 
     def _place(self, cubes: Sequence[tuple[Cube, AnsweringMixin]], mode: str, turn: _Turn, extra_tokens: int, *,
                touch: bool = True) -> _Prepared:
@@ -273,6 +285,9 @@ class AnsweringMixin(MemoryState):
                 rope_base=engine.info.rope_base, rope_dims=engine.info.rope_dims,
                 head_dim=engine.info.head_dim, rope_neox=engine.info.rope_neox, v_trans=ctx.v_trans,
                 fingerprint=self.fingerprint_bytes, verify=False, out=self._splice_buf)
+            if turn.system and not prep.text_parts and s.cache_type == "f16":  # re-rotating keys needs f16
+                blob, next_pos = self._splice_system(ctx, blob, turn.system)
+                q_tokens = turn.bare
             ctx.state_set(blob)
             prep.splice_s = time.perf_counter() - t_splice
             prep.prompt = (engine.tokenize("".join(prep.text_parts)) + q_tokens) if prep.text_parts else q_tokens
@@ -284,6 +299,20 @@ class AnsweringMixin(MemoryState):
             prep.text_parts = [t for _, _, t, _, _ in chosen]
             prep.prompt = engine.tokenize(self.layout.prefix + "".join(prep.text_parts)) + q_tokens
         return prep
+
+    def _splice_system(self, ctx: Context, blob: bytes | bytearray, system: list[int]) -> tuple[bytearray, int]:
+        """The client's system turn spliced after the memory in `blob`, compiled on its first use; the time
+        of that compile counts in the answer's TTFT (the caller times this call)."""
+        from repomem import native
+
+        engine = self.engine
+        prefix_blob, prefix_len = self._prefix_state(ctx)
+        piece = self._system_pieces.payload(ctx, prefix_blob, prefix_len, system, fingerprint=self.fingerprint_bytes,
+                                            encoding=self.payload_encoding)
+        return native.splice(blob, [piece], mode="sequential", rope_base=engine.info.rope_base,
+                             rope_dims=engine.info.rope_dims, head_dim=engine.info.head_dim,
+                             rope_neox=engine.info.rope_neox, v_trans=ctx.v_trans, fingerprint=self.fingerprint_bytes,
+                             verify=False, out=self._system_splice_buf)
 
     def ask(self, question: str, *, mode: str | None = None, conversation_id: str | None = None,
             on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None,

@@ -33,6 +33,7 @@ from .prompt import Layout, make_layout
 from .retrieval import BM25Index
 from .search_index import OpenReport, SearchIndex
 from .store import CubeStore
+from .system_piece import SystemPieces
 from .walk import IgnoreRules
 
 __all__ = ["Answer", "AnswerScore", "IndexSummary", "RepoMemory", "Source"]
@@ -63,6 +64,8 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
         self._layout: Layout | None = None
         self._prefix_blob: bytes | None = None
         self._splice_buf = bytearray()  # reused: a fresh few-hundred-MB buffer per question costs page faults
+        self._system_pieces = SystemPieces()  # clients' system messages, compiled for this model
+        self._system_splice_buf = bytearray()
         self._rules: IgnoreRules | None = None
         self._unsaved_exchanges: list[UnsavedExchange] = []
         self._hashes: dict[str, tuple[tuple[int, int], str]] = {}  # rel -> ((mtime_ns, size), sha256)
@@ -137,6 +140,7 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
                 self._answer_ctx.close()
                 self._answer_ctx = None
             self._prefix_blob = None
+            self._system_pieces.clear()
             if self._engine is not None:
                 engine_pool.release(self._engine)
                 self._engine = None

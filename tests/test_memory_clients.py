@@ -63,16 +63,47 @@ def test_history_and_instructions_are_decoded_after_the_memory_and_counted(mem: 
 
     ans = mem.ask(question, mode="kv", history=history, system=system, record=False)
     assert ans.spliced >= 1 and ans.as_text == 0
-    assert ans.prompt_tokens == len(mem.engine.tokenize(text))  # only the question turn was decoded
+    # the client's system turn is spliced too (compiled once): only the rest of the question turn is decoded
+    system_turn = len(mem.engine.tokenize(mem.layout.system_turn + system))
+    assert ans.prompt_tokens == len(mem.engine.tokenize(text)) - system_turn
+    assert ans.prompt_tokens == len(mem.engine.tokenize(mem.layout.question_text(question, history)))
     assert ans.spliced_tokens == ans.memory_tokens > 0
     prefix = len(mem.engine.tokenize(mem.layout.prefix))
-    assert ans.cached_tokens >= prefix + ans.spliced_tokens
+    assert ans.cached_tokens >= prefix + ans.spliced_tokens + system_turn
     assert ans.completion_tokens >= 1
     assert mem.conversations.list() == []  # record=False: the client keeps its own history
 
     plain = mem.ask(question, mode="text", history=history, system=system, record=False)
     assert plain.cached_tokens == 0 and plain.spliced_tokens == 0
     assert plain.prompt_tokens > prefix + plain.memory_tokens  # prefix, memories and question all decoded
+
+
+def test_a_client_system_message_is_compiled_once_and_spliced_after_the_memory(mem: RepoMemory) -> None:
+    mem.index()
+    aider = "You are an expert software developer. Always reply with SEARCH/REPLACE blocks. " * 20
+    first = mem.ask("What does scale do?", mode="kv", system=aider, record=False)
+    again = mem.ask("What is DEFAULT_PRECISION?", mode="kv", system=aider, record=False)
+    assert mem._system_pieces.compiles == 1 and len(mem._system_pieces) == 1
+    for ans in (first, again):
+        assert ans.spliced >= 1 and ans.answer
+        assert ans.prompt_tokens < 40  # the ~300-token system message is not decoded again
+    mem.ask("What does add do?", mode="kv", system="Be brief.", record=False)
+    assert mem._system_pieces.compiles == 2  # another client's message is another piece
+    mem.ask("What does add do?", mode="text", system=aider, record=False)
+    assert mem._system_pieces.compiles == 2  # text mode reads the memory and the system message as text
+
+
+def test_a_spliced_system_message_reads_exactly_as_decoded_text(mem: RepoMemory) -> None:
+    """With nothing retrieved, the system piece lands right after the prefix, where text would be decoded:
+    f16 cells, the same positions, so the greedy answer is the memory-less answer token for token."""
+    mem.index()
+    system = "You answer every question about vegetables in French, in one sentence."
+    question = "Which vegetable is orange?"
+    assert mem.search(question) == []
+    kv = mem.ask(question, mode="kv", system=system, record=False)
+    none = mem.ask(question, mode="none", system=system, record=False)
+    assert kv.spliced == 0 and kv.prompt_tokens < none.prompt_tokens
+    assert kv.answer == none.answer and kv.completion_tokens == none.completion_tokens
 
 
 def test_oldest_turns_give_way_and_an_oversized_question_is_refused(repo: Path, home: Path,

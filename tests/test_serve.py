@@ -228,9 +228,19 @@ def test_aider_shaped_request_long_system_message_and_history(served: Served) ->
                                           extra_body={"unknown_field": "ignored"})
     assert resp.choices[0].message.content.strip()
     assert resp.model_extra["repomem"]["sources"][0]["path"] == "retry.py"
-    system_tokens = len(served.service.repos.repos[0].mem.engine.tokenize(AIDER_SYSTEM))
+    mem = served.service.repos.repos[0].mem
+    system_tokens = len(mem.engine.tokenize(AIDER_SYSTEM))
     assert system_tokens > 1500
-    assert resp.usage.prompt_tokens > system_tokens  # the client's instructions and history were decoded
+    # kv: the client's instructions are spliced from their compiled KV, the history and question decoded
+    history_tokens = len(mem.engine.tokenize(messages[1]["content"] + messages[2]["content"]))
+    assert history_tokens < resp.usage.prompt_tokens < system_tokens
+    spliced = resp.usage.model_extra["repomem"]["spliced_tokens"]
+    assert resp.usage.prompt_tokens_details.cached_tokens > system_tokens + spliced
+    again = client.chat.completions.create(model=served.name, messages=messages[:1] + messages[-1:], max_tokens=4,
+                                           user="aider")
+    assert again.choices[0].message.content.strip()
+    assert again.usage.prompt_tokens_details.cached_tokens > system_tokens
+    assert mem._system_pieces.compiles == 1  # compiled once, spliced for the second request
 
 
 # -- errors ------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Extensions, all optional for clients: `"repomem": {"sources_footer": false}` in 
 `Sources:` footer; every response carries `"repomem": {sources, mode, ...}` and `usage.repomem`
 (memory tokens spliced and placed as text). `usage.prompt_tokens` counts the tokens decoded for
 the prompt; `usage.prompt_tokens_details.cached_tokens` the ones restored from KV instead (repomem's
-system prefix and the spliced memory), which are therefore not part of `prompt_tokens`.
+system prefix, the spliced memory and, in kv mode, the client's system message), which are therefore not
+part of `prompt_tokens`.
 """
 
 from __future__ import annotations
