@@ -126,6 +126,7 @@ if TYPE_CHECKING:
     from .across import ask_across
     from .answering import Answer, AnswerScore, Source
     from .conversations import ConversationStore
+    from .cube import Cube
     from .doctor import report as doctor_report
     from .engine import Engine, SamplingParams
     from .errors import CancelledError, ContextOverflowError, ModelError, RepomemError, StoreError
@@ -136,7 +137,7 @@ if TYPE_CHECKING:
     from .settings import Settings
     from .settings import load as load_settings
     from .settings import save as save_settings
-    from .store import Cube, CubeStore
+    from .store import CubeStore
     from .store_check import check_store
     from .watch import WatchedMemory, Watcher, run_watch, setup_logging, watcher_threads
     from .watch_status import describe_backlog, spawn_watcher, stop_watcher, watcher_status

@@ -17,10 +17,10 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from .answering import Answer
+from .cube import Cube
 from .engine import SamplingParams
 from .errors import RepomemError
 from .retrieval import code_tokens
-from .store import Cube
 
 if TYPE_CHECKING:
     from .memory import RepoMemory

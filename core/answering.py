@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import settings as settings_mod
+from .cube import Cube
 from .engine import Context, SamplingParams
 from .errors import ContextOverflowError, RepomemError, StoreError
 from .evidence import Evidence, EvidencePiece, find_evidence
 from .memory_state import MemoryState
 from .notes import UnsavedExchange
 from .prompt import memory_text
-from .store import Cube
 from .system_piece import SystemPieces
 
 log = logging.getLogger(__name__)

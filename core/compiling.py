@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 from . import settings as settings_mod
 from .chunking import estimate_tokens
 from .compiler import CompileOptions, Compiler
+from .cube import Cube
 from .errors import CancelledError, RepomemError, StoreError
 from .indexing import IndexSummary, Progress
 from .memory_state import MemoryState
 from .prompt import memory_text
-from .store import Cube
 
 if TYPE_CHECKING:
     from .engine import Engine

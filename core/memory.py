@@ -110,6 +110,14 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
                 stale = 0
             if stale:
                 log.info("%d compiled cubes belong to another model: marked stale", stale)
+            prefix_sha = hashlib.sha256(self.layout.prefix.encode()).hexdigest()
+            try:
+                dropped = self.store.check_prefix(self.fingerprint, prefix_sha)
+            except StoreError as exc:
+                log.warning("cannot check the payloads' prompt prefix: %s", exc)
+                dropped = 0
+            if dropped:
+                log.info("%d compiled cubes were compiled after other instructions: compiling them again", dropped)
         return self._engine
 
     @property

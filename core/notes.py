@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .cube import Cube
 from .errors import RepomemError, StoreError
 from .memory_state import MemoryState
-from .store import Cube
 from .walk import secret_in_text
 
 MAX_NOTE_CHARS = 4000

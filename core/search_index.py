@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import index_file
+from .cube import Cube
 from .retrieval import BM25Index, Hit
-from .store import Cube, CubeStore
+from .store import CubeStore
 
 log = logging.getLogger(__name__)
 

@@ -49,15 +49,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 import sqlite_utils
 
+from repomem.core.cube import SOURCES, VISIBILITIES, Cube, FileRecord, HistoryEvent, UpsertResult, cube_id_for
 from repomem.core.errors import ReadOnlyStoreError, StoreError, storage_error
 from repomem.core.payloads import LocalPayloads, PayloadCorrupt, PayloadMissing, PayloadStore
+from repomem.core.store_schema import MIGRATIONS, SCHEMA_VERSION
 
 DB_NAME = "cubes.db"
 PAYLOAD_DIR = "payloads"
@@ -72,223 +74,11 @@ RECENT_EDIT_S = 3600.0
 # back to), unless the disk budget needs the room first.
 SHELF_KEEP_S = 86400.0
 
-CUBE_KINDS = ("plaintext", "activation", "parameter")
-SOURCES = ("code", "conversation", "change", "note")
-VISIBILITIES = ("shared", "local")
-STATUSES = ("active", "stale", "archived")
-
 T = TypeVar("T")
 
-__all__ = ["Cube", "CubeStore", "FileRecord", "HistoryEvent", "PayloadCorrupt", "PayloadMissing", "UpsertResult"]
+__all__ = ["CubeStore", "PayloadCorrupt", "PayloadMissing"]
 
 
-# --------------------------------------------------------------------------------------------
-# Records
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Cube:
-    """One memory: a row of `cubes`. Times are Unix seconds (float)."""
-
-    id: str
-    kind: str = "plaintext"
-    repo: str = ""
-    path: str = ""
-    symbol: str | None = None
-    language: str | None = None
-    chunk_kind: str | None = None
-    start_line: int = 1
-    end_line: int = 1
-    text: str = ""
-    content_hash: str = ""
-    version: int = 1
-    created: float = 0.0
-    updated: float = 0.0
-    last_access: float | None = None
-    access_count: int = 0
-    importance: float = 0.5
-    pinned: bool = False
-    owner: str | None = None
-    source: str = "code"
-    visibility: str = "shared"
-    status: str = "active"
-    model_fingerprint: str | None = None
-    payload_bytes: int | None = None
-    payload_sha256: str | None = None
-    encoding: str | None = None
-    tokens: int | None = None
-    kept_tokens: int | None = None
-    archived_at: float | None = None
-
-    @property
-    def has_payload(self) -> bool:
-        return self.kind == "activation" and self.payload_sha256 is not None
-
-    @property
-    def location(self) -> str:
-        """`path:start-end`, the way answers cite memory."""
-        return f"{self.path}:{self.start_line}-{self.end_line}"
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Cube:
-        data = {f.name: row[f.name] for f in fields(cls) if f.name in row}
-        data["pinned"] = bool(data.get("pinned"))
-        return cls(**data)
-
-
-@dataclass(frozen=True)
-class HistoryEvent:
-    id: int
-    cube_id: str
-    version: int | None
-    event: str
-    at: float
-    detail: dict[str, Any]
-    content_hash: str | None
-    start_line: int | None
-    end_line: int | None
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    path: str
-    sha256: str
-    mtime: float | None
-    size: int | None
-    indexed_at: float
-
-
-@dataclass
-class UpsertResult:
-    """What one file's re-index did, by cube id. `moved`: same text at new lines (payload kept)."""
-
-    created: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    moved: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    reactivated: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------
-# Schema
-# --------------------------------------------------------------------------------------------
-
-
-def _m1_initial(conn: sqlite3.Connection) -> None:
-    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-    conn.execute(
-        """
-        CREATE TABLE cubes (
-            id TEXT PRIMARY KEY,
-            kind TEXT NOT NULL DEFAULT 'plaintext',
-            repo TEXT NOT NULL DEFAULT '',
-            path TEXT NOT NULL,
-            symbol TEXT,
-            language TEXT,
-            chunk_kind TEXT,
-            start_line INTEGER NOT NULL DEFAULT 1,
-            end_line INTEGER NOT NULL DEFAULT 1,
-            text TEXT NOT NULL,
-            content_hash TEXT NOT NULL,
-            version INTEGER NOT NULL DEFAULT 1,
-            created REAL NOT NULL,
-            updated REAL NOT NULL,
-            last_access REAL,
-            access_count INTEGER NOT NULL DEFAULT 0,
-            importance REAL NOT NULL DEFAULT 0.5,
-            pinned INTEGER NOT NULL DEFAULT 0,
-            owner TEXT,
-            source TEXT NOT NULL DEFAULT 'code',
-            visibility TEXT NOT NULL DEFAULT 'shared',
-            status TEXT NOT NULL DEFAULT 'active',
-            model_fingerprint TEXT,
-            payload_path TEXT,
-            payload_bytes INTEGER,
-            payload_sha256 TEXT,
-            encoding TEXT,
-            tokens INTEGER,
-            kept_tokens INTEGER,
-            archived_at REAL
-        )
-        """
-    )
-    conn.execute("CREATE INDEX cubes_path ON cubes(path, source)")
-    conn.execute("CREATE INDEX cubes_status_kind ON cubes(status, kind)")
-    conn.execute("CREATE INDEX cubes_payload ON cubes(payload_path)")
-    conn.execute("CREATE INDEX cubes_hash ON cubes(content_hash)")
-    conn.execute(
-        """
-        CREATE TABLE history (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            cube_id TEXT NOT NULL,
-            version INTEGER,
-            event TEXT NOT NULL,
-            at REAL NOT NULL,
-            detail TEXT,
-            content_hash TEXT,
-            start_line INTEGER,
-            end_line INTEGER
-        )
-        """
-    )
-    conn.execute("CREATE INDEX history_cube ON history(cube_id, id)")
-    conn.execute(
-        """
-        CREATE TABLE files (
-            path TEXT PRIMARY KEY,
-            sha256 TEXT NOT NULL,
-            mtime REAL,
-            size INTEGER,
-            indexed_at REAL NOT NULL
-        )
-        """
-    )
-    conn.execute("CREATE TABLE skips (path TEXT PRIMARY KEY, reason TEXT NOT NULL)")
-    conn.execute("CREATE TABLE settings_kv (key TEXT PRIMARY KEY, value TEXT)")
-
-
-def _m2_payloads_by_sha256(conn: sqlite3.Connection) -> None:
-    """A cube names its payload by sha256 alone (the key of any PayloadStore): the file path column goes,
-    and so does the `settings_kv` table nothing used."""
-    db = sqlite_utils.Database(conn, execute_plugins=False)
-    conn.execute(
-        "UPDATE cubes SET kind = 'plaintext', payload_path = NULL, payload_bytes = NULL, model_fingerprint = NULL, "
-        "encoding = NULL, kept_tokens = NULL WHERE payload_path IS NOT NULL AND payload_sha256 IS NULL"
-    )
-    conn.execute("DROP INDEX cubes_payload")
-    db["cubes"].transform(drop={"payload_path"})
-    db["cubes"].create_index(["payload_sha256"], index_name="cubes_payload")
-    db["settings_kv"].drop()
-
-
-def _m3_payload_shelf(conn: sqlite3.Connection) -> None:
-    """Payloads of text a cube no longer has, kept for that text coming back (see the module docstring)."""
-    conn.execute(
-        """
-        CREATE TABLE shelf (
-            cube_id TEXT NOT NULL,
-            content_hash TEXT NOT NULL,
-            fingerprint TEXT NOT NULL,
-            encoding TEXT NOT NULL DEFAULT '',
-            sha256 TEXT NOT NULL,
-            bytes INTEGER NOT NULL,
-            tokens INTEGER,
-            kept_tokens INTEGER,
-            shelved_at REAL NOT NULL,
-            PRIMARY KEY (cube_id, content_hash, fingerprint, encoding)
-        )
-        """
-    )
-    conn.execute("CREATE INDEX shelf_sha ON shelf(sha256)")
-    conn.execute("CREATE INDEX shelf_age ON shelf(shelved_at)")
-
-
-# Applied in order, each in its own transaction; `meta.schema_version` = how many have run.
-# Append only: never edit a migration that has shipped.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial, _m2_payloads_by_sha256, _m3_payload_shelf]
-SCHEMA_VERSION = len(MIGRATIONS)
 
 _CUBE_COLUMNS = [f.name for f in fields(Cube)]
 _STAMP_SQL = "updated, status, version, start_line, end_line"
@@ -296,12 +86,6 @@ _PAYLOAD_CLEAR = (
     "kind = 'plaintext', model_fingerprint = NULL, payload_bytes = NULL, "
     "payload_sha256 = NULL, encoding = NULL, kept_tokens = NULL"
 )
-
-
-def cube_id_for(repo: str, path: str, symbol: str | None, chunk_kind: str | None, ordinal: int) -> str:
-    """Stable id of a code cube: same definition in the same file -> same id across re-indexes."""
-    key = "\0".join([repo, path, symbol or "", chunk_kind or "", str(ordinal)])
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -1050,6 +834,39 @@ class CubeStore:
                 conn.execute("UPDATE cubes SET status = 'active' WHERE id = ?", (row["id"],))
                 self._history(conn, row, "fresh", now, {"fingerprint": fingerprint})
             return len(stale)
+
+        return self._write(run)
+
+    def check_prefix(self, fingerprint: str, prefix_sha256: str) -> int:
+        """A payload is KV computed after the prompt prefix, so it fits only that prefix. The store keeps the
+        prefix this model's payloads were compiled after; when it is not `prefix_sha256` (repomem's own
+        instructions changed), the payloads are dropped and their cubes go back to the compile queue instead
+        of being spliced after text they never saw. Returns how many were dropped."""
+        key = f"prefix:{fingerprint}"
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
+        if rows and rows[0]["value"] == prefix_sha256:
+            return 0
+
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, prefix_sha256))
+            if row is None or row[0] == prefix_sha256:
+                return 0
+            now = time.time()
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM cubes WHERE payload_sha256 IS NOT NULL AND model_fingerprint = ?", (fingerprint,))]
+            for cid in ids:
+                cube = self._get(conn, cid)
+                assert cube is not None
+                self._let_go(conn, cube, now, shelve=False)
+                conn.execute(f"UPDATE cubes SET {_PAYLOAD_CLEAR} WHERE id = ?", (cid,))
+                self._history(conn, cube, "archived", now, {"reason": "prompt prefix changed",
+                                                            "bytes": cube.payload_bytes})
+            self._dropped += [r[0] for r in conn.execute("SELECT sha256 FROM shelf WHERE fingerprint = ?",
+                                                         (fingerprint,))]
+            conn.execute("DELETE FROM shelf WHERE fingerprint = ?", (fingerprint,))
+            return len(ids)
 
         return self._write(run)
 

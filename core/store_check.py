@@ -33,9 +33,10 @@ from urllib.parse import quote
 from . import index_file, paths
 from .conversations import DB_NAME as CONVERSATIONS_DB
 from .conversations import ConversationStore
+from .cube import Cube
 from .errors import RepomemError, StoreError
 from .payloads import LocalPayloads, PayloadMissing
-from .store import DB_NAME, GC_GRACE_S, PAYLOAD_DIR, Cube, CubeStore
+from .store import DB_NAME, GC_GRACE_S, PAYLOAD_DIR, CubeStore
 
 Progress = Callable[[str, int, int], None]
 SQLITE_MAGIC = b"SQLite format 3\x00"

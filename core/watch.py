@@ -81,8 +81,8 @@ from .watch_status import (
 )
 
 if TYPE_CHECKING:
+    from .cube import Cube
     from .memory import IndexSummary
-    from .store import Cube
 
 __all__ = ["WatchedMemory", "Watcher", "open_memory", "run_watch", "setup_logging", "spawn_watcher", "stop_watcher",
            "watcher_status", "watcher_threads"]

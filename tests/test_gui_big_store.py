@@ -25,8 +25,9 @@ from repomem.app.gui.cube_table import CACHED_ROWS, COLUMN_INDEX, PAGE  # noqa: 
 from repomem.app.gui.inspector import Inspector  # noqa: E402
 from repomem.app.gui.memory_worker import MemoryWorker  # noqa: E402
 from repomem.core import paths  # noqa: E402
+from repomem.core.cube import Cube  # noqa: E402
 from repomem.core.settings import Settings  # noqa: E402
-from repomem.core.store import Cube, CubeStore  # noqa: E402
+from repomem.core.store import CubeStore  # noqa: E402
 
 BIG = 100_000
 STALL_LIMIT_MS = 50  # the goal for the longest pause of the GUI thread

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from repomem.core import prompt
 from repomem.core import settings as settings_mod
 from repomem.core.engine import SamplingParams
 from repomem.core.errors import ContextOverflowError, RepomemError
@@ -187,6 +188,28 @@ def test_model_change_marks_payloads_stale(repo: Path, home: Path, test_model_pa
         assert {c.status for c in big.store.cubes(kind="activation")} == {"stale"}
     finally:
         big.close()
+
+
+def test_payloads_compiled_after_other_instructions_are_compiled_again(repo: Path, home: Path,
+                                                                         test_model_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    s = settings_mod.Settings(model=str(test_model_path), max_answer_tokens=4)
+    first = RepoMemory.open(repo, settings=s)
+    first.index()
+    compiled = len(first.store.cubes(kind="activation"))
+    assert compiled and first.ask("What does add return?", mode="kv", record=False).spliced > 0
+    first.close()
+
+    monkeypatch.setattr(prompt, "SYSTEM", prompt.SYSTEM + " Be brief.")  # a release with other instructions
+    later = RepoMemory.open(repo, settings=s)
+    try:
+        ans = later.ask("What does add return?", mode="kv", record=False)
+        assert ans.spliced == 0 and ans.as_text == len(ans.sources) > 0
+        assert later.store.cubes(kind="activation") == []
+        assert later.compile_pending() == compiled
+        assert later.ask("What does add return?", mode="kv", record=False).spliced > 0
+    finally:
+        later.close()
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:

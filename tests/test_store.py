@@ -17,15 +17,10 @@ from pathlib import Path
 import pytest
 
 from repomem.core.chunking import Chunk, chunk_text
+from repomem.core.cube import cube_id_for
 from repomem.core.errors import StoreError
-from repomem.core.store import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    CubeStore,
-    PayloadCorrupt,
-    PayloadMissing,
-    cube_id_for,
-)
+from repomem.core.store import CubeStore, PayloadCorrupt, PayloadMissing
+from repomem.core.store_schema import MIGRATIONS, SCHEMA_VERSION
 
 SRC_V1 = """
 import os
@@ -336,6 +331,26 @@ def test_mark_stale_for_model(store: CubeStore) -> None:
     assert c["beta"].id in {q.id for q in store.compile_queue("model-a", 100)}
     assert store.mark_stale_for_model("model-b") == 1
     assert store.get(c["beta"].id).status == "active" and store.get(c["alpha"].id).status == "stale"
+
+
+def test_check_prefix_drops_payloads_compiled_after_other_instructions(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    c = by_symbol(store)
+    a_file = compile_fake(store, c["alpha"], fp="model-a")
+    b_file = compile_fake(store, c["beta"], fp="model-b")
+    assert store.check_prefix("model-a", "p1") == 0  # first sight: recorded, nothing dropped
+    assert store.check_prefix("model-a", "p1") == 0
+    assert store.check_prefix("model-b", "p1") == 0
+    assert store.get(c["alpha"].id).has_payload and a_file.exists()
+
+    assert store.check_prefix("model-a", "p2") == 1
+    alpha = store.get(c["alpha"].id)
+    assert alpha.kind == "plaintext" and alpha.status == "active" and alpha.archived_at is None
+    assert not a_file.exists()
+    assert c["alpha"].id in {q.id for q in store.compile_queue("model-a", 100)}  # compiled again
+    assert store.history(c["alpha"].id)[-1].detail["reason"] == "prompt prefix changed"
+    assert store.get(c["beta"].id).has_payload and b_file.exists()  # another model's prefix is its own
+    assert store.check_prefix("model-a", "p2") == 0
 
 
 def test_enforce_budget_coldest_first_pinned_never(store: CubeStore) -> None:

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from repomem.core.cube import Cube
 from repomem.core.errors import RepomemError
 from repomem.core.memory import IndexSummary, RepoMemory
-from repomem.core.store import Cube
 from repomem.core.walk import IgnoreRules
 from repomem.core.watch import WatchedMemory, Watcher
 from repomem.core.watch_status import lock_path, watcher_status, write_status
