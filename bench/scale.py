@@ -88,7 +88,7 @@ def questions_from(store_dir: Path, n: int) -> list[dict[str, str]]:
 def _phase_index(root: Path) -> dict[str, Any]:
     from repomem.core.index_file import path_for as index_path_for
     from repomem.core.memory import RepoMemory
-    from repomem.core.store import DB_NAME
+    from repomem.core.store_base import DB_NAME
 
     t0, c0 = time.perf_counter(), time.process_time()
     mem = RepoMemory.open(root)

@@ -36,7 +36,9 @@ from .conversations import ConversationStore
 from .cube import Cube
 from .errors import RepomemError, StoreError
 from .payloads import LocalPayloads, PayloadMissing
-from .store import DB_NAME, GC_GRACE_S, PAYLOAD_DIR, CubeStore
+from .store import CubeStore
+from .store_base import DB_NAME, PAYLOAD_DIR
+from .store_lifecycle import GC_GRACE_S
 
 Progress = Callable[[str, int, int], None]
 SQLITE_MAGIC = b"SQLite format 3\x00"
