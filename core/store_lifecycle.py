@@ -134,14 +134,20 @@ class PayloadLifecycle(StoreBase):
         out_of_queue = cube is not None and (cube.archived_at is not None or cube.status == "archived")
         if cube is None or (cube.payload_sha256 is None and out_of_queue):
             return False
+        self._drop_payload(conn, cube, now, "archived", {"reason": reason, "bytes": cube.payload_bytes},
+                           keep_out=True)
+        return True
+
+    def _drop_payload(self, conn: sqlite3.Connection, cube: Cube, now: float, event: str, detail: dict[str, Any],
+                      *, keep_out: bool) -> None:
+        """Inside a transaction: the cube goes back to plain text (a stale one becomes active: there is no
+        other model's payload left to be stale) and its payload file is deleted after the commit unless
+        something else has it. `keep_out`: also keep it out of the compile queue until `promote`."""
         status = "active" if cube.status == "stale" else cube.status
         self._let_go(conn, cube, now, shelve=False)
-        conn.execute(
-            f"UPDATE cubes SET {PAYLOAD_CLEAR}, status = ?, archived_at = ? WHERE id = ?",
-            (status, now, cube_id),
-        )
-        self._history(conn, cube, "archived", now, {"reason": reason, "bytes": cube.payload_bytes})
-        return True
+        conn.execute(f"UPDATE cubes SET {PAYLOAD_CLEAR}, status = ?, archived_at = ? WHERE id = ?",
+                     (status, now if keep_out else cube.archived_at, cube.id))
+        self._history(conn, cube, event, now, detail)
 
     def promote(self, cube_id: str) -> bool:
         """Let an archived-for-budget cube back into the compile queue."""
@@ -209,10 +215,8 @@ class PayloadLifecycle(StoreBase):
             for cid in ids:
                 cube = self._get(conn, cid)
                 assert cube is not None
-                self._let_go(conn, cube, now, shelve=False)
-                conn.execute(f"UPDATE cubes SET {PAYLOAD_CLEAR} WHERE id = ?", (cid,))
-                self._history(conn, cube, "archived", now, {"reason": "prompt prefix changed",
-                                                            "bytes": cube.payload_bytes})
+                self._drop_payload(conn, cube, now, "archived",
+                                   {"reason": "prompt prefix changed", "bytes": cube.payload_bytes}, keep_out=False)
             self._dropped += [r[0] for r in conn.execute("SELECT sha256 FROM shelf WHERE fingerprint = ?",
                                                          (fingerprint,))]
             conn.execute("DELETE FROM shelf WHERE fingerprint = ?", (fingerprint,))
@@ -476,10 +480,8 @@ class PayloadLifecycle(StoreBase):
                 cube = self._get(conn, cid)
                 if cube is None or cube.payload_sha256 is None:
                     continue
-                status = "active" if cube.status == "stale" else cube.status
-                self._let_go(conn, cube, now, shelve=False)
-                conn.execute(f"UPDATE cubes SET {PAYLOAD_CLEAR}, status = ? WHERE id = ?", (status, cid))
-                self._history(conn, cube, "demoted", now, {"reason": reason, "payload": cube.payload_sha256})
+                self._drop_payload(conn, cube, now, "demoted", {"reason": reason, "payload": cube.payload_sha256},
+                                   keep_out=False)
                 fixed += 1
             return fixed
 

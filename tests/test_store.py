@@ -353,6 +353,18 @@ def test_check_prefix_drops_payloads_compiled_after_other_instructions(store: Cu
     assert store.check_prefix("model-a", "p2") == 0
 
 
+def test_check_prefix_leaves_no_stale_cube_without_a_payload(store: CubeStore) -> None:
+    store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
+    alpha = by_symbol(store)["alpha"]
+    compile_fake(store, alpha, fp="model-a")
+    assert store.check_prefix("model-a", "p1") == 0
+    store.mark_stale_for_model("model-b")  # another process runs another model
+    assert store.get(alpha.id).status == "stale"
+    assert store.check_prefix("model-a", "p2") == 1
+    dropped = store.get(alpha.id)
+    assert (dropped.kind, dropped.status, dropped.archived_at) == ("plaintext", "active", None)
+
+
 def test_enforce_budget_coldest_first_pinned_never(store: CubeStore) -> None:
     store.upsert_chunks("pkg/mod.py", chunks(SRC_V1), "repo", "s")
     c = by_symbol(store)
