@@ -532,6 +532,10 @@ def test_health_and_memory_status_name_no_private_file(tmp_path: Path, home: Pat
 
 
 # -- MCP ---------------------------------------------------------------------------------------------
+MCP_INSTRUCTIONS = ("Answer in at most two sentences. Name the function and the file it is in, quote the "
+                    "line that does the work, and say nothing about code you were not shown.")
+
+
 async def _every_tool(mcp, on_note: Callable[[str], None] = lambda _id: None) -> dict:
     """Call every tool once; `on_note(id)` runs while the note `remember` kept exists (before `forget`)."""
     out = {}
@@ -544,6 +548,8 @@ async def _every_tool(mcp, on_note: Callable[[str], None] = lambda _id: None) ->
     r = await mcp.call_tool("ask_repo", {"question": "What does scale do?"})
     out["ask"] = r.structured_content
     out["ask_text"] = r.content[0].text
+    r = await mcp.call_tool("ask_repo", {"question": "What does scale do?", "instructions": MCP_INSTRUCTIONS})
+    out["ask_instructed"] = r.structured_content
     r = await mcp.call_tool("memory_status", {})
     out["status"] = r.structured_content
     r = await mcp.call_tool("remember", {"note": "We decided scale keeps a default factor of 3.",
@@ -566,11 +572,16 @@ async def _every_tool(mcp, on_note: Callable[[str], None] = lambda _id: None) ->
 
 def _check_every_tool(out: dict, root: Path) -> None:
     assert out["tools"] == ["ask_repo", "forget", "memory_status", "recent_changes", "remember", "search_code"]
-    assert out["ask_params"] == ["mode", "question", "repo"]  # the SDK's context is not a tool argument
+    assert out["ask_params"] == ["instructions", "mode", "question", "repo"]  # the SDK's context is not one
     hit = out["search"]["results"][0]
     assert hit["citation"] == "calc.py:11-13" and hit["symbol"] == "scale" and hit["fresh"] is True
     assert "def scale" in hit["snippet"] and "calc.py:11-13 (scale) [fresh]" in out["search_text"]
     assert out["ask"]["answer"].strip() and out["ask"]["sources"][0]["citation"] == "calc.py:11-13"
+    # The instructions reach the model: the same question and memory, read with them, is longer by their words.
+    plain, instructed = out["ask"]["usage"], out["ask_instructed"]["usage"]
+    grew = sum(instructed[k] - plain[k] for k in ("prompt_tokens", "cached_tokens"))
+    assert grew >= len(MCP_INSTRUCTIONS.split())
+    assert out["ask_instructed"]["sources"] == out["ask"]["sources"]
     ev = out["ask"]["evidence"]
     _check_evidence(ev, out["ask"]["sources"], root)
     assert f"Evidence: {ev['citation']}\n```\n{ev['lines']}\n```" in out["ask_text"]

@@ -74,6 +74,8 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
         question: Annotated[str, Field(description="A question about the repository")],
         ctx: Context,
         mode: Annotated[str, Field(description="kv (compiled memory, fastest), text or none")] = "kv",
+        instructions: Annotated[str, Field(description="How to answer (format, length): read after the memory, "
+                                                       "like a chat client's system message")] = "",
         repo: Repo = "",
     ) -> CallToolResult:
         """Ask repomem's local model, which answers from the repository's memory, with its sources."""
@@ -83,7 +85,8 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
         client = _queue_client(ctx)
         try:
             ticket = queue.submit(client, lambda cancel: served.mem.ask(question, mode=mode, cancel=cancel,
-                                                                       record=False, allow_local=False))
+                                                                       record=False, allow_local=False,
+                                                                       system=instructions))
         except QueueFull as exc:
             raise ToolError(str(exc)) from None
         try:
@@ -99,7 +102,9 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
         if evidence:
             text += f"\n\nEvidence: {evidence['citation']}\n```\n{evidence['lines']}\n```"
         return _result(text, {"answer": ans.answer, "mode": ans.mode, "sources": sources, "evidence": evidence,
-                              "ttft_s": round(ans.ttft_s, 3), "warnings": ans.warnings})
+                              "ttft_s": round(ans.ttft_s, 3), "warnings": ans.warnings,
+                              "usage": {"prompt_tokens": ans.prompt_tokens, "cached_tokens": ans.cached_tokens,
+                                        "completion_tokens": ans.completion_tokens}})
 
     @server.tool(annotations=read_only)
     def memory_status(repo: Repo = "") -> CallToolResult:
