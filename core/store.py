@@ -85,9 +85,8 @@ class CubeStore(PayloadLifecycle):
         def run(conn: sqlite3.Connection) -> UpsertResult:
             now = time.time()
             res = UpsertResult()
-            cur = conn.execute("SELECT * FROM cubes WHERE path = ? AND source = ?", (path, source))
-            cols = [d[0] for d in cur.description]
-            existing = [Cube.from_row(dict(zip(cols, r, strict=True))) for r in cur.fetchall()]
+            existing = [Cube.from_row(r) for r in self._dict_rows(
+                conn, "SELECT * FROM cubes WHERE path = ? AND source = ?", (path, source))]
             by_id = {c.id: c for c in existing}
             live = [c for c in existing if c.status != "archived"]
             matched: dict[int, Cube] = {}
@@ -250,11 +249,8 @@ class CubeStore(PayloadLifecycle):
 
         def run(conn: sqlite3.Connection) -> list[str]:
             now = time.time()
-            cur = conn.execute(
-                "SELECT * FROM cubes WHERE path = ? AND source = ? AND status != 'archived'", (path, source)
-            )
-            cols = [d[0] for d in cur.description]
-            gone = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            gone = self._dict_rows(
+                conn, "SELECT * FROM cubes WHERE path = ? AND source = ? AND status != 'archived'", (path, source))
             for row in gone:
                 self._let_go(conn, row, now, shelve=True)
                 conn.execute(

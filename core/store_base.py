@@ -304,12 +304,16 @@ class StoreBase:
             self._dropped.append(sha)
 
     @staticmethod
+    def _dict_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Inside a transaction: a query's rows as column -> value (`_rows` reads outside one)."""
+        cur = conn.execute(sql, params)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    @staticmethod
     def _get(conn: sqlite3.Connection, cube_id: str) -> Cube | None:
-        cur = conn.execute("SELECT * FROM cubes WHERE id = ?", (cube_id,))
-        row = cur.fetchone()
-        if row is None:
-            return None
-        return Cube.from_row(dict(zip([d[0] for d in cur.description], row, strict=True)))
+        rows = StoreBase._dict_rows(conn, "SELECT * FROM cubes WHERE id = ?", (cube_id,))
+        return Cube.from_row(rows[0]) if rows else None
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, cube: Cube) -> None:

@@ -170,23 +170,13 @@ class PayloadLifecycle(StoreBase):
 
         def run(conn: sqlite3.Connection) -> int:
             now = time.time()
-            cur = conn.execute(
-                "SELECT * FROM cubes WHERE kind = 'activation' AND status = 'active' "
-                "AND (model_fingerprint IS NULL OR model_fingerprint != ?)",
-                (fingerprint,),
-            )
-            cols = [d[0] for d in cur.description]
-            stale = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            stale = self._dict_rows(conn, "SELECT * FROM cubes WHERE kind = 'activation' AND status = 'active' "
+                                    "AND (model_fingerprint IS NULL OR model_fingerprint != ?)", (fingerprint,))
             for row in stale:
                 conn.execute("UPDATE cubes SET status = 'stale' WHERE id = ?", (row["id"],))
                 self._history(conn, row, "stale", now, {"fingerprint": row["model_fingerprint"], "now": fingerprint})
-            cur = conn.execute(
-                "SELECT * FROM cubes WHERE kind = 'activation' AND status = 'stale' AND model_fingerprint = ?",
-                (fingerprint,),
-            )
-            cols = [d[0] for d in cur.description]
-            for r in cur.fetchall():
-                row = dict(zip(cols, r, strict=True))
+            for row in self._dict_rows(conn, "SELECT * FROM cubes WHERE kind = 'activation' AND status = 'stale' "
+                                       "AND model_fingerprint = ?", (fingerprint,)):
                 conn.execute("UPDATE cubes SET status = 'active' WHERE id = ?", (row["id"],))
                 self._history(conn, row, "fresh", now, {"fingerprint": fingerprint})
             return len(stale)
@@ -210,17 +200,15 @@ class PayloadLifecycle(StoreBase):
             if row is None or row[0] == prefix_sha256:
                 return 0
             now = time.time()
-            ids = [r[0] for r in conn.execute(
-                "SELECT id FROM cubes WHERE payload_sha256 IS NOT NULL AND model_fingerprint = ?", (fingerprint,))]
-            for cid in ids:
-                cube = self._get(conn, cid)
-                assert cube is not None
+            cubes = [Cube.from_row(r) for r in self._dict_rows(
+                conn, "SELECT * FROM cubes WHERE payload_sha256 IS NOT NULL AND model_fingerprint = ?", (fingerprint,))]
+            for cube in cubes:
                 self._drop_payload(conn, cube, now, "archived",
                                    {"reason": "prompt prefix changed", "bytes": cube.payload_bytes}, keep_out=False)
             self._dropped += [r[0] for r in conn.execute("SELECT sha256 FROM shelf WHERE fingerprint = ?",
                                                          (fingerprint,))]
             conn.execute("DELETE FROM shelf WHERE fingerprint = ?", (fingerprint,))
-            return len(ids)
+            return len(cubes)
 
         return self._write(run)
 
