@@ -579,7 +579,10 @@ def _check_every_tool(out: dict, root: Path) -> None:
     assert out["ask"]["answer"].strip() and out["ask"]["sources"][0]["citation"] == "calc.py:11-13"
     # The instructions reach the model: the same question and memory, read with them, is longer by their words.
     plain, instructed = out["ask"]["usage"], out["ask_instructed"]["usage"]
-    grew = sum(instructed[k] - plain[k] for k in ("prompt_tokens", "cached_tokens"))
+    def read(usage: dict) -> int:
+        return usage["prompt_tokens"] + usage["prompt_tokens_details"]["cached_tokens"]
+
+    grew = read(instructed) - read(plain)
     assert grew >= len(MCP_INSTRUCTIONS.split())
     assert out["ask_instructed"]["sources"] == out["ask"]["sources"]
     ev = out["ask"]["evidence"]

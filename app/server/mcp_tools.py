@@ -24,7 +24,7 @@ from pydantic import Field
 from repomem.core import Answer, Cube, RepomemError, RepoMemory, __version__
 
 from .clients import mcp_client
-from .openai_api import evidence_dict, source_dict
+from .openai_api import evidence_dict, source_dict, usage_dict
 from .queue import FairQueue, QueueFull
 from .repos import MODES, Repositories
 
@@ -102,9 +102,7 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
         if evidence:
             text += f"\n\nEvidence: {evidence['citation']}\n```\n{evidence['lines']}\n```"
         return _result(text, {"answer": ans.answer, "mode": ans.mode, "sources": sources, "evidence": evidence,
-                              "ttft_s": round(ans.ttft_s, 3), "warnings": ans.warnings,
-                              "usage": {"prompt_tokens": ans.prompt_tokens, "cached_tokens": ans.cached_tokens,
-                                        "completion_tokens": ans.completion_tokens}})
+                              "ttft_s": round(ans.ttft_s, 3), "warnings": ans.warnings, "usage": usage_dict(ans)})
 
     @server.tool(annotations=read_only)
     def memory_status(repo: Repo = "") -> CallToolResult:

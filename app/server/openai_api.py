@@ -247,15 +247,6 @@ class Reply:
                 "spliced": ans.spliced, "as_text": ans.as_text, "ttft_s": round(ans.ttft_s, 4),
                 "warnings": ans.warnings}
 
-    @staticmethod
-    def usage(ans: Answer) -> dict:
-        return {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
-                "total_tokens": ans.prompt_tokens + ans.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": ans.cached_tokens},
-                "repomem": {"memory_tokens": ans.memory_tokens, "spliced_tokens": ans.spliced_tokens,
-                            "as_text_tokens": ans.memory_tokens - ans.spliced_tokens, "spliced": ans.spliced,
-                            "as_text": ans.as_text}}
-
     def chunk(self, delta: dict, finish: str | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.req.model,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
@@ -270,7 +261,7 @@ class Reply:
         out.append(last)
         if self.req.include_usage:
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                        "model": self.req.model, "choices": [], "usage": self.usage(ans)})
+                        "model": self.req.model, "choices": [], "usage": usage_dict(ans)})
         return out
 
     def completion(self, ans: Answer) -> dict:
@@ -279,7 +270,7 @@ class Reply:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "logprobs": None, "finish_reason": self.finish_reason(ans)}],
-                "usage": self.usage(ans), "repomem": self.extension(ans)}
+                "usage": usage_dict(ans), "repomem": self.extension(ans)}
 
 
 def source_dict(s: Any) -> dict:
@@ -287,6 +278,17 @@ def source_dict(s: Any) -> dict:
     cite = f"{s.path}:{s.start_line}-{s.end_line}" if s.source == "code" else s.path
     return {"citation": cite, "path": s.path, "start_line": s.start_line, "end_line": s.end_line,
             "symbol": s.symbol, "source": s.source, "id": s.cube_id}
+
+
+def usage_dict(ans: Answer) -> dict:
+    """Tokens an answer read and wrote, in the OpenAI API's shape (`cached_tokens`: taken from KV), with
+    repomem's memory counts beside them."""
+    return {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
+            "total_tokens": ans.prompt_tokens + ans.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": ans.cached_tokens},
+            "repomem": {"memory_tokens": ans.memory_tokens, "spliced_tokens": ans.spliced_tokens,
+                        "as_text_tokens": ans.memory_tokens - ans.spliced_tokens, "spliced": ans.spliced,
+                        "as_text": ans.as_text}}
 
 
 def evidence_dict(ans: Answer) -> dict | None:
