@@ -29,7 +29,7 @@ from .errors import ContextOverflowError, RepomemError, StoreError
 from .evidence import Evidence, EvidencePiece, find_evidence
 from .memory_state import MemoryState
 from .notes import UnsavedExchange
-from .prompt import memory_text
+from .prompt import memory_text, memory_tokens
 from .system_piece import SystemPieces
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ class AnsweringMixin(MemoryState):
         used = cells = 0
         for cube, owner in cubes:
             text = memory_text(cube.path, cube.start_line, cube.end_line, cube.symbol, cube.text)
-            n = cube.tokens or len(engine.tokenize(text))
+            n = cube.tokens or len(memory_tokens(engine, text))
             copies = 2 if len(chosen) < boost and cells + 2 * n <= room else 1
             if used + n > budget or cells + copies * n > room:
                 continue
@@ -290,15 +290,19 @@ class AnsweringMixin(MemoryState):
                 q_tokens = turn.bare
             ctx.state_set(blob)
             prep.splice_s = time.perf_counter() - t_splice
-            prep.prompt = (engine.tokenize("".join(prep.text_parts)) + q_tokens) if prep.text_parts else q_tokens
+            prep.prompt = self._text_tokens(prep.text_parts) + q_tokens
             prep.start = prep.cached = next_pos
             if prep.text_parts:
                 prep.warnings.append(f"{len(prep.text_parts)} of {len(chosen)} memories are not compiled yet: "
                                      "placed as text (mixed)")
         else:
             prep.text_parts = [t for _, _, t, _, _ in chosen]
-            prep.prompt = engine.tokenize(self.layout.prefix + "".join(prep.text_parts)) + q_tokens
+            prep.prompt = engine.tokenize(self.layout.prefix) + self._text_tokens(prep.text_parts) + q_tokens
         return prep
+
+    def _text_tokens(self, parts: Sequence[str]) -> list[int]:
+        """Memories placed as text, each tokenized as the compiler tokenizes it."""
+        return [t for part in parts for t in memory_tokens(self.engine, part)]
 
     def _splice_system(self, ctx: Context, blob: bytes | bytearray, system: list[int]) -> tuple[bytearray, int]:
         """The client's system turn spliced after the memory in `blob`, compiled on its first use; the time

@@ -22,7 +22,7 @@ from repomem import native
 
 from .engine import Context, Engine
 from .errors import CancelledError, ContextOverflowError, ModelError
-from .prompt import Layout
+from .prompt import Layout, memory_tokens
 
 _STRUCTURAL_DROP = re.compile(r"^[\s\W_]*$", re.UNICODE)  # whitespace- or punctuation-only pieces
 
@@ -103,7 +103,7 @@ class Compiler:
 
     def compile_text(self, text: str, cancel: threading.Event | None = None) -> CompiledPiece:
         """Compile one piece alone after the prefix."""
-        tokens = self.engine.tokenize(text, add_special=False, parse_special=False)
+        tokens = memory_tokens(self.engine, text)
         if not tokens:
             tokens = self.engine.tokenize(" ")
         if self.P + len(tokens) > self.ctx.n_ctx:
@@ -127,7 +127,7 @@ class Compiler:
 
     def compile_file(self, texts: Sequence[str], cancel: threading.Event | None = None) -> list[CompiledPiece]:
         """Memory3's whole-file mode: decode all pieces in one run after the prefix, then cut per piece."""
-        pieces = [self.engine.tokenize(t, add_special=False, parse_special=False) or [0] for t in texts]
+        pieces = [memory_tokens(self.engine, t) or [0] for t in texts]
         total = sum(map(len, pieces))
         if self.P + total > self.ctx.n_ctx:
             # Too long for one run: fall back to compiling each piece on its own.

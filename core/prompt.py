@@ -85,3 +85,9 @@ def memory_text(path: str, start_line: int, end_line: int, symbol: str | None, t
     """How one memory piece reads to the model, in KV and text mode alike."""
     head = f"# {path}:{start_line}-{end_line}" + (f" ({symbol})" if symbol else "")
     return f"{head}\n{text.rstrip()}\n\n"
+
+
+def memory_tokens(engine: Engine, text: str) -> list[int]:
+    """One memory piece's tokens, the same at compile time and in text mode. Its text is read as text:
+    a file that spells a control token (`<|im_end|>`) cannot end a turn of the prompt."""
+    return engine.tokenize(text, add_special=False, parse_special=False)
