@@ -510,14 +510,12 @@ class _Chunker:
         text: str,
         language: str | None,
         max_tokens: int,
-        count_tokens: Callable[[str], int],
     ) -> None:
         self.path = path
         self.language = language
         self.lines = source_lines(text)
         self.blank = [not ln.strip() for ln in self.lines]
         self.max_tokens = max_tokens
-        self.count = count_tokens
         self._line_tokens: list[int] | None = None
 
     # ---- basics -------------------------------------------------------------------------
@@ -526,12 +524,12 @@ class _Chunker:
         return "\n".join(self.lines[s : e + 1])
 
     def fits(self, s: int, e: int) -> bool:
-        return self.count(self.text_of(s, e)) <= self.max_tokens
+        return estimate_tokens(self.text_of(s, e)) <= self.max_tokens
 
     @property
     def line_tokens(self) -> list[int]:
         if self._line_tokens is None:
-            self._line_tokens = [self.count(ln) + 1 for ln in self.lines]
+            self._line_tokens = [estimate_tokens(ln) + 1 for ln in self.lines]
         return self._line_tokens
 
     def trim(self, s: int, e: int) -> tuple[int, int] | None:
@@ -584,7 +582,7 @@ class _Chunker:
                     nxt = next((r for r in range(end + 1, lo, -1) if self.blank[r - 1]), 0)
                 if not nxt:
                     nxt, boundary = end + 1, False
-            # the per-line sum is an estimate for a real tokenizer: check the joined text
+            # the per-line sum rounds line by line: check the joined text
             while nxt - 1 > s and not self.fits(s, nxt - 1):
                 nxt -= max(1, (nxt - 1 - s) // 8)
                 boundary = False
@@ -818,17 +816,15 @@ def chunk_text(
     language: str | None,
     *,
     max_tokens: int = 384,
-    count_tokens: Callable[[str], int] | None = None,
 ) -> list[Chunk]:
     """Chunk one file (see the module docstring for the guarantees).
 
-    `count_tokens` is the compiler's tokenizer when it has one: the budget must be measured in
-    the tokens the model will actually see. Without it a 3.5-characters-per-token estimate is used.
+    `max_tokens` is measured with `estimate_tokens`: files are chunked before any model is loaded, so
+    a chunk's real token count (known when it is compiled) may differ a little.
     """
     if max_tokens < 1:
         raise ValueError("max_tokens must be >= 1")
-    counter = count_tokens or estimate_tokens
-    ck = _Chunker(path, text, language, max_tokens, counter)
+    ck = _Chunker(path, text, language, max_tokens)
     if not ck.lines or all(ck.blank):
         return []
 

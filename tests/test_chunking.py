@@ -472,20 +472,6 @@ def test_config_windows_prefer_sections() -> None:
     assert sum(c.text.startswith("[section") for c in got) >= len(got) - 1
 
 
-def test_custom_token_counter_is_used() -> None:
-    calls: list[str] = []
-
-    def count(s: str) -> int:
-        calls.append(s)
-        return len(s.split())
-
-    src = textwrap.dedent(PY).lstrip("\n")
-    got = chunk_text("x.py", src, "python", max_tokens=12, count_tokens=count)
-    check_invariants(src, got)
-    assert calls
-    assert all(count(c.text) <= 12 for c in got if c.end_line > c.start_line)
-
-
 def test_empty_and_blank_files() -> None:
     assert chunk_text("a.py", "", "python") == []
     assert chunk_text("a.py", "\n\n   \n", "python") == []
