@@ -312,7 +312,6 @@ class Context:
                 if rc == 1:
                     raise ContextOverflowError("the KV cache is full (no free slot for the batch)")
                 raise ModelError(f"llama_decode failed with code {rc}")
-        self._n_out = m
 
     def logits(self, i: int = -1) -> np.ndarray:
         """Copy of the logits of output row i of the last decode (-1: last)."""

@@ -295,10 +295,6 @@ class Watcher:
         """Wait for the worker to finish its shutdown; True when it has."""
         return self._done.wait(timeout)
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def status(self) -> dict[str, Any]:
         return dict(self._status)
 

@@ -83,7 +83,6 @@ class ChatController(QObject):
         self.root = ""
         self.conversation_id = ""
         self.job: Job | None = None
-        self.last_answer: Any = None
         self.closed = False  # set at shutdown: late job results must not touch deleted widgets
         pane.ask_requested.connect(self.ask)
         pane.stop_requested.connect(self.stop)
@@ -242,7 +241,6 @@ class ChatController(QObject):
     def _on_answer(self, root: str, answer: Any, *, across: bool = False) -> None:
         if not self._finish() or root != self.root:
             return
-        self.last_answer = answer
         text = str(pick(answer, "answer", default="")) or self.pane.view.messages[-1].text
         sources = source_refs(pick(answer, "sources", default=[]), root, across=across)
         warnings = pick(answer, "warnings", default=[]) or []

@@ -42,7 +42,6 @@ class Ticket:
     fn: Callable[[threading.Event], Any]
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
-    queued_at: float = field(default_factory=time.monotonic)
 
 
 class FairQueue:
