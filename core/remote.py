@@ -11,7 +11,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 
@@ -51,17 +51,15 @@ def ask_remote(mem: RepoMemory, question: str, endpoint: str, *, model: str | No
         with httpx.stream("POST", url, json=body, headers=headers, timeout=timeout_s) as resp:
             if resp.status_code != 200:
                 raise RepomemError(f"endpoint {url} answered HTTP {resp.status_code}: {resp.read()[:200]!r}")
-            for line in resp.iter_lines():
+            for chunk in _chunks(resp, url):
                 if cancel is not None and cancel.is_set():
                     stop = "cancelled"
                     break
-                if not line.startswith("data:"):
+                choices = chunk.get("choices") or []
+                if not choices:  # a content-filter report or the usage chunk
                     continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                choice = json.loads(data)["choices"][0]
-                piece = (choice.get("delta") or {}).get("content") or ""
+                choice = choices[0]
+                piece = (choice.get("delta") or choice.get("message") or {}).get("content") or ""
                 if piece:
                     if not parts:
                         ttft = time.perf_counter() - t0
@@ -76,3 +74,32 @@ def ask_remote(mem: RepoMemory, question: str, endpoint: str, *, model: str | No
     sources = [Source.of(c, str(mem.root)) for c, _ in memory]
     return Answer(answer="".join(parts).strip(), mode="text", ttft_s=ttft, total_s=time.perf_counter() - t0,
                   memory_tokens=used // 3, sources=sources, as_text=len(memory), stop_reason=stop)
+
+
+def _chunks(resp: httpx.Response, url: str) -> Iterator[dict]:
+    """The reply's completion chunks: its server-sent events, or the one JSON completion of a server that
+    does not stream."""
+    if "json" in resp.headers.get("content-type", ""):
+        yield _chunk(resp.read().decode("utf-8", "replace"), url)
+        return
+    for line in resp.iter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield _chunk(data, url)
+
+
+def _chunk(data: str, url: str) -> dict:
+    try:
+        chunk = json.loads(data)
+    except json.JSONDecodeError:
+        raise RepomemError(f"endpoint {url} sent a reply that is not JSON: {data[:200]!r}") from None
+    if not isinstance(chunk, dict):
+        raise RepomemError(f"endpoint {url} sent a reply that is not a completion: {data[:200]!r}")
+    if chunk.get("error"):
+        err = chunk["error"]
+        message = err.get("message", err) if isinstance(err, dict) else err
+        raise RepomemError(f"endpoint {url} reported an error: {message}")
+    return chunk
