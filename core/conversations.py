@@ -152,9 +152,14 @@ class ConversationStore:
         return out
 
     def delete_last_exchange(self, conversation_id: str) -> None:
-        """Drop the last answer and its question (for "regenerate")."""
+        """Drop the last answer and its question (for "regenerate"). A last question with no answer after
+        it (its answer was never saved) goes alone: the answer before it belongs to another question."""
         msgs = self.messages(conversation_id)
-        drop = [m.id for m in msgs[-2:] if m.role in ("user", "assistant")]
+        drop = []
+        if msgs and msgs[-1].role == "assistant":
+            drop.append(msgs.pop().id)
+        if msgs and msgs[-1].role == "user":
+            drop.append(msgs[-1].id)
         with self._writing("cannot delete the last exchange"):
             self.db.conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in drop])
 
