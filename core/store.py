@@ -357,7 +357,8 @@ class CubeStore(PayloadLifecycle):
             self._let_go(conn, cube, now, shelve=False)
             conn.execute(
                 f"UPDATE cubes SET text = ?, content_hash = ?, end_line = ?, version = version + 1, updated = ?, "
-                f"tokens = NULL, archived_at = NULL, {PAYLOAD_CLEAR} WHERE id = ?",
+                f"tokens = NULL, archived_at = NULL, {PAYLOAD_CLEAR}, "
+                "status = CASE status WHEN 'stale' THEN 'active' ELSE status END WHERE id = ?",
                 (text, digest, end, now, cube_id),
             )
             self._history(conn, cube, "edited", now, {"old_hash": cube.content_hash}, version=cube.version + 1,

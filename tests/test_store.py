@@ -593,3 +593,15 @@ def test_delete_last_exchange_drops_the_last_question_and_only_its_answer(tmp_pa
     convs.delete_last_exchange(c.id)
     assert [(m.role, m.content) for m in convs.messages(c.id)] == [("user", "q1"), ("assistant", "a1")]
     convs.close()
+
+
+def test_editing_a_stale_note_makes_it_an_active_plain_note(tmp_path: Path) -> None:
+    store = CubeStore.open(tmp_path / "s")
+    note = store.add_note_cube("retries are configured in adapters.py", source="note")
+    sha, size = store.write_payload(b"x" * 100)
+    assert store.attach_payload(note.id, note.content_hash, sha, size, 10, 10, "model-a", None)
+    assert store.mark_stale_for_model("model-b") == 1
+    edited = store.edit_note(note.id, "retries are configured in sessions.py")
+    assert (edited.kind, edited.status, edited.payload_sha256) == ("plaintext", "active", None)
+    assert note.id in store.cube_ids(status="active")
+    store.close()
