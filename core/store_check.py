@@ -35,10 +35,12 @@ from .conversations import DB_NAME as CONVERSATIONS_DB
 from .conversations import ConversationStore
 from .cube import Cube
 from .errors import RepomemError, StoreError
+from .locks import holder
 from .payloads import LocalPayloads, PayloadMissing
 from .store import CubeStore
 from .store_base import DB_NAME, PAYLOAD_DIR
 from .store_lifecycle import GC_GRACE_S
+from .watch_status import lock_path
 
 Progress = Callable[[str, int, int], None]
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -218,6 +220,10 @@ def _rebuild_database(root: Path, store_dir: Path, report: CheckReport) -> None:
     from .notes import conversation_note
 
     db_path = store_dir / DB_NAME
+    if (pid := holder(lock_path(root))) is not None:
+        # its open connection would keep writing notes into the file moved aside
+        raise RepomemError(f"a watcher (pid {pid}: the app, `repomem watch` or `repomem serve`) has this memory "
+                           "open: stop it, then repair")
     notes: list[Cube] = []
     if db_path.exists():
         notes = _salvage_notes(db_path)

@@ -29,9 +29,11 @@ from click.testing import CliRunner
 from repomem.app.cli import cli
 from repomem.core import atomic, index_file
 from repomem.core import settings as settings_mod
-from repomem.core.errors import DiskFullError, ReadOnlyStoreError, StoreDamagedError
+from repomem.core.errors import DiskFullError, ReadOnlyStoreError, RepomemError, StoreDamagedError
+from repomem.core.locks import ProcessLock
 from repomem.core.memory import RepoMemory
 from repomem.core.store_check import check_store
+from repomem.core.watch_status import lock_path
 
 MODULE = "\n\n".join(
     f'def handler_{i}(request):\n    """Handle request kind {i}."""\n    return {{"status": {200 + i}}}\n'
@@ -272,6 +274,24 @@ def test_a_corrupted_database_is_reported_and_repaired_without_losing_conversati
         assert [c.symbol for c in mem.search("handler_3 request")][:1] == ["handler_3"]  # indexed again
     finally:
         mem.close()
+
+
+def test_repair_waits_until_no_watcher_has_the_store_open(repo: Path, home: Path, test_model_path: Path) -> None:
+    """A watcher (the app, `repomem watch`, `repomem serve`) keeps its connection to the database: moving
+    the file aside under it would send its later notes into the damaged copy."""
+    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
+    mem.index(compile=False)
+    store_dir = mem.store.dir
+    mem.close()
+    _damage_header(store_dir / "cubes.db")
+    damaged = (store_dir / "cubes.db").read_bytes()
+    with ProcessLock(lock_path(repo.resolve())):
+        with pytest.raises(RepomemError, match=r"watcher \(pid \d+: .*stop it, then repair"):
+            check_store(repo, repair=True)
+        assert (store_dir / "cubes.db").read_bytes() == damaged  # nothing moved
+        assert check_store(repo).database == "damaged"  # checking alone still works
+    assert check_store(repo, repair=True).repaired["damaged_database_kept_as"]
+    assert check_store(repo).problems == 0
 
 
 def test_check_finds_and_repairs_payload_problems(repo: Path, home: Path, test_model_path: Path) -> None:
