@@ -79,9 +79,14 @@ def _is_cons(w: str, i: int) -> bool:
     c = w[i]
     if c in _VOWELS:
         return False
-    if c == "y":
-        return i == 0 or not _is_cons(w, i - 1)
-    return True
+    if c != "y":
+        return True
+    # A y is a consonant first in the word or after a vowel, else a vowel: along a run of y's it alternates.
+    first = i
+    while first > 0 and w[first - 1] == "y":
+        first -= 1
+    first_is_cons = first == 0 or w[first - 1] in _VOWELS
+    return first_is_cons == ((i - first) % 2 == 0)
 
 
 def _measure(stem_: str) -> int:
@@ -147,8 +152,9 @@ _STEM_CACHE: dict[str, str] = {}
 
 
 def stem(word: str) -> str:
-    """Porter-stem one lowercase alphabetic word (other strings and words of <= 3 letters pass)."""
-    if len(word) <= 3 or not word.isalpha() or not word.isascii():
+    """Porter-stem one lowercase alphabetic word (other strings, words of <= 3 letters and runs longer
+    than any word, which would only cost time, pass)."""
+    if not 3 < len(word) <= 64 or not word.isalpha() or not word.isascii():
         return word
     hit = _STEM_CACHE.get(word)
     if hit is None:

@@ -88,10 +88,20 @@ def test_question_words_meet_code_identifiers() -> None:
         ("sky", "sky"),
         ("redirects", "redirect"),
         ("exceptions", "except"),
+        ("toys", "toi"),
+        ("enjoying", "enjoi"),
+        ("sayyyy", "sayyyi"),  # along a run of y's, consonant and vowel alternate
     ],
 )
 def test_porter_stemmer(word: str, expected: str) -> None:
     assert stem(word) == expected
+
+
+@pytest.mark.parametrize("run", ["y" * 1200, "Y" * 1200, "ay" * 5000])
+def test_long_letter_runs_are_indexed_whole(run: str) -> None:
+    """A padding string or a test fixture of thousands of letters is no word: it is neither stemmed nor
+    allowed to exhaust the stack (every later open of the memory re-reads it)."""
+    assert run.lower() in code_tokens(f"PAD = '{run}'")
 
 
 def test_path_tokens_include_module_names() -> None:
