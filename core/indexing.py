@@ -21,7 +21,7 @@ from .chunking import chunk_text
 from .errors import CancelledError
 from .memory_state import MemoryState
 from .search_index import SAVE_AFTER_CHANGES, SearchIndex
-from .walk import IgnoreRules, RepoFile, load_file, walk_repo
+from .walk import IgnoreRules, RepoFile, is_unicode_name, load_file, walk_repo
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -133,6 +133,9 @@ class IndexingMixin(MemoryState):
             for rel in rels:
                 if cancel is not None and cancel.is_set():
                     break
+                if not is_unicode_name(rel):  # skipped by the walk too: the store never held it
+                    summary.skipped["encoding"] = summary.skipped.get("encoding", 0) + 1
+                    continue
                 got = load_file(self.root, rel, rules=self._rules)
                 if not isinstance(got, RepoFile):
                     # Deleted, now ignored, or no longer text: its cubes leave the memory.

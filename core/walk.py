@@ -501,6 +501,15 @@ def _inside(path: Path, root_real: Path) -> bool:
         return False
 
 
+def is_unicode_name(name: str) -> bool:
+    """Whether a file name is text: undecodable bytes come back from the OS as lone surrogates."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _symlink_reason(abs_path: Path, root_real: Path) -> str:
     try:
         target = abs_path.resolve(strict=True)
@@ -602,6 +611,11 @@ def walk_repo(
         for entry in entries:
             rel = f"{dir_rel}/{entry.name}" if dir_rel else entry.name
             if entry.name == ".git":
+                continue
+            if not is_unicode_name(entry.name):  # bytes no encoding explains: the store cannot hold the path
+                slash = "/" if entry.is_dir(follow_symlinks=False) else ""
+                result.skipped.append(Skip(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace") + slash,
+                                           "encoding"))
                 continue
             try:
                 is_link = entry.is_symlink()

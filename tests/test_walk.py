@@ -267,6 +267,33 @@ def test_binary_encoding_bom_and_size(tmp_path: Path) -> None:
     assert res.counts_by_reason() == {"binary": 2, "encoding": 1, "too_large": 1}
 
 
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="the file system takes only Unicode names")
+def test_file_names_that_are_not_utf8_are_skipped_not_fatal(tmp_path: Path, home: Path,
+                                                             test_model_path: Path) -> None:
+    from repomem.core import settings as settings_mod
+    from repomem.core.memory import RepoMemory
+
+    raw = os.fsencode(tmp_path)
+    with open(os.path.join(raw, b"caf\xe9.py"), "w") as f:  # a Latin-1 name from an old archive
+        f.write("x = 1\n")
+    os.mkdir(os.path.join(raw, b"d\xe9j\xe0"))
+    with open(os.path.join(raw, b"d\xe9j\xe0", b"mod.py"), "w") as f:
+        f.write("y = 2\n")
+    write(tmp_path, "ok.py", "def fine():\n    return 3\n")
+    res = walk_repo(tmp_path)
+    assert [f.rel for f in res.files] == ["ok.py"]
+    assert reasons(res) == {"caf\ufffd.py": "encoding", "d\ufffdj\ufffd/": "encoding"}
+    mem = RepoMemory.open(tmp_path, settings=settings_mod.Settings(model=str(test_model_path)))
+    try:
+        summary = mem.index(compile=False)  # the store and the skip list take the names too
+        assert summary.files == 1 and summary.skipped.get("encoding") == 2
+        assert [c.symbol for c in mem.search("fine")][:1] == ["fine"]
+        # the watcher reports such a name as the OS decodes it
+        assert mem.sync_paths([os.fsdecode(b"caf\xe9.py")], compile=False).skipped == {"encoding": 1}
+    finally:
+        mem.close()
+
+
 def test_line_endings_and_decode(tmp_path: Path) -> None:
     write(tmp_path, "a.txt", b"one\r\ntwo\rthree\n")
     loaded = load_file(tmp_path, "a.txt")
