@@ -15,6 +15,7 @@ import difflib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cube import Cube
@@ -76,7 +77,7 @@ class NotesMixin(MemoryState):
         that looks like it holds a secret is refused, as the walk refuses such files; a note about a
         private path stays on this machine."""
         note = note.strip()
-        rels = [p.strip().lstrip("./") for p in paths if p and p.strip()]
+        rels = [self._note_path(p) for p in paths if p and p.strip()]
         if not note:
             raise RepomemError("the note is empty")
         if len(note) > MAX_NOTE_CHARS:
@@ -89,6 +90,19 @@ class NotesMixin(MemoryState):
                                         owner=owner, visibility="local" if private else "shared")
         self._search.add_cube(cube)
         return cube
+
+    def _note_path(self, path: str) -> str:
+        """A path as the repository names it (`./x`, `/abs/repo/x` -> `x`), so the private-path
+        patterns see what they were written for; a path outside the repository stays as given."""
+        path = path.strip().replace("\\", "/")
+        if Path(path).is_absolute():
+            try:
+                path = Path(path).resolve().relative_to(self.root).as_posix()
+            except ValueError:
+                return path
+        while path.startswith("./"):
+            path = path[2:]
+        return path
 
     def edit_note(self, cube_id: str, text: str) -> Cube:
         """Replace a note's text (the memory inspector); the same secret check as `remember`."""

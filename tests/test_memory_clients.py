@@ -166,6 +166,16 @@ def test_notes_are_searchable_editable_forgettable_and_never_hold_secrets(mem: R
     assert note.id not in [c.id for c in mem.search("eleven digits precision")]
 
 
+def test_a_note_about_a_private_path_stays_local_however_the_path_is_spelled(mem: RepoMemory, repo: Path) -> None:
+    mem.settings.private_paths.append(".secrets/*")
+    for spelled in (".secrets/aws.txt", "./.secrets/aws.txt", str(repo / ".secrets" / "aws.txt")):
+        note = mem.remember("The key is rotated every Monday.", [spelled])
+        cube = mem.store.get(note.id)
+        assert cube.visibility == "local", spelled
+        assert cube.text.endswith("Files: .secrets/aws.txt"), cube.text
+    assert not mem.search("key rotated Monday", allow_local=False)
+
+
 def test_changes_since_and_whether_a_file_is_current(mem: RepoMemory, repo: Path) -> None:
     mem.index(compile=False)
     assert mem.file_is_current("calc.py") and mem.stale_files() == []
