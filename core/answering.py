@@ -393,7 +393,8 @@ class AnsweringMixin(MemoryState):
             return AnswerScore(logprobs=logprobs, top1=top1)
 
     def _check_question(self, question: str, mode: str | None) -> tuple[str, str]:
-        question = question.strip()
+        # half a surrogate pair (a client that cut a string inside an emoji) is no text to store or tokenize
+        question = question.encode("utf-8", "replace").decode("utf-8").strip()
         if not question:
             raise RepomemError("the question is empty")
         mode = mode or self.settings.mode

@@ -109,9 +109,13 @@ class SamplingParams:
 
     temperature: float = 0.0
     top_p: float = 0.95
-    seed: int | None = None
+    seed: int | None = None  # None or negative (llama.cpp's clients send -1): a fresh random seed
     max_tokens: int = 512
     stop: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if self.seed is not None and self.seed < 0:
+            self.seed = None
 
 
 @dataclass
@@ -164,7 +168,7 @@ class Engine:
     # -- vocabulary ---------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
         ll = llama()
-        raw = text.encode("utf-8")
+        raw = text.encode("utf-8", "replace")  # a lone surrogate becomes "?" rather than an error
         cap = len(raw) + 16
         buf = (ll.llama_token * cap)()
         n = ll.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)

@@ -248,6 +248,9 @@ def test_errors_have_openai_shape_and_status(served: Served) -> None:
     r = httpx.post(served.url + "/v1/chat/completions", content=b'{"model": "repomem", "messages": [',
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(served.url + "/v1/chat/completions", content=b"[" * 100_000,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"  # too deep for the parser
     client = served.client()
     question = [{"role": "user", "content": "What does scale do?"}]
     with pytest.raises(openai.NotFoundError) as nf:
@@ -269,6 +272,18 @@ def test_errors_have_openai_shape_and_status(served: Served) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="repomem", messages=[{"role": "assistant", "content": "hi"}])
     assert httpx.get(served.url + "/v1/nothing").json()["error"]["message"] == "Not Found"
+
+
+def test_what_other_clients_send_is_answered(served: Served) -> None:
+    """llama.cpp's own clients send seed -1 for "random"; a JavaScript client that cut a string inside an
+    emoji sends half a surrogate pair, which JSON allows."""
+    for extra, content in (({"seed": -1, "temperature": 0.7}, "What does scale do?"),
+                           ({}, "What does scale do? \ud83d")):
+        body = {"model": "repomem", "max_tokens": 2, "messages": [{"role": "user", "content": content}], **extra}
+        r = httpx.post(served.url + "/v1/chat/completions", content=json.dumps(body).encode(),
+                       headers={"Content-Type": "application/json"}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["role"] == "assistant"
 
 
 def test_a_rebinding_host_and_a_non_json_post_are_refused(served: Served) -> None:

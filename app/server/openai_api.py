@@ -69,7 +69,7 @@ async def chat_completions(request: Request) -> Response:
                        code="unsupported_media_type")
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     req = parse_chat(body, repos.settings)
     try:
