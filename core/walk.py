@@ -194,6 +194,12 @@ _SECRET_NAME_RES = [
         r"_netrc",
         r"\.htpasswd",
         r"\.git-credentials",
+        r"\.envrc",
+        r".*\.env",
+        r"\.env[_-].+",
+        r"\.pgpass",
+        r"\.s3cfg",
+        r".*\.ppk",
     )
 ]
 _SECRET_NAME_LOOSE_RES = [re.compile(p, re.IGNORECASE) for p in (r"credentials.*", r".*secret.*")]
@@ -230,7 +236,10 @@ _TOKEN_RE = re.compile(
 # `api_key = "..."`, `"password": "..."`, `SECRET_KEY = '...'`: found value-first (fast), then the
 # name before it is checked. The value must look random (letters and digits, varied) so that
 # `token_type = "access_token_header"` or `sk-xxxxxxxx...` placeholders are not secrets.
-_QUOTED_VALUE_RE = re.compile(r"""[:=]\s*["']([A-Za-z0-9/+_\-]{16,})["']""")
+_QUOTED_VALUE_RE = re.compile(r"""[:=]\s*["']([A-Za-z0-9/+_\-]{16,}={0,2})["']""")
+# Configuration (YAML, INI, .env-style, shell `export`) writes values bare, to the end of the line; in
+# source code a bare right-hand side is an expression (`api_key = settings.api_key_v2`), not a value.
+_BARE_VALUE_RE = re.compile(r"""(?m)[:=][ \t]*([A-Za-z0-9/+_\-]{16,}={0,2})[ \t]*\r?$""")
 _SECRET_KEY_NAME_RE = re.compile(r"""(?i)(?:api[_-]?key|secret|token|passw(?:or)?d)[\w-]{0,24}["']?\s*$""")
 
 
@@ -307,16 +316,23 @@ def _looks_random(value: str) -> bool:
     return any(c.isdigit() for c in value) and any(c.isalpha() for c in value) and len(set(value)) > 6
 
 
-def secret_in_text(text: str) -> str | None:
-    """The kind of secret found in `text` (a short label, never the secret itself), or None."""
+def secret_in_text(text: str, language: str | None = None) -> str | None:
+    """The kind of secret found in `text` (a short label, never the secret itself), or None.
+
+    `language`: the file's (None for configuration and prose, such as a note): in source code only quoted
+    values count."""
     if "PRIVATE KEY" in text and _PRIVATE_KEY_RE.search(text):
         return "private_key"
     for m in _TOKEN_RE.finditer(text):
         if _looks_random(m.group(0)[4:]):
             return "token"
-    for m in _QUOTED_VALUE_RE.finditer(text):
-        if _looks_random(m.group(1)) and _SECRET_KEY_NAME_RE.search(text, max(0, m.start() - 48), m.start()):
-            return "assignment"
+    value_res = [_QUOTED_VALUE_RE]
+    if language not in _CODE_LANGUAGES or language == "shell":
+        value_res.append(_BARE_VALUE_RE)
+    for value_re in value_res:
+        for m in value_re.finditer(text):
+            if _looks_random(m.group(1)) and _SECRET_KEY_NAME_RE.search(text, max(0, m.start() - 48), m.start()):
+                return "assignment"
     return None
 
 
@@ -567,7 +583,7 @@ def _load(root: Path, root_real: Path, rel: str, max_file_bytes: int) -> RepoFil
         text = decode_text(data, abs_path)
     except NotTextError as exc:
         return Skip(rel, exc.reason)
-    if secret_in_text(text):
+    if secret_in_text(text, language):
         return Skip(rel, "secret_content")
     return RepoFile(
         rel=rel,

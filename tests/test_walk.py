@@ -219,6 +219,12 @@ def test_secret_names(tmp_path: Path) -> None:
         ".pypirc",
         ".netrc",
         "release.keystore",
+        ".envrc",
+        "deploy/production.env",
+        ".env_local",
+        ".pgpass",
+        ".s3cfg",
+        "putty/server.ppk",
     ]
     for f in secret_files:
         write(tmp_path, f, "harmless\n")
@@ -244,12 +250,22 @@ def test_secret_content(tmp_path: Path) -> None:
         "ok.py",
         'token_type = "access_token_header"\npassword = "changeme"\napi_key = "sk-' + "x" * 40 + '"\n',
     )
+    # values without quotes, where configuration files write them, and base64 with its padding
+    write(tmp_path, "deploy.yaml", "service:\n  api_key: " + "9f8a7b6c5d4e3f2a1b0c" + "\n")
+    write(tmp_path, "aws.ini", "[default]\naws_secret_access_key = " + "wJalrXUtnFEMI7K7MDENGbPxRfiCY" + "\n")
+    write(tmp_path, "run.sh", "export API_TOKEN=" + "Zq3xW8pL2vN7mK4rT6" + "\n")
+    write(tmp_path, "compose.yml", "environment:\n  POSTGRES_PASSWORD: " + "pG7kQ2xW9mZ4vL8n" + "\n")
+    write(tmp_path, "b64.py", 'SECRET = "' + "c2VjcmV0LXZhbHVlLTEyMzQ1Ng" + '=="\n')
+    # code that names a setting without a value stays
+    write(tmp_path, "client.py", "api_key = settings_v2_api_key_lookup\ntoken = os.environ['TOKEN']\n")
     res = walk_repo(tmp_path)
     why = reasons(res)
-    for f in ["k.txt", "aws.py", "gh.sh", "slack.cfg", "settings.py", "conf.json"]:
+    for f in ["k.txt", "aws.py", "gh.sh", "slack.cfg", "settings.py", "conf.json", "deploy.yaml", "aws.ini",
+              "run.sh", "compose.yml", "b64.py"]:
         assert why.get(f) == "secret_content", f
-    assert rels(res) == ["ok.py"]
+    assert rels(res) == ["client.py", "ok.py"]
     assert secret_in_text("nothing here") is None
+    assert secret_in_text("The deploy key is api_key = " + "q8Xz4T7kP2mN9vB3cR6w") == "assignment"  # a note
 
 
 def test_binary_encoding_bom_and_size(tmp_path: Path) -> None:
