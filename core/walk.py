@@ -549,12 +549,23 @@ def load_file(
 ) -> RepoFile | Skip:
     """Everything the walk decides about one file, for the watcher: a RepoFile or the Skip."""
     root_p = Path(root)
+    root_real = root_p.resolve()
     rel = rel_path.strip("/")
     if rules is not None:
         why = rules.reason(rel, False)
         if why:
             return Skip(rel, why)
-    return _load(root_p, root_p.resolve(), rel, max_file_bytes)
+    # The walk never enters a linked folder; a path named directly must not pass through one (or `..`).
+    folder = (root_p / rel).parent
+    lexical = root_real.joinpath(*PurePosixPath(rel).parent.parts)
+    try:
+        real = folder.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return Skip(rel, "unreadable")
+    if real != lexical:
+        return Skip(rel, "symlink" if _inside(real, root_real) and ".." not in PurePosixPath(rel).parts
+                    else "symlink_outside")
+    return _load(root_p, root_real, rel, max_file_bytes)
 
 
 def _load(root: Path, root_real: Path, rel: str, max_file_bytes: int) -> RepoFile | Skip:

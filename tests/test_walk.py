@@ -348,6 +348,11 @@ def test_symlinks_never_followed(tmp_path: Path) -> None:
     assert why["dangling.py"] == "symlink_outside"
     assert why["self"] == "symlink_loop"
     assert rels(res) == ["real/a.py"]
+    # one path at a time (the watcher, an excluded path): a link on the way or `..` leads nowhere either
+    assert load_file(root, "out_link/private.py") == Skip("out_link/private.py", "symlink_outside")
+    assert load_file(root, "dup/a.py") == Skip("dup/a.py", "symlink")
+    assert load_file(root, "../outside/private.py") == Skip("../outside/private.py", "symlink_outside")
+    assert isinstance(load_file(root, "real/a.py"), RepoFile)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs fifos")
