@@ -173,9 +173,11 @@ def test_openai_sdk_answer_with_sources_and_honest_usage(served: Served) -> None
     # text: the same prefix, memory and question all decoded
     assert text.usage.prompt_tokens_details.cached_tokens == 0
     assert text_mem["as_text_tokens"] == text_mem["memory_tokens"]
-    whole = kv.usage.prompt_tokens + kv.usage.prompt_tokens_details.cached_tokens
-    assert abs(text.usage.prompt_tokens - whole) <= 3  # token boundaries between pieces may differ
-    assert kv.usage.prompt_tokens < text.usage.prompt_tokens / 3
+    # As in OpenAI's API, the cached tokens are part of the prompt: both modes read the same prompt,
+    # kv decodes only what was not cached
+    assert abs(text.usage.prompt_tokens - kv.usage.prompt_tokens) <= 3  # token boundaries between pieces may differ
+    decoded = kv.usage.prompt_tokens - kv.usage.prompt_tokens_details.cached_tokens
+    assert 0 < decoded < text.usage.prompt_tokens / 3
 
 
 def test_openai_sdk_streamed_with_usage_and_footer_opt_out(served: Served) -> None:
@@ -233,7 +235,8 @@ def test_aider_shaped_request_long_system_message_and_history(served: Served) ->
     assert system_tokens > 1500
     # kv: the client's instructions are spliced from their compiled KV, the history and question decoded
     history_tokens = len(mem.engine.tokenize(messages[1]["content"] + messages[2]["content"]))
-    assert history_tokens < resp.usage.prompt_tokens < system_tokens
+    decoded = resp.usage.prompt_tokens - resp.usage.prompt_tokens_details.cached_tokens
+    assert history_tokens < decoded < system_tokens
     spliced = resp.usage.model_extra["repomem"]["spliced_tokens"]
     assert resp.usage.prompt_tokens_details.cached_tokens > system_tokens + spliced
     again = client.chat.completions.create(model=served.name, messages=messages[:1] + messages[-1:], max_tokens=4,
@@ -595,7 +598,7 @@ def _check_every_tool(out: dict, root: Path) -> None:
     # The instructions reach the model: the same question and memory, read with them, is longer by their words.
     plain, instructed = out["ask"]["usage"], out["ask_instructed"]["usage"]
     def read(usage: dict) -> int:
-        return usage["prompt_tokens"] + usage["prompt_tokens_details"]["cached_tokens"]
+        return usage["prompt_tokens"]
 
     grew = read(instructed) - read(plain)
     assert grew >= len(MCP_INSTRUCTIONS.split())

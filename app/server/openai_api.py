@@ -8,10 +8,10 @@ generation stops at its next token. Cubes under private paths are never retrieve
 
 Extensions, all optional for clients: `"repomem": {"sources_footer": false}` in the request drops the
 `Sources:` footer; every response carries `"repomem": {sources, mode, ...}` and `usage.repomem`
-(memory tokens spliced and placed as text). `usage.prompt_tokens` counts the tokens decoded for
-the prompt; `usage.prompt_tokens_details.cached_tokens` the ones restored from KV instead (repomem's
-system prefix, the spliced memory and, in kv mode, the client's system message), which are therefore not
-part of `prompt_tokens`.
+(memory tokens spliced and placed as text). As in OpenAI's API, `usage.prompt_tokens` counts every
+token of the prompt and `usage.prompt_tokens_details.cached_tokens` the part of them restored from KV
+instead of decoded (repomem's system prefix, the spliced memory and, in kv mode, the client's system
+message).
 """
 
 from __future__ import annotations
@@ -281,10 +281,11 @@ def source_dict(s: Any) -> dict:
 
 
 def usage_dict(ans: Answer) -> dict:
-    """Tokens an answer read and wrote, in the OpenAI API's shape (`cached_tokens`: taken from KV), with
-    repomem's memory counts beside them."""
-    return {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
-            "total_tokens": ans.prompt_tokens + ans.completion_tokens,
+    """Tokens an answer read and wrote, in the OpenAI API's shape: `prompt_tokens` all it read, of which
+    `cached_tokens` were taken from KV rather than decoded; repomem's memory counts beside them."""
+    prompt = ans.prompt_tokens + ans.cached_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": ans.completion_tokens,
+            "total_tokens": prompt + ans.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": ans.cached_tokens},
             "repomem": {"memory_tokens": ans.memory_tokens, "spliced_tokens": ans.spliced_tokens,
                         "as_text_tokens": ans.memory_tokens - ans.spliced_tokens, "spliced": ans.spliced,
