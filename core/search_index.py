@@ -99,27 +99,32 @@ class SearchIndex:
             version = self.store.data_version()  # before the stamps: a later commit shows up next time
             if version == self._data_version:
                 return 0
-            self._data_version = version
             self._rebuilt = ""
-            stamps = self.store.cube_stamps()
-            gone = [cid for cid in self._stamps if cid not in stamps]
-            changed = [cid for cid, st in stamps.items() if self._stamps.get(cid) != st]
-            n_changes = len(gone) + len(changed)
-            if self._stamps and n_changes > max(REBUILD_SHARE * len(stamps), REBUILD_MIN):
-                rebuild_reason = rebuild_reason or f"{n_changes} of {len(stamps)} cubes changed"
-                self.bm25, self._stamps = BM25Index(), {}
-            if not self._stamps:
-                self._rebuilt = rebuild_reason or "no index yet"
-                self._read_rows(self.store.search_rows())
-                self._unsaved = len(self._stamps) or self._unsaved
-                self.bm25.flush()
-                return len(self._stamps)
-            for cid in gone:
-                self._drop(cid)
-            if changed:
-                self._read_rows(self.store.search_rows(changed), expected=changed)
-            self._unsaved += len(gone) + len(changed)
-            return len(gone) + len(changed)
+            applied = self._apply_stamps(rebuild_reason)
+            self._data_version = version  # only once applied: a read that failed is tried again next time
+            return applied
+
+    def _apply_stamps(self, rebuild_reason: str) -> int:
+        """Read the stamps and apply what changed (or rebuild); caller holds the lock."""
+        stamps = self.store.cube_stamps()
+        gone = [cid for cid in self._stamps if cid not in stamps]
+        changed = [cid for cid, st in stamps.items() if self._stamps.get(cid) != st]
+        n_changes = len(gone) + len(changed)
+        if self._stamps and n_changes > max(REBUILD_SHARE * len(stamps), REBUILD_MIN):
+            rebuild_reason = rebuild_reason or f"{n_changes} of {len(stamps)} cubes changed"
+            self.bm25, self._stamps = BM25Index(), {}
+        if not self._stamps:
+            self._rebuilt = rebuild_reason or "no index yet"
+            self._read_rows(self.store.search_rows())
+            self._unsaved = len(self._stamps) or self._unsaved
+            self.bm25.flush()
+            return len(self._stamps)
+        for cid in gone:
+            self._drop(cid)
+        if changed:
+            self._read_rows(self.store.search_rows(changed), expected=changed)
+        self._unsaved += len(gone) + len(changed)
+        return len(gone) + len(changed)
 
     def refresh_ids(self, ids: Iterable[str]) -> None:
         """Re-read these cubes now (this process just changed them)."""

@@ -9,6 +9,7 @@ truncated or foreign file is rebuilt instead of trusted.
 from __future__ import annotations
 
 import random
+import sqlite3
 import zipfile
 from pathlib import Path
 
@@ -168,6 +169,32 @@ def test_open_reads_only_the_changed_cubes(repo: Path, home: Path, test_model_pa
         assert index.report.applied == 1 and len(read) == 1 and read[0] is not None
         _assert_same(index.bm25, _fresh(store), _queries(store))
     finally:
+        store.close()
+
+
+def test_a_failed_sync_is_retried_on_the_next_one(repo: Path, home: Path, test_model_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
+    mem.index(compile=False)
+    mem.close()
+    store = CubeStore.open(mem.store.dir)
+    other = CubeStore.open(mem.store.dir)  # another process writing the same store
+    try:
+        index = SearchIndex.open(store)
+        note = other.add_note_cube("Chargebacks are booked in the ledger.", source="note")
+        stamps = CubeStore.cube_stamps
+
+        def locked_once(self: CubeStore):
+            monkeypatch.setattr(CubeStore, "cube_stamps", stamps)
+            raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(CubeStore, "cube_stamps", locked_once)
+        with pytest.raises(sqlite3.OperationalError):
+            index.sync()
+        assert index.sync() == 1  # the change it could not read then
+        assert note.id in [h.doc_id for h in index.bm25.search("chargebacks ledger", k=3)]
+    finally:
+        other.close()
         store.close()
 
 
