@@ -400,6 +400,20 @@ def _read_lines(path: Path) -> list[str]:
         return []
 
 
+class _IgnoreFile:
+    """One ignore file's patterns, checked as git checks them. pathspec's gitignore rule that a file
+    pattern outranks a folder pattern is right for files, not for folders, where git takes the last
+    pattern that matches (`*` then `!*/` keeps every folder open for a later `!*.py`)."""
+
+    def __init__(self, spec: pathspec.GitIgnoreSpec) -> None:
+        self._files = spec
+        self._folders = pathspec.PathSpec(spec.patterns)
+
+    def check(self, path: str, is_dir: bool) -> bool | None:
+        """True: ignored, False: re-included by a negation, None: no pattern matches."""
+        return (self._folders if is_dir else self._files).check_file(path + ("/" if is_dir else "")).include
+
+
 class IgnoreRules:
     """The path-only skip rules of one repository (no file content needed): fast enough for a watcher.
 
@@ -417,7 +431,7 @@ class IgnoreRules:
     def reload(self) -> None:
         """Forget cached ignore files and answers (call after any .gitignore/.repomemignore change)."""
         with self._lock:
-            self._git_specs: dict[str, pathspec.GitIgnoreSpec | None] = {}
+            self._git_specs: dict[str, _IgnoreFile | None] = {}
             self._cache: dict[tuple[str, bool], str | None] = {}
             self._exclude = self._spec(_read_lines(self.root / ".git" / "info" / "exclude"))
             self._repomem = self._spec(_read_lines(self.root / ".repomemignore"))
@@ -425,12 +439,12 @@ class IgnoreRules:
             self._entry_dirs = package_entry_dirs(self.root)
 
     @staticmethod
-    def _spec(lines: list[str]) -> pathspec.GitIgnoreSpec | None:
+    def _spec(lines: list[str]) -> _IgnoreFile | None:
         lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not lines:
             return None
         try:
-            return pathspec.GitIgnoreSpec.from_lines(lines)
+            return _IgnoreFile(pathspec.GitIgnoreSpec.from_lines(lines))
         except Exception:  # a malformed pattern must not stop the walk: drop the bad lines
             good = []
             for ln in lines:
@@ -439,9 +453,9 @@ class IgnoreRules:
                     good.append(ln)
                 except Exception:
                     continue
-            return pathspec.GitIgnoreSpec.from_lines(good) if good else None
+            return _IgnoreFile(pathspec.GitIgnoreSpec.from_lines(good)) if good else None
 
-    def _gitignore_of(self, dir_rel: str) -> pathspec.GitIgnoreSpec | None:
+    def _gitignore_of(self, dir_rel: str) -> _IgnoreFile | None:
         if dir_rel not in self._git_specs:
             folder = self.root / dir_rel if dir_rel else self.root
             self._git_specs[dir_rel] = self._spec(_read_lines(folder / ".gitignore"))
@@ -454,14 +468,13 @@ class IgnoreRules:
             spec = self._gitignore_of("/".join(parts[:depth]))
             if spec is None:
                 continue
-            sub = "/".join(parts[depth:]) + ("/" if is_dir else "")
-            res = spec.check_file(sub)
-            if res.include is not None:
-                return bool(res.include)
+            verdict = spec.check("/".join(parts[depth:]), is_dir)
+            if verdict is not None:
+                return verdict
         if self._exclude is not None:
-            res = self._exclude.check_file(rel + ("/" if is_dir else ""))
-            if res.include is not None:
-                return bool(res.include)
+            verdict = self._exclude.check(rel, is_dir)
+            if verdict is not None:
+                return verdict
         return False
 
     def _own_reason(self, rel: str, is_dir: bool) -> str | None:
@@ -470,10 +483,9 @@ class IgnoreRules:
             return "git"
         if self._git_ignored(rel, is_dir):
             return "gitignore"
-        probe = rel + ("/" if is_dir else "")
-        if self._repomem is not None and self._repomem.match_file(probe):
+        if self._repomem is not None and self._repomem.check(rel, is_dir):
             return "repomemignore"
-        if self._extra is not None and self._extra.match_file(probe):
+        if self._extra is not None and self._extra.check(rel, is_dir):
             return "extra_ignore"
         if _vendored(name, is_dir) and rel not in self._entry_dirs:
             return "vendored"

@@ -131,6 +131,21 @@ def test_gitignore_root_nested_and_negation(tmp_path: Path) -> None:
     assert not any(r.startswith("out/") and r != "out/" for r in why)
 
 
+@pytest.mark.parametrize(("ignore", "kept"), [
+    # "ignore everything but Python": `!*/` keeps every folder open (what `git status` shows)
+    ("*\n!*/\n!*.py\n", ["c.py", "docs/api/x.py", "src/a.py", "src/deep/d.py"]),
+    ("docs/**\n!docs/**/\n!docs/**/*.md\n", ["c.py", "docs/api/ref.md", "docs/guide.md", "src/a.py",
+                                              "src/deep/d.py", "x.txt"]),
+    # a file cannot come back from inside an ignored folder (each list is what `git status` shows)
+    ("src/\n!src/a.py\n", ["c.py", "docs/api/ref.md", "docs/api/x.py", "docs/guide.md", "x.txt"]),
+])
+def test_gitignore_folders_take_the_last_pattern_that_matches(tmp_path: Path, ignore: str, kept: list[str]) -> None:
+    for f in ("c.py", "x.txt", "src/a.py", "src/deep/d.py", "docs/guide.md", "docs/api/ref.md", "docs/api/x.py"):
+        write(tmp_path, f)
+    write(tmp_path, ".gitignore", ignore)
+    assert sorted(r for r in rels(walk_repo(tmp_path)) if r != ".gitignore") == kept
+
+
 def test_git_info_exclude_and_git_dir_silent(tmp_path: Path) -> None:
     write(tmp_path, ".git/info/exclude", "secret_dir/\n")
     write(tmp_path, ".git/config", "[core]\n")
