@@ -254,6 +254,13 @@ def test_errors_have_openai_shape_and_status(served: Served) -> None:
     r = httpx.post(served.url + "/v1/chat/completions", content=b"[" * 100_000,
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"  # too deep for the parser
+    huge_body = b'{"model": "repomem", "messages": [], "pad": "' + b"x" * (17 * 2**20) + b'"}'
+    def chunked():
+        yield from (huge_body[i:i + 2**20] for i in range(0, len(huge_body), 2**20))
+    for content in (huge_body, chunked()):  # with a Content-Length, and without one
+        r = httpx.post(served.url + "/v1/chat/completions", content=content,
+                       headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     client = served.client()
     question = [{"role": "user", "content": "What does scale do?"}]
     with pytest.raises(openai.NotFoundError) as nf:
@@ -287,6 +294,20 @@ def test_what_other_clients_send_is_answered(served: Served) -> None:
                        headers={"Content-Type": "application/json"}, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_a_request_while_the_server_stops_is_503(tmp_path: Path, home: Path, test_model_path: Path) -> None:
+    repo = _make_repo(tmp_path / "stopping")
+    settings = _settings(test_model_path)
+    service = Service.open([repo], ServeConfig(port=0), settings=settings)
+    thread = ServerThread(service).start()
+    try:
+        service.queue.close()  # what a SIGTERM does first
+        body = {"model": "repomem", "messages": [{"role": "user", "content": "What does scale do?"}]}
+        r = httpx.post(thread.url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    finally:
+        thread.stop()
 
 
 def test_a_rebinding_host_and_a_non_json_post_are_refused(served: Served) -> None:

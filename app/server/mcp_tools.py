@@ -25,7 +25,7 @@ from repomem.core import Answer, Cube, RepomemError, RepoMemory, __version__
 
 from .clients import mcp_client
 from .openai_api import evidence_dict, source_dict, usage_dict
-from .queue import FairQueue, QueueFull
+from .queue import FairQueue
 from .repos import MODES, Repositories
 
 SNIPPET_CHARS = 1500
@@ -87,7 +87,7 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
             ticket = queue.submit(client, lambda cancel: served.mem.ask(question, mode=mode, cancel=cancel,
                                                                        record=False, allow_local=False,
                                                                        system=instructions))
-        except QueueFull as exc:
+        except RepomemError as exc:  # a full queue, or the server stopping
             raise ToolError(str(exc)) from None
         try:
             ans: Answer = await asyncio.wrap_future(ticket.future)

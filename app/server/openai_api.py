@@ -33,10 +33,11 @@ from repomem.core import Answer, CancelledError, ContextOverflowError, ModelErro
 from .chat import ChatRequest, parse_chat
 from .clients import http_client
 from .errors import APIError
-from .queue import FairQueue, QueueFull, Ticket
+from .queue import FairQueue, QueueFull, ShuttingDown, Ticket
 from .repos import MODEL_PREFIX, MODES, ModelNotFound, Repositories, ServedRepo
 
 DISCONNECT_POLL_S = 0.1
+MAX_BODY_BYTES = 16 * 2**20  # far above any prompt a context holds: the whole chat history of an agent
 
 
 class ClientGone(Exception):
@@ -68,7 +69,7 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(415, "send the request as JSON (Content-Type: application/json)",
                        code="unsupported_media_type")
     try:
-        body = await request.json()
+        body = json.loads(await _body(request))
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     req = parse_chat(body, repos.settings)
@@ -99,6 +100,21 @@ async def chat_completions(request: Request) -> Response:
     if event[0] == "error":
         raise api_error(event[1])
     return JSONResponse(reply.completion(event[1]))
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, refused past MAX_BODY_BYTES before it is all read (413)."""
+    too_big = APIError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _submit(queue: FairQueue, client: str, repo: ServedRepo, mode: str | None, req: ChatRequest,
@@ -166,6 +182,8 @@ def api_error(exc: BaseException) -> APIError:
     """A failure of the model job, as the status and error code an OpenAI client expects."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ShuttingDown):
+        return APIError(503, str(exc), type="server_error", code="shutting_down")
     if isinstance(exc, ContextOverflowError):
         return APIError(400, str(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, ModelError):

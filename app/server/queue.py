@@ -36,6 +36,10 @@ class QueueFull(RepomemError):
         self.retry_after = retry_after
 
 
+class ShuttingDown(RepomemError):
+    """The server is stopping: no new job is taken."""
+
+
 @dataclass(eq=False)
 class Ticket:
     client: str
@@ -66,7 +70,7 @@ class FairQueue:
         """Queue a job for `client`; raises QueueFull when `max_waiting` jobs already wait."""
         with self._cond:
             if self._closed:
-                raise RepomemError("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             waiting = self._waiting()
             if waiting >= self.max_waiting:
                 self.rejected += 1
