@@ -310,6 +310,25 @@ def test_a_request_while_the_server_stops_is_503(tmp_path: Path, home: Path, tes
         thread.stop()
 
 
+def test_errors_and_warnings_sent_to_clients_name_no_local_folder(home: Path) -> None:
+    """A store error names its folder (`~/.local/share/repomem/repos/<key> is read-only`): clients read
+    the data folder and the home folder by name only, in error bodies and in an answer's warnings."""
+    from repomem.app.server.chat import parse_chat
+    from repomem.app.server.errors import APIError
+    from repomem.app.server.openai_api import Reply
+    from repomem.core import Answer, paths
+
+    store_dir = paths.home() / "repos" / "abc123"
+    message = f"{store_dir} is read-only: usage counts were not saved"
+    assert str(paths.home()) and APIError(400, message).body()["error"]["message"] == (
+        "<repomem data>/repos/abc123 is read-only: usage counts were not saved")
+    req = parse_chat({"model": "repomem", "messages": [{"role": "user", "content": "hi"}]}, Settings())
+    ans = Answer(answer="x", mode="kv", ttft_s=0.1, total_s=0.2, memory_tokens=0, sources=[],
+                 warnings=[message, f"cannot read {Path.home() / 'src' / 'notes.txt'}"])
+    assert Reply(req, "kv").extension(ans)["warnings"] == [
+        "<repomem data>/repos/abc123 is read-only: usage counts were not saved", "cannot read ~/src/notes.txt"]
+
+
 def test_a_rebinding_host_and_a_non_json_post_are_refused(served: Served) -> None:
     port = served.url.rsplit(":", 1)[1]
     queue = served.service.queue

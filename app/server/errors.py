@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from starlette.responses import JSONResponse
+
+from repomem.core import paths
+
+
+def without_local_paths(text: str) -> str:
+    """A message as a client may read it: the data folder and the user's home named, not spelled out
+    (a store error names its folder; a client on another machine has no business knowing it)."""
+    text = text.replace(str(paths.home()), "<repomem data>")
+    home = str(Path.home())
+    return text.replace(home, "~") if len(home) > 1 else text
 
 
 class APIError(Exception):
@@ -13,7 +25,8 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": without_local_paths(self.message), "type": self.type, "param": self.param,
+                          "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)

@@ -24,6 +24,7 @@ from pydantic import Field
 from repomem.core import Answer, Cube, RepomemError, RepoMemory, __version__
 
 from .clients import mcp_client
+from .errors import without_local_paths
 from .openai_api import evidence_dict, source_dict, usage_dict
 from .queue import FairQueue
 from .repos import MODES, Repositories
@@ -88,21 +89,22 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
                                                                        record=False, allow_local=False,
                                                                        system=instructions))
         except RepomemError as exc:  # a full queue, or the server stopping
-            raise ToolError(str(exc)) from None
+            raise ToolError(without_local_paths(str(exc))) from None
         try:
             ans: Answer = await asyncio.wrap_future(ticket.future)
         except asyncio.CancelledError:
             queue.cancel(ticket)
             raise
         except RepomemError as exc:
-            raise ToolError(str(exc)) from None
+            raise ToolError(without_local_paths(str(exc))) from None
         sources = [source_dict(s) for s in ans.sources]
         evidence = evidence_dict(ans)
         text = ans.answer + ("\n\nSources: " + ", ".join(s["citation"] for s in sources) if sources else "")
         if evidence:
             text += f"\n\nEvidence: {evidence['citation']}\n```\n{evidence['lines']}\n```"
+        warnings = [without_local_paths(w) for w in ans.warnings]
         return _result(text, {"answer": ans.answer, "mode": ans.mode, "sources": sources, "evidence": evidence,
-                              "ttft_s": round(ans.ttft_s, 3), "warnings": ans.warnings, "usage": usage_dict(ans)})
+                              "ttft_s": round(ans.ttft_s, 3), "warnings": warnings, "usage": usage_dict(ans)})
 
     @server.tool(annotations=read_only)
     def memory_status(repo: Repo = "") -> CallToolResult:
@@ -148,7 +150,7 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
         try:
             cube = served.mem.remember(note, paths or [])
         except RepomemError as exc:
-            raise ToolError(str(exc)) from None
+            raise ToolError(without_local_paths(str(exc))) from None
         return _result(f"Remembered as {cube.path} (id {cube.id}).", {"id": cube.id, "citation": cube.path})
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False))
@@ -161,7 +163,7 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
         try:
             served.mem.forget_note(id)
         except RepomemError as exc:
-            raise ToolError(str(exc)) from None
+            raise ToolError(without_local_paths(str(exc))) from None
         return _result(f"Forgot note {id}.", {"forgotten": id})
 
     return server
@@ -217,7 +219,7 @@ def _repo(repos: Repositories, name: str) -> Any:
     try:
         return repos.get(name)
     except RepomemError as exc:
-        raise ToolError(str(exc)) from None
+        raise ToolError(without_local_paths(str(exc))) from None
 
 
 def _iso(ts: float) -> str:

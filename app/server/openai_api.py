@@ -32,7 +32,7 @@ from repomem.core import Answer, CancelledError, ContextOverflowError, ModelErro
 
 from .chat import ChatRequest, parse_chat
 from .clients import http_client
-from .errors import APIError
+from .errors import APIError, without_local_paths
 from .queue import FairQueue, QueueFull, ShuttingDown, Ticket
 from .repos import MODEL_PREFIX, MODES, ModelNotFound, Repositories, ServedRepo
 
@@ -263,7 +263,7 @@ class Reply:
     def extension(self, ans: Answer) -> dict:
         return {"mode": ans.mode, "sources": [source_dict(s) for s in ans.sources], "evidence": evidence_dict(ans),
                 "spliced": ans.spliced, "as_text": ans.as_text, "ttft_s": round(ans.ttft_s, 4),
-                "warnings": ans.warnings}
+                "warnings": [without_local_paths(w) for w in ans.warnings]}
 
     def chunk(self, delta: dict, finish: str | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.req.model,
