@@ -204,7 +204,8 @@ _SECRET_NAME_RES = [
 ]
 _SECRET_NAME_LOOSE_RES = [re.compile(p, re.IGNORECASE) for p in (r"credentials.*", r".*secret.*")]
 # Templates meant to be committed: their values are placeholders.
-_ENV_TEMPLATES = frozenset({".env.example", ".env.sample", ".env.template", ".env.dist", ".env.defaults"})
+_ENV_TEMPLATE_RE = re.compile(
+    r"\.env[._-](?:example|sample|template|dist|defaults)|(?:example|sample|template)\.env", re.IGNORECASE)
 _CODE_LANGUAGES = frozenset(
     {
         "python",
@@ -339,7 +340,7 @@ def secret_in_text(text: str, language: str | None = None) -> str | None:
 def secret_name(rel_path: str, language: str | None = None) -> bool:
     """Whether the file name alone says it holds secrets."""
     name = PurePosixPath(rel_path).name
-    if name.lower() in _ENV_TEMPLATES:
+    if _ENV_TEMPLATE_RE.fullmatch(name):
         return False
     if any(rx.fullmatch(name) for rx in _SECRET_NAME_RES):
         return True

@@ -243,13 +243,14 @@ def test_secret_names(tmp_path: Path) -> None:
     ]
     for f in secret_files:
         write(tmp_path, f, "harmless\n")
-    write(tmp_path, ".env.example", "API_URL=\n")
+    for template in (".env.example", ".env_sample", ".env-template", "example.env"):
+        write(tmp_path, template, "API_URL=\n")
     write(tmp_path, "app/secrets.py", "def load_secret(name):\n    return None\n")
     res = walk_repo(tmp_path)
     why = reasons(res)
     for f in secret_files:
         assert why.get(f) == "secret_name", f
-    assert {".env.example", "app/secrets.py"} <= set(rels(res))
+    assert {".env.example", ".env_sample", ".env-template", "example.env", "app/secrets.py"} <= set(rels(res))
     assert secret_name("deploy/Secret_Config.yml") and not secret_name("src/secret_store.rs")
 
 
