@@ -213,21 +213,35 @@ class AnsweringMixin(MemoryState):
                        system: str) -> _Turn:
         s = self.settings
         engine = self.engine
-        q_tokens = engine.tokenize(self.layout.question_text(question, history, system))
         n_prefix = len(engine.tokenize(self.layout.prefix))
-        dropped = 0
-        while history and s.n_ctx - n_prefix - len(q_tokens) - extra_tokens < 0:
-            history, dropped = history[1:], dropped + 1
-            q_tokens = engine.tokenize(self.layout.question_text(question, history, system))
+
+        def turn_tokens(dropped: int) -> list[int]:
+            return engine.tokenize(self.layout.question_text(question, history[dropped:], system))
+
+        def fits(tokens: list[int]) -> bool:
+            return s.n_ctx - n_prefix - len(tokens) - extra_tokens >= 0
+
+        q_tokens, dropped = turn_tokens(0), 0
+        if history and not fits(q_tokens):
+            # The fewest oldest turns to leave out, found in a few tokenizations rather than one per turn
+            # (an agent's transcript runs to hundreds); when none fits, every turn goes.
+            lo, hi = 1, len(history)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if fits(turn_tokens(mid)):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            q_tokens, dropped = turn_tokens(lo), lo
         room = s.n_ctx - n_prefix - len(q_tokens) - extra_tokens
         if room < 0:
             raise ContextOverflowError(
-                f"the question needs {len(q_tokens):,} tokens and the context holds {s.n_ctx:,}; "
-                "shorten it or raise the context size")
+                f"the question needs {len(q_tokens):,} tokens and the answer up to {extra_tokens:,}; the context "
+                f"holds {s.n_ctx:,}: shorten the question, ask for a shorter answer or raise the context size")
         turn = _Turn(q_tokens, n_prefix, room, dropped)
         if system.strip() and self.layout.system_turn:
             turn.system = engine.tokenize(self.layout.system_turn + system)
-            turn.bare = engine.tokenize(self.layout.question_text(question, history))
+            turn.bare = engine.tokenize(self.layout.question_text(question, history[dropped:]))
         return turn
 
     def _place(self, cubes: Sequence[tuple[Cube, AnsweringMixin]], mode: str, turn: _Turn, extra_tokens: int, *,

@@ -106,18 +106,29 @@ def test_a_spliced_system_message_reads_exactly_as_decoded_text(mem: RepoMemory)
     assert kv.answer == none.answer and kv.completion_tokens == none.completion_tokens
 
 
-def test_oldest_turns_give_way_and_an_oversized_question_is_refused(repo: Path, home: Path,
-                                                                   test_model_path: Path) -> None:
+def test_oldest_turns_give_way_and_an_oversized_question_is_refused(repo: Path, home: Path, test_model_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings(model=str(test_model_path), max_answer_tokens=12, encoding="f16", n_ctx=1024)
     mem = RepoMemory.open(repo, settings=s)
     try:
         mem.index(compile=False)
-        turn = ("Tell me about the calculator module and its functions. " * 8,
-                "It has add and scale, and a precision constant. " * 8)
-        ans = mem.ask("What does scale do?", mode="none", history=[turn] * 12, record=False)
-        assert any("left out" in w for w in ans.warnings)
-        assert ans.prompt_tokens <= 1024
-        with pytest.raises(ContextOverflowError):
+        turns = [(f"Question {i}: tell me about the calculator module and its functions. " * 4,
+                  f"Answer {i}: it has add and scale, and a precision constant. " * 4) for i in range(300)]
+        question = "What does scale do?"
+        tokenize, calls = mem.engine.tokenize, []
+        monkeypatch.setattr(mem.engine, "tokenize", lambda text, **kw: calls.append(text) or tokenize(text, **kw))
+        ans = mem.ask(question, mode="none", history=turns, record=False)
+        monkeypatch.undo()
+        left_out = [int(w.split()[0]) for w in ans.warnings if "earliest turn(s) of the conversation left out" in w]
+        assert len(left_out) == 1 and ans.prompt_tokens <= 1024
+
+        def needs(dropped: int) -> int:
+            turn = mem.layout.question_text(question, turns[dropped:])
+            return len(tokenize(mem.layout.prefix)) + len(tokenize(turn)) + s.max_answer_tokens
+
+        assert needs(left_out[0]) <= s.n_ctx < needs(left_out[0] - 1)  # the fewest turns that make room
+        assert len(calls) < 30  # a few tries, not one per turn
+        with pytest.raises(ContextOverflowError, match="the answer up to 12"):
             mem.ask("Why? " * 900, mode="none", record=False)
     finally:
         mem.close()
