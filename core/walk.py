@@ -29,7 +29,6 @@ from pathlib import Path, PurePosixPath
 import pathspec
 
 DEFAULT_MAX_FILE_BYTES = 512_000
-BINARY_SNIFF_BYTES = 8192
 
 LANGUAGE_BY_EXT: dict[str, str] = {
     ".py": "python",
@@ -302,7 +301,7 @@ def decode_text(data: bytes, path: str | os.PathLike[str] = "<bytes>") -> str:
     Why no latin-1 fallback: every byte string decodes as latin-1, so it would turn binary files
     into garbage memory; a repository in another encoding is rare enough to be told, not guessed.
     """
-    if b"\x00" in data[:BINARY_SNIFF_BYTES]:
+    if b"\x00" in data:  # no text has one; searching the whole file costs little beside reading it
         raise NotTextError("binary", path)
     try:
         text = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8")

@@ -11,6 +11,7 @@ import pytest
 
 from repomem.core.walk import (
     IgnoreRules,
+    NotTextError,
     RepoFile,
     Skip,
     decode_text,
@@ -297,6 +298,8 @@ def test_binary_encoding_bom_and_size(tmp_path: Path) -> None:
     bom = next(f for f in res.files if f.rel == "bom.py")
     assert bom.text == "x = 1\n"
     assert res.counts_by_reason() == {"binary": 2, "encoding": 1, "too_large": 1}
+    with pytest.raises(NotTextError, match="binary"):  # a NUL past the first few KiB says binary too
+        decode_text(b"x = 1\n" * 2000 + b"\x00")
 
 
 @pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="the file system takes only Unicode names")
