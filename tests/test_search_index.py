@@ -93,6 +93,14 @@ def _settings(model: Path) -> settings_mod.Settings:
     return settings_mod.Settings(model=str(model), encoding="f16")
 
 
+def _indexed(repo: Path, model: Path) -> Path:
+    """Index the repository (no compile) and close it; its store folder."""
+    mem = RepoMemory.open(repo, settings=_settings(model))
+    mem.index(compile=False)
+    mem.close()
+    return mem.store.dir
+
+
 @pytest.mark.default_model
 def test_reopened_index_equals_a_fresh_build_after_edits_deletes_notes_and_a_model_change(
         repo: Path, home: Path, test_model_path: Path, default_model_path: Path) -> None:
@@ -100,7 +108,8 @@ def test_reopened_index_equals_a_fresh_build_after_edits_deletes_notes_and_a_mod
     mem.index()  # plaintext, then KV with the small model; the index file is written at the end
     assert mem.store.cubes(kind="activation")
     mem.close()
-    saved = index_file.path_for(mem.store.dir)
+    store_dir = mem.store.dir
+    saved = index_file.path_for(store_dir)
     assert saved.exists()
     written = saved.stat().st_mtime_ns
 
@@ -118,7 +127,7 @@ def test_reopened_index_equals_a_fresh_build_after_edits_deletes_notes_and_a_mod
     doomed = next(c for c in other.store.cubes() if c.symbol == "Ledger")
     other.store.forget(doomed.id)
     other.close()
-    store = CubeStore.open(mem.store.dir)
+    store = CubeStore.open(store_dir)
     try:  # caught up before the model change too (that one re-reads every compiled cube)
         index = SearchIndex.open(store)
         assert index.report.source == "file" and index.report.applied >= 5
@@ -131,7 +140,7 @@ def test_reopened_index_equals_a_fresh_build_after_edits_deletes_notes_and_a_mod
     switched.close()
     assert saved.stat().st_mtime_ns == written  # so the next open has all of that to catch up on
 
-    store = CubeStore.open(mem.store.dir)
+    store = CubeStore.open(store_dir)
     try:
         index = SearchIndex.open(store)
         assert index.report.source == "file", index.report
@@ -145,9 +154,7 @@ def test_reopened_index_equals_a_fresh_build_after_edits_deletes_notes_and_a_mod
 
 def test_open_reads_only_the_changed_cubes(repo: Path, home: Path, test_model_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
-    mem.index(compile=False)
-    mem.close()
+    store_dir = _indexed(repo, test_model_path)
     read: list[str | None] = []
     rows = CubeStore.search_rows
 
@@ -157,7 +164,7 @@ def test_open_reads_only_the_changed_cubes(repo: Path, home: Path, test_model_pa
         return rows(self, ids, page)
 
     monkeypatch.setattr(CubeStore, "search_rows", spy)
-    store = CubeStore.open(mem.store.dir)
+    store = CubeStore.open(store_dir)
     try:
         assert SearchIndex.open(store).report.applied == 0
         assert read == []  # nothing changed: no cube is read at all
@@ -174,11 +181,9 @@ def test_open_reads_only_the_changed_cubes(repo: Path, home: Path, test_model_pa
 
 def test_a_failed_sync_is_retried_on_the_next_one(repo: Path, home: Path, test_model_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
-    mem.index(compile=False)
-    mem.close()
-    store = CubeStore.open(mem.store.dir)
-    other = CubeStore.open(mem.store.dir)  # another process writing the same store
+    store_dir = _indexed(repo, test_model_path)
+    store = CubeStore.open(store_dir)
+    other = CubeStore.open(store_dir)  # another process writing the same store
     try:
         index = SearchIndex.open(store)
         note = other.add_note_cube("Chargebacks are booked in the ledger.", source="note")
@@ -227,14 +232,12 @@ def _break_inconsistent(path: Path) -> None:
 
 @pytest.mark.parametrize("damage", [_break_truncate, _break_flip_byte, _break_garbage, _break_inconsistent])
 def test_a_damaged_file_is_rebuilt_not_trusted(repo: Path, home: Path, test_model_path: Path, damage) -> None:
-    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
-    mem.index(compile=False)
-    mem.close()
-    path = index_file.path_for(mem.store.dir)
+    store_dir = _indexed(repo, test_model_path)
+    path = index_file.path_for(store_dir)
     damage(path)
     with pytest.raises(index_file.IndexFileInvalid):
         index_file.load(path)
-    store = CubeStore.open(mem.store.dir)
+    store = CubeStore.open(store_dir)
     try:
         index = SearchIndex.open(store)
         assert index.report.source == "rebuilt" and index.report.reason
@@ -245,10 +248,8 @@ def test_a_damaged_file_is_rebuilt_not_trusted(repo: Path, home: Path, test_mode
 
 def test_a_file_from_another_tokenizer_or_format_is_rebuilt(repo: Path, home: Path, test_model_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
-    mem.index(compile=False)
-    mem.close()
-    path = index_file.path_for(mem.store.dir)
+    store_dir = _indexed(repo, test_model_path)
+    path = index_file.path_for(store_dir)
     monkeypatch.setattr(index_file, "tokenizer_fingerprint", lambda: "another tokenizer")
     with pytest.raises(index_file.IndexFileInvalid, match="tokenizer"):
         index_file.load(path)
@@ -263,10 +264,8 @@ def test_a_file_from_another_tokenizer_or_format_is_rebuilt(repo: Path, home: Pa
 def test_most_of_the_store_changed_means_a_rebuild(repo: Path, home: Path, test_model_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(search_index, "REBUILD_MIN", 2)  # this store is tiny
-    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
-    mem.index(compile=False)
-    mem.close()
-    store = CubeStore.open(mem.store.dir)
+    store_dir = _indexed(repo, test_model_path)
+    store = CubeStore.open(store_dir)
     try:
         for c in store.cubes()[: len(store.cubes()) // 2]:
             store.forget(c.id)
@@ -282,12 +281,13 @@ def test_a_failed_save_is_reported_and_kept_for_later(repo: Path, home: Path, te
     mem = RepoMemory.open(repo, settings=_settings(test_model_path))
     mem.index(compile=False)
     index = mem._search
-    index.path = mem.store.dir / "no-such-folder" / index_file.FILE_NAME
-    with CubeStore.open(mem.store.dir) as writer:  # another connection, as the watcher's would be
+    store_dir = mem.store.dir
+    index.path = store_dir / "no-such-folder" / index_file.FILE_NAME
+    with CubeStore.open(store_dir) as writer:  # another connection, as the watcher's would be
         writer.add_note_cube("a note", source="change")
     assert mem.refresh() == 1
     assert index.save() is False and "could not save the search index" in caplog.text
-    index.path = index_file.path_for(mem.store.dir)
+    index.path = index_file.path_for(store_dir)
     assert index.save() is True  # the change is still owed: the next save writes it
     assert index.save() is False  # and then nothing is
     mem.close()
