@@ -45,17 +45,16 @@ def doctor(as_json: bool, model: str | None) -> None:
     from repomem.core import doctor_report
 
     rep = doctor_report(model)
+    m, n = rep["model"], rep["native"]
     if as_json:
         _print_json(rep)
-        return
+        sys.exit(1 if m["error"] or not n["loaded"] else 0)  # scripts read the status, not only the keys
     t = Table(show_header=False, box=None)
     for k, v in rep["versions"].items():
         t.add_row(k, str(v))
     t.add_row("data home", rep["data_home"])
-    m = rep["model"]
     t.add_row("model", m["error"] or f"{m['path']}\n{m['architecture']} {m['n_layer']} layers, "
               f"{m['n_head_kv']} KV heads x {m['head_dim']}, ctx {m['n_ctx_train']}\nsha256 {m['sha256']}")
-    n = rep["native"]
     t.add_row("native", "loaded" if n["loaded"] else f"[red]not loaded[/]: {n['error']}")
     t.add_row("cpu", f"{rep['cpu']['name']} ({', '.join(rep['cpu']['flags'])})")
     a = rep["amx_guard"]

@@ -161,3 +161,6 @@ def test_doctor_json_contract(test_model_path: Path) -> None:
     for key in ("repomem", "versions", "data_home", "cpu", "native", "gpu", "amx_guard", "models"):
         assert key in rep
     assert rep["amx_guard"]["probed"] is True
+    # a failing check says so in its exit status too, with the same keys
+    res = _cli("doctor", "--json", "--model", str(test_model_path.with_name("missing.gguf")))
+    assert res.returncode == 1 and json.loads(res.stdout)["model"]["error"]
