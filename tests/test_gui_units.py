@@ -49,6 +49,9 @@ def test_editor_argv_fills_placeholders_or_appends_path(tmp_path: Path):
     assert editor_argv("vim +{line} {file}", f, 0) == ["vim", "+1", str(f)]
     with pytest.raises(ValueError):
         editor_argv("  ", f, 1)
+    for unknown in ("code -g {path}:{line}:{column}", "vim {0}"):  # a clear message, not a crash of the click
+        with pytest.raises(ValueError, match="placeholders are {path}, {file} and {line}"):
+            editor_argv(unknown, f, 1)
 
 
 def test_ignore_line_is_appended_once(tmp_path: Path):

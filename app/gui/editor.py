@@ -22,7 +22,11 @@ def editor_argv(command: str, path: Path, line: int) -> list[str]:
         raise ValueError("empty editor command")
     values = {"path": str(path), "file": str(path), "line": str(max(1, line))}
     has_placeholder = any("{" in p for p in parts)
-    argv = [p.format(**values) for p in parts]
+    try:
+        argv = [p.format(**values) for p in parts]
+    except (KeyError, IndexError) as exc:  # {column}, {0}: not a placeholder this knows
+        raise ValueError(f"the editor command uses {{{exc.args[0]}}}; its placeholders are {{path}}, "
+                         "{file} and {line}") from None
     if not has_placeholder:
         argv.append(str(path))
     return argv
