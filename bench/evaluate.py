@@ -15,7 +15,8 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from repomem.core import CubeStore, RepoMemory, SamplingParams, load_settings, paths
+from repomem.core import CubeStore, RepomemError, RepoMemory, SamplingParams, load_settings, paths
+from repomem.core.settings import MODES
 
 from .nudge import nudged_payload
 
@@ -46,8 +47,24 @@ def gold_rank(sources: Sequence[dict], row: dict) -> int | None:
     return next((i for i, s in enumerate(sources, 1) if hit([s], row)), None)
 
 
+ROW_KEYS = ("id", "repo", "question", "accept", "path", "start_line", "end_line")
+
+
 def load_rows(path: Path, limit: int | None = None) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The QA file's rows (one JSON object per line), each checked for the keys scoring needs."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise RepomemError(f"{path}:{n}: not a JSON object")
+        if missing := [key for key in ROW_KEYS if key not in row]:
+            raise RepomemError(f"{path}:{n}: missing {', '.join(missing)}")
+        rows.append(row)
     return rows[:limit] if limit else rows
 
 
@@ -131,6 +148,10 @@ def run_eval(qa_file: Path, repo_root: Path, modes: list[str], out: Path, *, lim
     values."""
     if replicas < 1:
         raise ValueError("replicas must be at least 1")
+    if unknown := [m for m in modes if m not in MODES]:
+        raise RepomemError(f"unknown mode {unknown[0]!r}; use {', '.join(MODES)}")
+    if not out.parent.is_dir():  # found now, not after an hour of answers
+        raise RepomemError(f"no folder {out.parent} to write {out.name} in")
     rows = load_rows(qa_file, limit)
     by_repo: dict[str, list[dict]] = {}
     for row in rows:

@@ -5,6 +5,9 @@ These check mechanics (records, reports, stores), not answer quality: the small 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import native_reference as native_ref
@@ -87,6 +90,34 @@ def test_eval_cli_writes_records_and_scores_reference_answers(tiny_qa: tuple[Pat
     assert set(report["text"]) >= {"accuracy", "p_at_1", "p_at_2", "recall_at_5", "mrr", "median_ttft_s",
                                    "reference_logprob"}
     assert data["report"]["repos"]["tiny"] == report  # one repository: its block is the whole run
+
+
+@pytest.mark.parametrize(("problem", "message"), [
+    ("a line that is not JSON", r"qa\.jsonl:3: not a JSON object"),
+    ("a row without its answers", r"qa\.jsonl:3: missing accept, path"),
+    ("an unknown mode", r"unknown mode 'bogus'"),
+    ("an --out folder that does not exist", r"no folder .*/no/such to write"),
+])
+def test_eval_refuses_bad_input_in_one_line_before_answering(problem: str, message: str, tiny_qa: tuple[Path, Path],
+                                                             home: Path, test_model_path: Path, tmp_path: Path) -> None:
+    """Found before the model loads, so a run of an hour does not end in a traceback."""
+    qa, root = tiny_qa
+    out, modes = tmp_path / "r.json", "kv"
+    if problem == "a line that is not JSON":
+        qa.write_text(qa.read_text() + "{not json\n")
+    elif problem == "a row without its answers":
+        qa.write_text(qa.read_text() + json.dumps({"id": "t3", "repo": "tiny", "question": "What?"}) + "\n")
+    elif problem == "an unknown mode":
+        modes = "kv,bogus"
+    else:
+        out = tmp_path / "no" / "such" / "r.json"
+    res = subprocess.run([sys.executable, "-m", "repomem.app", "eval", str(qa), "--repo-root", str(root),
+                          "--modes", modes, "--out", str(out), "--model", str(test_model_path)],
+                         capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert not out.exists()
 
 
 def test_gold_rank_metrics_on_known_ranks() -> None:
