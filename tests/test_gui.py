@@ -90,6 +90,17 @@ def test_add_repository_indexes_and_is_remembered(qtbot, window: MainWindow, rep
     assert settings_mod.load().repos == [root]  # persisted: the next start restores it
 
 
+def test_settings_that_cannot_be_saved_are_a_message_not_a_crash(qtbot, window: MainWindow, repo: Path,
+                                                                   gui_home: Path):
+    root = add_and_wait(qtbot, window, repo)
+    settings_file = gui_home / "settings.json"
+    settings_file.unlink()
+    settings_file.mkdir()  # an unwritable settings file, whatever the user's rights
+    window.remove_repository(root)  # a slot: an exception here would vanish into Qt
+    assert window.sidebar.roots() == [] and root not in window.settings.repos  # applied for this session
+    assert any("could not save the settings" in e for e in window.errors), window.errors
+
+
 def test_ask_streams_answer_with_sources(qtbot, window: MainWindow, repo: Path, monkeypatch):
     root = add_and_wait(qtbot, window, repo)
     answer, chunks = ask_and_wait(qtbot, window, "What does add return?", "text")

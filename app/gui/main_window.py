@@ -224,7 +224,10 @@ class MainWindow(QMainWindow):
         from repomem.core import save_settings
 
         self.settings = settings
-        save_settings(settings)
+        try:
+            save_settings(settings)
+        except OSError as exc:  # a full disk or an unwritable data folder: they still apply to this session
+            self.notify_error(f"could not save the settings ({exc}); they apply until the app closes")
         self.chat.set_mode(settings.mode)
         if reconfigure:
             self.worker.reconfigure(settings)
