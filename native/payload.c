@@ -335,10 +335,22 @@ rm_status rm_payload_open(const uint8_t * buf, size_t n, bool verify, rm_payload
 // ---------------------------------------------------------------------------------------------------------
 // encoders (input: row-major f16 rows)
 
+// An f16 cache can hold inf (a value past 65504) or NaN. No scale, center or integer cast of an encoder may
+// see one (a shared scale of inf spoils every cell of the layer): inf becomes the largest finite f16 of its
+// sign, NaN becomes 0.
+static void rm_enc_row(const uint16_t * x, float * y, uint32_t n) {
+    rm_f16_to_f32_row(x, y, n);
+    for (uint32_t i = 0; i < n; ++i) {
+        if (!isfinite(y[i])) {
+            y[i] = isnan(y[i]) ? 0.0f : copysignf(65504.0f, y[i]);
+        }
+    }
+}
+
 static void rm_enc_q8_rows(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t * out, float * tmp) {
     const uint32_t nb = (E + RM_GROUP - 1) / RM_GROUP;
     for (uint32_t i = 0; i < n; ++i) {
-        rm_f16_to_f32_row(rows + (size_t) i * E, tmp, E);
+        rm_enc_row(rows + (size_t) i * E, tmp, E);
         for (uint32_t b = 0; b < nb; ++b) {
             const uint32_t c0 = b * RM_GROUP;
             const uint32_t c1 = c0 + RM_GROUP < E ? c0 + RM_GROUP : E;
@@ -347,9 +359,12 @@ static void rm_enc_q8_rows(const uint16_t * rows, uint32_t n, uint32_t E, uint8_
                 const float a = fabsf(tmp[c]);
                 amax = a > amax ? a : amax;
             }
-            const uint16_t d16 = rm_f32_to_f16(amax / 127.0f);
-            const float    d   = rm_f16_to_f32(d16);
-            const float    id  = d > 0.0f ? 1.0f / d : 0.0f;
+            uint16_t d16 = rm_f32_to_f16(amax / 127.0f);
+            if (127.0f * rm_f16_to_f32(d16) > 65504.0f) {
+                --d16;  // rounded up past what code 127 can decode to in f16: one step down, the code clamps
+            }
+            const float d  = rm_f16_to_f32(d16);
+            const float id = d > 0.0f ? 1.0f / d : 0.0f;
             uint8_t * blk = out + ((size_t) i * nb + b) * RM_Q8_BLOCK;
             memcpy(blk, &d16, 2);
             int8_t * q = (int8_t *) (blk + 2);
@@ -401,7 +416,7 @@ static void rm_enc_kivi_k(const uint16_t * rows, uint32_t n, uint32_t E, uint32_
         const uint32_t cnt = n - i0 < RM_GROUP ? n - i0 : RM_GROUP;
         const uint32_t kb  = rm_kivi_k_block(enc, cnt);
         for (uint32_t k = 0; k < cnt; ++k) {
-            rm_f16_to_f32_row(rows + (size_t) (i0 + k) * E, tmp + (size_t) k * E, E);
+            rm_enc_row(rows + (size_t) (i0 + k) * E, tmp + (size_t) k * E, E);
         }
         for (uint32_t c = 0; c < E; ++c) {
             for (uint32_t k = 0; k < cnt; ++k) {
@@ -418,7 +433,7 @@ static void rm_enc_kivi_v(const uint16_t * rows, uint32_t n, uint32_t E, uint32_
     const uint32_t blk  = rm_kivi_block(enc);
     const uint32_t nb   = (E + RM_GROUP - 1) / RM_GROUP;
     for (uint32_t i = 0; i < n; ++i) {
-        rm_f16_to_f32_row(rows + (size_t) i * E, tmp, E);
+        rm_enc_row(rows + (size_t) i * E, tmp, E);
         for (uint32_t b = 0; b < nb; ++b) {
             const uint32_t c0  = b * RM_GROUP;
             const uint32_t cnt = E - c0 < RM_GROUP ? E - c0 : RM_GROUP;
@@ -521,7 +536,7 @@ static void rm_dec_nf3_block(const uint8_t * blk, float * out) {
 static void rm_enc_nf3_v(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t * out, float * tmp) {
     const uint32_t nb = E / RM_NF_GROUP;
     for (uint32_t i = 0; i < n; ++i) {
-        rm_f16_to_f32_row(rows + (size_t) i * E, tmp, E);
+        rm_enc_row(rows + (size_t) i * E, tmp, E);
         for (uint32_t b = 0; b < nb; ++b) {
             rm_enc_nf3_block(tmp + (size_t) b * RM_NF_GROUP, out + ((size_t) i * nb + b) * RM_NF3_BLOCK);
         }
@@ -613,7 +628,7 @@ static void rm_enc_k4_k(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t *
 
     memset(center, 0, sizeof(float) * E);
     for (uint32_t i = 0; i < n; ++i) {
-        rm_f16_to_f32_row(rows + (size_t) i * E, vals, E);
+        rm_enc_row(rows + (size_t) i * E, vals, E);
         for (uint32_t c = 0; c < E; ++c) {
             center[c] += vals[c];
         }
@@ -639,7 +654,7 @@ static void rm_enc_k4_k(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t *
             const uint32_t kb  = rm_k4_block(cnt);
             for (uint32_t k = 0; k < cnt; ++k) {
                 float * v = vals + (size_t) k * E;
-                rm_f16_to_f32_row(rows + (size_t) (i0 + k) * E, v, E);
+                rm_enc_row(rows + (size_t) (i0 + k) * E, v, E);
                 for (uint32_t c = 0; c < E; ++c) {
                     v[c] -= center[c];
                     lo[c] = k == 0 || v[c] < lo[c] ? v[c] : lo[c];
@@ -715,7 +730,7 @@ static void rm_enc_nf3c_v(const uint16_t * rows, uint32_t n, uint32_t E, uint8_t
             rm_put_scale_base(need, out, tab);
         }
         for (uint32_t i = 0; i < n; ++i) {
-            rm_f16_to_f32_row(rows + (size_t) i * E, tmp, E);
+            rm_enc_row(rows + (size_t) i * E, tmp, E);
             for (uint32_t b = 0; b < nb; ++b) {
                 float * x = tmp + (size_t) b * RM_NF_GROUP;
                 rm_fwht64(x);

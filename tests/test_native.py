@@ -389,6 +389,25 @@ def test_native_matches_numpy_reference(v_trans: bool, encoding: str) -> None:
             assert np.array_equal(sa.v[il], sb.v[il])
 
 
+@pytest.mark.parametrize("encoding", [e for e in N.ENCODINGS if e not in ("raw", "f16")])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_non_finite_value_stays_where_it_is(encoding: str, bad: float) -> None:
+    """An f16 cache can hold inf (past 65504) or NaN: the lossy encodings must keep it from spreading into
+    every cell of its layer (a shared scale or center of inf would) and never feed it to a float-to-int cast."""
+    blob = bytearray(B.make_state_blob(40, n_layer=2, n_embd_k=64, n_embd_v=64, v_trans=False))
+    state = N.parse_state(bytes(blob))
+    rows = 40 * 64 * 2
+    for off in (state.k_offsets[0], state.v_offsets[0]):
+        vals = np.frombuffer(bytes(blob[off:off + rows]), np.float16).copy()
+        vals[5] = bad
+        blob[off:off + rows] = vals.tobytes()
+    frag = N.extract_fragment(bytes(blob), range(40), fingerprint=bytes(32), encoding=encoding)
+    out, _ = N.splice(None, [frag], v_trans=False)
+    back = N.parse_state(out)
+    for off in (back.k_offsets[0], back.v_offsets[0], back.k_offsets[1], back.v_offsets[1]):
+        assert np.isfinite(np.frombuffer(out[off:off + rows], np.float16)).all(), (encoding, off)
+
+
 def test_encoding_fits_value_width() -> None:
     assert N.encoding_fits("k4v3", 192) and N.encoding_fits("k3v3", 128)  # SmolLM2, the default model
     assert not N.encoding_fits("k4v3", 100) and N.encoding_fits("q4", 100) and N.encoding_fits("f16", 7)
