@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import threading
 from contextlib import nullcontext
@@ -94,7 +95,10 @@ def cubes(path: str | None, as_json: bool, path_glob: str | None, kind: str | No
     from repomem.core import CubeStore, paths
 
     root = Path(path or ".").expanduser().resolve()
-    store = CubeStore.open(paths.repo_dir(root))
+    folder = paths.home() / "repos" / paths.repo_key(root)
+    if not (folder / "cubes.db").is_file():  # a typo must not leave an empty store behind
+        raise RepomemError(f"no memory of {root} yet: `repomem index {shlex.quote(str(root))}` makes one")
+    store = CubeStore.open(folder)
     try:
         rows = store.cubes(path_glob=path_glob, kind=kind, status=status)
         if as_json:

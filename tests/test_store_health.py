@@ -15,6 +15,7 @@ a home whose folders lost their write permission (any other user: root ignores p
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -339,3 +340,19 @@ def test_check_finds_and_repairs_payload_problems(repo: Path, home: Path, test_m
         assert mem.conversations.get(conv.id) is not None
     finally:
         mem.close()
+
+
+def test_cubes_of_a_folder_never_indexed_is_an_error_that_leaves_nothing_behind(repo: Path, home: Path,
+                                                                                test_model_path: Path,
+                                                                                tmp_path: Path) -> None:
+    typo = tmp_path / "reop"
+    result = CliRunner().invoke(cli, ["cubes", str(typo)])
+    assert result.exit_code == 1 and isinstance(result.exception, RepomemError)
+    assert "no memory of" in str(result.exception) and "repomem index" in str(result.exception)
+    assert not (home / "repos").exists() or not any((home / "repos").iterdir())  # no empty store made
+    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
+    mem.index(compile=False)
+    mem.close()
+    listed = CliRunner().invoke(cli, ["cubes", str(repo), "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert {c["path"] for c in json.loads(listed.output)} == {"handlers.py", "README.md"}
