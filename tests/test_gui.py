@@ -318,6 +318,19 @@ def test_scripted_mode_saves_a_screenshot(gui_home: Path, repo: Path, tmp_path: 
     assert proc.stdout.strip() == str(out)
 
 
+def test_scripted_mode_with_an_unwritable_screenshot_folder_fails_at_once(gui_home: Path, repo: Path,
+                                                                          tmp_path: Path):
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "shot.png"
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    proc = subprocess.run([sys.executable, "-c", "from repomem.app.cli import main; main()", "gui", str(repo),
+                           "--screenshot", str(out), "--timeout", "120"],
+                          env=env, capture_output=True, text=True, timeout=150)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 1 and len(lines) == 1 and "could not write the screenshot" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "timed out" not in proc.stderr
+
+
 def test_scripted_mode_fails_with_one_line(gui_home: Path, repo: Path, tmp_path: Path):
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "REPOMEM_MODEL": str(tmp_path / "missing.gguf")}
     proc = subprocess.run([sys.executable, "-c", "from repomem.app.cli import main; main()", "gui", str(repo),

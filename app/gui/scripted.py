@@ -99,7 +99,11 @@ class ScriptedRun(QObject):
         self.window.chat.view.flush()
         if self.screenshot:
             out = Path(self.screenshot).expanduser()
-            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # in a slot: raised, it would leave the run waiting for its timeout
+                self.fail(f"could not write the screenshot to {out}: {exc}")
+                return
             if not self.window.grab().save(str(out)):
                 self.fail(f"could not write the screenshot to {out}")
                 return
