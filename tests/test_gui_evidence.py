@@ -61,6 +61,19 @@ def test_clicking_the_evidence_location_opens_its_first_line(qtbot):
     assert sig.args == ["src/calc.py", 12]
 
 
+def test_evidence_of_an_answer_across_repositories_opens_in_its_own_repository(qtbot, tmp_path: Path):
+    billing, shipping = str(tmp_path / "billing"), str(tmp_path / "shipping")
+    sources = [{"path": "rates.py", "start_line": 1, "end_line": 9, "symbol": "", "cube_id": "a1", "repo": billing},
+               {"path": "rates.py", "start_line": 1, "end_line": 9, "symbol": "", "cube_id": "b2", "repo": shipping}]
+    evidence = {"path": "rates.py", "start_line": 3, "end_line": 3, "text": "MAX_PARCEL_KG = 31", "cube_id": "b2"}
+    record = {"role": "assistant", "content": "31 kg.", "meta": {"sources": sources, "mode": "kv",
+                                                                   "evidence": evidence}}
+    view = _view(qtbot, recorded_message(record, billing))  # shown in billing: the same path there is another file
+    with qtbot.waitSignal(view.open_source) as sig:
+        view._on_anchor(QUrl("evsrc:1"))
+    assert sig.args == [str(Path(shipping) / "rates.py"), 3]
+
+
 def test_an_answer_without_evidence_shows_none(qtbot):
     view = _view(qtbot, _answer(evidence=None))
     view._on_anchor(QUrl("ev:1"))

@@ -44,9 +44,15 @@ def answer_meta(answer: Any) -> str:
     return " · ".join(p for p in parts if p)
 
 
-def evidence_ref(evidence: Any) -> EvidenceRef | None:
-    """What the view shows of core's `Evidence` (or its dict); None for an answer without one."""
-    return EvidenceRef.from_core(evidence) if evidence else None
+def evidence_ref(evidence: Any, sources: Sequence[Any] = (), refs: Sequence[SourceRef] = ()) -> EvidenceRef | None:
+    """What the view shows of core's `Evidence` (or its dict); None for an answer without one. It opens in the
+    repository of the source (core's, beside its citation in `refs`) whose lines it is."""
+    if not evidence:
+        return None
+    ref = EvidenceRef.from_core(evidence)
+    cube_id = pick(evidence, "cube_id", default="")
+    repo = next((r.repo for s, r in zip(sources, refs, strict=False) if cube_id and pick(s, "cube_id") == cube_id), "")
+    return replace(ref, repo=repo)
 
 
 def source_refs(sources: Sequence[Any], root: str, *, across: bool = False) -> list[SourceRef]:
@@ -63,9 +69,11 @@ def recorded_message(record: Any, root: str = "") -> ChatMessage:
     role = str(pick(record, "role", default="assistant"))
     meta = pick(record, "meta", default={}) or {}
     meta = meta if isinstance(meta, dict) else {}
-    return ChatMessage(role, str(pick(record, "content", default="")), source_refs(meta.get("sources", []), root),
+    sources = meta.get("sources", [])
+    refs = source_refs(sources, root)
+    return ChatMessage(role, str(pick(record, "content", default="")), refs,
                        answer_meta(meta) if role == "assistant" and meta else "", recorded=True,
-                       evidence=evidence_ref(meta.get("evidence")))
+                       evidence=evidence_ref(meta.get("evidence"), sources, refs))
 
 
 class ChatController(QObject):
@@ -242,12 +250,13 @@ class ChatController(QObject):
         if not self._finish() or root != self.root:
             return
         text = str(pick(answer, "answer", default="")) or self.pane.view.messages[-1].text
-        sources = source_refs(pick(answer, "sources", default=[]), root, across=across)
+        core_sources = pick(answer, "sources", default=[])
+        sources = source_refs(core_sources, root, across=across)
         warnings = pick(answer, "warnings", default=[]) or []
         meta = "\n".join([answer_meta(answer), *map(str, warnings)])
         recorded = pick(answer, "stop_reason", default="") != "cancelled"
         self.pane.view.update_last(text=text, sources=sources, meta=meta, streaming=False, recorded=recorded,
-                                   evidence=evidence_ref(pick(answer, "evidence")))
+                                   evidence=evidence_ref(pick(answer, "evidence"), core_sources, sources))
         ttft = pick(answer, "ttft_s")
         self.pane.timing.setText(f"first token {float(ttft):.2f} s" if ttft is not None else "")
         new_id = str(pick(answer, "conversation_id", default="") or "")

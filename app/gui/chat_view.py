@@ -290,4 +290,4 @@ class ChatView(QTextBrowser):
         if kind == "ev":
             self.show_evidence(m, not self.messages[m].evidence_shown)
         else:
-            self.open_source.emit(ev.path, ev.start)
+            self.open_source.emit(ev.file, ev.start)
