@@ -329,6 +329,21 @@ def test_errors_and_warnings_sent_to_clients_name_no_local_folder(home: Path) ->
         "<repomem data>/repos/abc123 is read-only: usage counts were not saved", "cannot read ~/src/notes.txt"]
 
 
+def test_a_busy_port_closes_the_service_it_was_given(tmp_path: Path, home: Path, test_model_path: Path) -> None:
+    """The app's "Start server" retried on a busy port must not leave a queue (and watchers) per try."""
+    repo = _make_repo(tmp_path / "busy")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        service = Service.open([repo], ServeConfig(port=taken.getsockname()[1]), settings=_settings(test_model_path))
+        with pytest.raises(Exception, match="in use|bind|could not"):
+            ServerThread(service)
+    deadline = time.monotonic() + 10
+    while service.queue._thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not service.queue._thread.is_alive()
+
+
 def test_a_rebinding_host_and_a_non_json_post_are_refused(served: Served) -> None:
     port = served.url.rsplit(":", 1)[1]
     queue = served.service.queue

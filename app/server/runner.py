@@ -103,7 +103,11 @@ class ServerThread:
 
     def __init__(self, service: Service):
         self.service = service
-        self._sock = bind(service.config.host, service.config.port)
+        try:
+            self._sock = bind(service.config.host, service.config.port)
+        except BaseException:  # a busy port: the service would keep its queue and watchers running
+            service.close()
+            raise
         self.port = self._sock.getsockname()[1]
         self._server = _uvicorn(service)
         self._thread = threading.Thread(target=self._run, name="repomem-serve", daemon=True)
