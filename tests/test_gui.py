@@ -231,6 +231,20 @@ def test_conversations_new_rename_delete(qtbot, window: MainWindow, repo: Path):
     assert window.conversations.list.count() == 1 and titled() == []
 
 
+def test_a_question_asked_while_its_conversation_loads_stays_on_screen(qtbot, window: MainWindow, repo: Path):
+    add_and_wait(qtbot, window, repo)
+    first, _ = ask_and_wait(qtbot, window, "What does add return?", "text")
+    window.chat_ctl.new_conversation()
+    window.chat_ctl.open_conversation(first.conversation_id)  # its messages load on a worker ...
+    again, _ = ask_and_wait(qtbot, window, "What does scale do?", "text")  # ... while this is asked
+    qtbot.wait(300)  # the load has landed by now
+    view = window.chat.view
+    assert [(m.role, m.text if m.role == "user" else "") for m in view.messages] == [
+        ("user", "What does add return?"), ("assistant", ""), ("user", "What does scale do?"), ("assistant", "")]
+    assert view.messages[1].text == first.answer and view.messages[3].text == again.answer
+    assert not window.chat.streaming and not view.messages[-1].streaming
+
+
 def test_settings_persist_across_restart(qtbot, gui_home: Path, repo: Path):
     from repomem.app.gui.settings_dialog import SettingsDialog
 

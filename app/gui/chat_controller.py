@@ -143,7 +143,11 @@ class ChatController(QObject):
     def _show_messages(self, conversation_id: str, messages: list[Any]) -> None:
         if conversation_id != self.conversation_id or self.closed:
             return
-        self.pane.view.set_messages([recorded_message(m, self.root) for m in messages])
+        loaded = [recorded_message(m, self.root) for m in messages]
+        if self.pane.streaming:  # asked while they loaded: the question and its streaming answer stay last
+            self.pane.view.set_messages(loaded + self.pane.view.messages[-2:])
+            return
+        self.pane.view.set_messages(loaded)
         self.pane.set_streaming(False)
 
     def new_conversation(self) -> None:
