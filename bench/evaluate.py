@@ -64,6 +64,8 @@ def load_rows(path: Path, limit: int | None = None) -> list[dict]:
             raise RepomemError(f"{path}:{n}: not a JSON object")
         if missing := [key for key in ROW_KEYS if key not in row]:
             raise RepomemError(f"{path}:{n}: missing {', '.join(missing)}")
+        if not isinstance(row["accept"], list) or not all(isinstance(a, str) and a for a in row["accept"]):
+            raise RepomemError(f"{path}:{n}: accept must be a list of strings")  # a bare string would match by letter
         rows.append(row)
     return rows[:limit] if limit else rows
 

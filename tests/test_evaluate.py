@@ -95,6 +95,7 @@ def test_eval_cli_writes_records_and_scores_reference_answers(tiny_qa: tuple[Pat
 @pytest.mark.parametrize(("problem", "message"), [
     ("a line that is not JSON", r"qa\.jsonl:3: not a JSON object"),
     ("a row without its answers", r"qa\.jsonl:3: missing accept, path"),
+    ("accept as one string", r"qa\.jsonl:3: accept must be a list of strings"),
     ("an unknown mode", r"unknown mode 'bogus'"),
     ("an --out folder that does not exist", r"no folder .*/no/such to write"),
 ])
@@ -107,6 +108,9 @@ def test_eval_refuses_bad_input_in_one_line_before_answering(problem: str, messa
         qa.write_text(qa.read_text() + "{not json\n")
     elif problem == "a row without its answers":
         qa.write_text(qa.read_text() + json.dumps({"id": "t3", "repo": "tiny", "question": "What?"}) + "\n")
+    elif problem == "accept as one string":
+        row = {**json.loads(qa.read_text().splitlines()[0]), "id": "t3", "accept": "42"}
+        qa.write_text(qa.read_text() + json.dumps(row) + "\n")
     elif problem == "an unknown mode":
         modes = "kv,bogus"
     else:

@@ -37,7 +37,7 @@ from .queue import FairQueue, QueueFull, ShuttingDown, Ticket
 from .repos import MODEL_PREFIX, MODES, ModelNotFound, Repositories, ServedRepo
 
 DISCONNECT_POLL_S = 0.1
-MAX_BODY_BYTES = 16 * 2**20  # far above any prompt a context holds: the whole chat history of an agent
+MAX_BODY_BYTES = 16 * 2**20  # far more than a context can hold: only a runaway client meets it
 
 
 class ClientGone(Exception):
