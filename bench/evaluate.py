@@ -47,11 +47,12 @@ def gold_rank(sources: Sequence[dict], row: dict) -> int | None:
     return next((i for i, s in enumerate(sources, 1) if hit([s], row)), None)
 
 
-ROW_KEYS = ("id", "repo", "question", "accept", "path", "start_line", "end_line")
+ROW_KEYS = ("id", "repo", "question", "accept", "path", "start_line", "end_line")  # what scoring reads
+ASK_KEYS = ("id", "repo", "question")  # what only asking reads (bench serve)
 
 
-def load_rows(path: Path, limit: int | None = None) -> list[dict]:
-    """The QA file's rows (one JSON object per line), each checked for the keys scoring needs."""
+def load_rows(path: Path, limit: int | None = None, keys: Sequence[str] = ROW_KEYS) -> list[dict]:
+    """The QA file's rows (one JSON object per line), each checked for `keys`."""
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -62,9 +63,10 @@ def load_rows(path: Path, limit: int | None = None) -> list[dict]:
             row = None
         if not isinstance(row, dict):
             raise RepomemError(f"{path}:{n}: not a JSON object")
-        if missing := [key for key in ROW_KEYS if key not in row]:
+        if missing := [key for key in keys if key not in row]:
             raise RepomemError(f"{path}:{n}: missing {', '.join(missing)}")
-        if not isinstance(row["accept"], list) or not all(isinstance(a, str) and a for a in row["accept"]):
+        accept = row.get("accept", [])
+        if "accept" in keys and not (isinstance(accept, list) and all(isinstance(a, str) and a for a in accept)):
             raise RepomemError(f"{path}:{n}: accept must be a list of strings")  # a bare string would match by letter
         rows.append(row)
     return rows[:limit] if limit else rows

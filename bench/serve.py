@@ -23,7 +23,7 @@ import httpx
 
 from repomem.app.server.config import ServeConfig
 from repomem.app.server.runner import ServerThread, Service
-from repomem.bench.evaluate import load_rows
+from repomem.bench.evaluate import ASK_KEYS, load_rows
 from repomem.core import load_settings
 from repomem.core.engine import SamplingParams, default_threads
 from repomem.core.errors import RepomemError
@@ -42,7 +42,7 @@ def bench_serve(qa_file: Path, repo_root: Path, *, limit: int | None = 5, model:
                 answer_tokens: int = 16, repeats: int = 3, baseline: bool = True,
                 progress: Progress | None = None) -> dict:
     say = progress or (lambda _m: None)
-    rows = load_rows(qa_file, limit)
+    rows = load_rows(qa_file, limit, keys=ASK_KEYS)
     settings = load_settings()
     settings.n_threads = settings.n_threads or default_threads()
     roots = list(dict.fromkeys(str(repo_root / r["repo"]) for r in rows))
