@@ -10,7 +10,7 @@ import platform
 import sys
 from typing import Any
 
-from . import __version__, amx_guard, models, paths
+from . import __version__, amx_guard, models, paths, settings
 from .errors import RepomemError
 from .gguf import read_gguf_info
 
@@ -75,7 +75,8 @@ def report(model: str | None = None) -> dict[str, Any]:
     }
     m: dict[str, Any] = {"path": None, "sha256": None, "error": None}
     try:
-        path = models.resolve_model(model)
+        # the model the other commands use: --model, else the `model` setting, else $REPOMEM_MODEL
+        path = models.resolve_model(model or settings.load().model or None)
         info = read_gguf_info(path)
         sha = models.cached_sha256(path)
         known = {s.sha256: s.name for s in models.MODELS.values()}

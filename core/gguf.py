@@ -103,11 +103,14 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     size = path.stat().st_size
     if size < 24:
         raise ModelError(f"{path}: not a GGUF model file (only {size} bytes)")
-    with open(path, "rb") as fh:
-        if fh.read(4) != GGUF_MAGIC:
-            raise ModelError(f"{path}: not a GGUF model file (bad magic)")
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(buf, path, size)
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != GGUF_MAGIC:
+                raise ModelError(f"{path}: not a GGUF model file (bad magic)")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _parse(buf, path, size)
+    except OSError as exc:  # permissions, a failing disk
+        raise ModelError(f"{path}: cannot read the model file ({exc.strerror or exc})") from exc
 
 
 def _parse(buf: mmap.mmap, path: Path, size: int) -> GGUFInfo:

@@ -136,6 +136,31 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
 
 
+def test_doctor_reports_the_model_the_settings_choose(test_model_path: Path, home: Path) -> None:
+    """ask, chat and serve use the `model` setting before $REPOMEM_MODEL: doctor must show that model too."""
+    import json
+
+    from repomem.core import settings as settings_mod
+
+    settings_mod.save(settings_mod.Settings(model=str(test_model_path)))
+    res = _cli("doctor", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["model"]["path"] == str(test_model_path)
+
+
+def test_a_model_file_that_cannot_be_read_is_a_model_error(test_model_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import mmap
+
+    def unreadable(*_args: object, **_kw: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(mmap, "mmap", unreadable)  # a failing disk; as root, permissions cannot stand in
+    with pytest.raises(ModelError, match="cannot read"):
+        read_gguf_info(test_model_path)
+
+
 @pytest.mark.parametrize("kind", ["missing", "truncated", "renamed_text"])
 def test_bad_model_gives_one_line_error(kind: str, tmp_path: Path, test_model_path: Path) -> None:
     path = tmp_path / f"{kind}.gguf"
