@@ -259,7 +259,9 @@ class AnsweringMixin(MemoryState):
         used = cells = 0
         for cube, owner in cubes:
             text = memory_text(cube.path, cube.start_line, cube.end_line, cube.symbol, cube.text)
-            n = cube.tokens or len(memory_tokens(engine, text))
+            # a count from compile time holds in the tokens of the model that compiled it, and no other
+            n = cube.tokens if cube.tokens and cube.model_fingerprint == self.fingerprint else \
+                len(memory_tokens(engine, text))
             copies = 2 if len(chosen) < boost and cells + 2 * n <= room else 1
             if used + n > budget or cells + copies * n > room:
                 continue

@@ -203,6 +203,10 @@ def test_model_change_marks_payloads_stale(repo: Path, home: Path, test_model_pa
         ans = big.ask("What does add return?", mode="kv")
         assert ans.spliced == 0 and ans.as_text == len(ans.sources) > 0
         assert {c.status for c in big.store.cubes(kind="activation")} == {"stale"}
+        # placed as text, the memory is counted in this model's tokens, not in those it was compiled with
+        placed = [big.store.get(s.cube_id) for s in ans.sources]
+        assert ans.memory_tokens == sum(len(prompt.memory_tokens(big.engine, prompt.memory_text(
+            c.path, c.start_line, c.end_line, c.symbol, c.text))) for c in placed)
     finally:
         big.close()
 
