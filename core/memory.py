@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shlex
+import threading
 from pathlib import Path
 
 from . import engine_pool, paths
@@ -55,6 +56,8 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
         self._turns = ModelTurns()  # questions first; compiles go one cube at a time
         self._lock = self._turns.lock  # one model operation at a time per repository
         self._engine: Engine | None = None
+        self._ready_engine: Engine | None = None  # set once the payloads were checked against it
+        self._engine_lock = threading.RLock()
         self._compiler: Compiler | None = None
         self._compiler_options: CompileOptions | None = None
         self._warned_encoding = ""
@@ -99,26 +102,37 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
     # -- model ----------------------------------------------------------------------------------
     @property
     def engine(self) -> Engine:
-        if self._engine is None:
-            path = resolve_model(self.model_choice)
-            self._engine = engine_pool.acquire(path, None if self.settings.n_gpu_layers < 0
-                                               else self.settings.n_gpu_layers)
-            try:
-                stale = self.store.mark_stale_for_model(self.fingerprint)
-            except StoreError as exc:  # read-only or full: payloads are checked against the model anyway
-                log.warning("cannot mark other models' payloads stale: %s", exc)
-                stale = 0
-            if stale:
-                log.info("%d compiled cubes belong to another model: marked stale", stale)
-            prefix_sha = hashlib.sha256(self.layout.prefix.encode()).hexdigest()
-            try:
-                dropped = self.store.check_prefix(self.fingerprint, prefix_sha)
-            except StoreError as exc:
-                log.warning("cannot check the payloads' prompt prefix: %s", exc)
-                dropped = 0
-            if dropped:
-                log.info("%d compiled cubes were compiled after other instructions: compiling them again", dropped)
-        return self._engine
+        ready = self._ready_engine
+        if ready is not None:
+            return ready
+        # The watcher asks outside the model lock: one thread loads, the others wait until the payloads
+        # are checked against the model (re-entrant: the checks below read the engine themselves).
+        with self._engine_lock:
+            if self._engine is None:
+                self._load_engine()
+            return self._engine
+
+    def _load_engine(self) -> None:
+        """Caller holds `_engine_lock`."""
+        path = resolve_model(self.model_choice)
+        self._engine = engine_pool.acquire(path, None if self.settings.n_gpu_layers < 0
+                                           else self.settings.n_gpu_layers)
+        try:
+            stale = self.store.mark_stale_for_model(self.fingerprint)
+        except StoreError as exc:  # read-only or full: payloads are checked against the model anyway
+            log.warning("cannot mark other models' payloads stale: %s", exc)
+            stale = 0
+        if stale:
+            log.info("%d compiled cubes belong to another model: marked stale", stale)
+        prefix_sha = hashlib.sha256(self.layout.prefix.encode()).hexdigest()
+        try:
+            dropped = self.store.check_prefix(self.fingerprint, prefix_sha)
+        except StoreError as exc:
+            log.warning("cannot check the payloads' prompt prefix: %s", exc)
+            dropped = 0
+        if dropped:
+            log.info("%d compiled cubes were compiled after other instructions: compiling them again", dropped)
+        self._ready_engine = self._engine
 
     @property
     def fingerprint(self) -> str:
@@ -149,9 +163,10 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
                 self._answer_ctx = None
             self._prefix_blob = None
             self._system_pieces.clear()
-            if self._engine is not None:
-                engine_pool.release(self._engine)
-                self._engine = None
+            with self._engine_lock:
+                if self._engine is not None:
+                    engine_pool.release(self._engine)
+                    self._engine = self._ready_engine = None
 
     def close(self) -> None:
         self.release_model()

@@ -192,6 +192,38 @@ def test_conversation_memory_reaches_a_later_session(repo: Path, home: Path, tes
         second.close()
 
 
+def test_two_threads_asking_for_the_model_load_it_once(mem: RepoMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher asks for the model outside the model lock (what to compile next) while a question may be
+    loading it: one load, one user of the shared engine, so releasing it lets the engine go."""
+    import threading
+
+    from repomem.core import engine_pool
+
+    acquire, barrier = engine_pool.acquire, threading.Barrier(2)
+
+    def slow_acquire(*args: object, **kw: object):
+        time.sleep(0.3)  # both threads are past "no model yet" before the first load ends
+        return acquire(*args, **kw)
+
+    monkeypatch.setattr(engine_pool, "acquire", slow_acquire)
+    got: list[object] = []
+
+    def ask_for_it() -> None:
+        barrier.wait()
+        got.append(mem.engine)
+
+    threads = [threading.Thread(target=ask_for_it) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == 2 and got[0] is got[1]
+    key = next(k for k, e in engine_pool._engines.items() if e is got[0])
+    assert engine_pool._users[key] == 1
+    mem.release_model()
+    assert engine_pool._users[key] == 0
+
+
 @pytest.mark.default_model
 def test_model_change_marks_payloads_stale(repo: Path, home: Path, test_model_path: Path,
                                            default_model_path: Path) -> None:
