@@ -134,7 +134,9 @@ def _ensure_indexed(mem, show: bool) -> None:
 @click.option("--mode", type=click.Choice(["kv", "text", "none"]), default=None)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--model", default=None, help="Model name or GGUF path.")
-@click.option("--endpoint", default=None, help="OpenAI-compatible base URL for text mode (e.g. http://127.0.0.1:8080/v1).")
+@click.option("--endpoint", default=None,
+              help="OpenAI-compatible base URL for text mode (e.g. http://127.0.0.1:8080/v1; default: the "
+                   "endpoint_url setting).")
 def ask(path: str, question: str, mode: str | None, as_json: bool, model: str | None, endpoint: str | None) -> None:
     """Ask one question about a repository."""
     mem = _open(path, model)
@@ -142,6 +144,7 @@ def ask(path: str, question: str, mode: str | None, as_json: bool, model: str | 
         if not question.strip():
             raise RepomemError("the question is empty")
         _ensure_indexed(mem, not as_json)
+        endpoint = endpoint or mem.settings.endpoint_url
         if endpoint:
             from repomem.core import ask_remote
 

@@ -51,7 +51,7 @@ class Settings:
     disk_budget_mb: int = 2048
     promote_after: int = 3  # a plaintext cube retrieved this often is compiled back to KV
     private_paths: list[str] = field(default_factory=list)
-    endpoint_url: str = ""  # OpenAI-compatible server for text mode ("" = local model)
+    endpoint_url: str = ""  # OpenAI-compatible server `repomem ask` answers through, in text mode ("" = local model)
     endpoint_model: str = ""
     endpoint_api_key_env: str = "OPENAI_API_KEY"
     editor_command: str = ""  # e.g. "code -g {path}:{line}"; "" = the system opener

@@ -164,3 +164,24 @@ def test_broken_streams_are_clear_errors(reply: bytes, message: str, tmp_path: P
     finally:
         mem.close()
         server.shutdown()
+
+
+def test_the_endpoint_setting_answers_repomem_ask(tmp_path: Path, home: Path, test_model_path: Path) -> None:
+    """`endpoint_url` in settings.json does what `ask --endpoint` does."""
+    from click.testing import CliRunner
+
+    from repomem.app.cli import cli
+
+    repo = tmp_path / "r"
+    repo.mkdir()
+    (repo / "calc.py").write_text("def add(a, b):\n    return a + b\n")
+    server = _scripted_endpoint(_sse(_delta("add returns"), _delta(" a + b", "stop"), b"[DONE]"), "text/event-stream")
+    try:
+        settings_mod.save(settings_mod.Settings(model=str(test_model_path),
+                                                endpoint_url=f"http://127.0.0.1:{server.server_port}/v1"))
+        res = CliRunner().invoke(cli, ["ask", str(repo), "What does add return?", "--json"])
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.stdout)
+        assert out["answer"] == "add returns a + b" and out["mode"] == "text"
+    finally:
+        server.shutdown()
