@@ -306,6 +306,8 @@ def check(path: str | None, repair: bool, as_json: bool) -> None:
     with bar if bar is not None else nullcontext():
         report = check_store(Path(path or "."), repair=repair, progress=progress)
     data = report.as_dict()
+    if repair:  # what the repair could not fix (a damaged conversations.db, which it never touches)
+        data["problems_left"] = check_store(Path(path or ".")).problems
     if as_json:
         _print_json(data)
     else:
@@ -325,4 +327,8 @@ def check(path: str | None, repair: bool, as_json: bool) -> None:
     if data["problems"] and not repair:
         if not as_json:
             err.print("[yellow]problems found:[/] run with --repair to fix what can be rebuilt")
+        sys.exit(1)
+    if repair and data["problems_left"]:
+        if not as_json:
+            err.print(f"[yellow]{data['problems_left']} problem(s) left[/] that a repair does not fix; see above")
         sys.exit(1)

@@ -356,3 +356,18 @@ def test_cubes_of_a_folder_never_indexed_is_an_error_that_leaves_nothing_behind(
     listed = CliRunner().invoke(cli, ["cubes", str(repo), "--json"])
     assert listed.exit_code == 0, listed.output
     assert {c["path"] for c in json.loads(listed.output)} == {"handlers.py", "README.md"}
+
+
+def test_repair_exits_1_when_problems_are_left(repo: Path, home: Path, test_model_path: Path) -> None:
+    """A damaged conversations.db is the user's data: repair leaves it alone, and says so in its status."""
+    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
+    mem.index(compile=False)
+    _ask(mem, "What does handler_0 return?")
+    store_dir = mem.store.dir
+    mem.close()
+    _damage_header(store_dir / "conversations.db")
+    before = (store_dir / "conversations.db").read_bytes()
+    result = CliRunner().invoke(cli, ["check", str(repo), "--repair", "--json"])
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout)["problems_left"] == 1
+    assert (store_dir / "conversations.db").read_bytes() == before  # never touched
