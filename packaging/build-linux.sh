@@ -6,7 +6,7 @@
 # Environment:
 #   PYTHON                     the Python whose environment is bundled (default: .venv/bin/python, else python3).
 #                              Its llama-cpp-python is what the package ships: a CPU wheel, or a CUDA/Vulkan
-#                              build made with packaging/gpu/build-llama-cpp.sh.
+#                              build made with packaging/build-llama-cpp.sh.
 #   REPOMEM_DEB_COMPRESS       dpkg-deb compressor: xz (default; smallest), gzip (fastest), zstd, none
 #   REPOMEM_DEB_REVISION       Debian revision (default 1)
 #   REPOMEM_DEB_MAINTAINER     the control file's Maintainer (default: a placeholder address)
