@@ -50,7 +50,7 @@ def bench_ttft(model: str | None = None, memory_tokens: int = 4096, corpus: Path
     compiler = Compiler(engine, layout, CompileOptions(n_ctx=4096))
     payloads = [compiler.compile_text(p).payload for p in pieces]
     compiler.close()
-    q = engine.tokenize(layout.question_text(QUESTION))
+    q = layout.question_tokens(engine, QUESTION)
     prefix = engine.tokenize(layout.prefix)
     mem_tokens = sum(len(engine.tokenize(p)) for p in pieces)
     n_ctx = len(prefix) + mem_tokens + len(q) + 64

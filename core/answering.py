@@ -216,7 +216,7 @@ class AnsweringMixin(MemoryState):
         n_prefix = len(engine.tokenize(self.layout.prefix))
 
         def turn_tokens(dropped: int) -> list[int]:
-            return engine.tokenize(self.layout.question_text(question, history[dropped:], system))
+            return self.layout.question_tokens(engine, question, history[dropped:], system)
 
         def fits(tokens: list[int]) -> bool:
             return s.n_ctx - n_prefix - len(tokens) - extra_tokens >= 0
@@ -240,8 +240,8 @@ class AnsweringMixin(MemoryState):
                 f"holds {s.n_ctx:,}: shorten the question, ask for a shorter answer or raise the context size")
         turn = _Turn(q_tokens, n_prefix, room, dropped)
         if system.strip() and self.layout.system_turn:
-            turn.system = engine.tokenize(self.layout.system_turn + system)
-            turn.bare = engine.tokenize(self.layout.question_text(question, history[dropped:]))
+            turn.system = self.layout.system_tokens(engine, system)
+            turn.bare = self.layout.question_tokens(engine, question, history[dropped:])
         return turn
 
     def _place(self, cubes: Sequence[tuple[Cube, AnsweringMixin]], mode: str, turn: _Turn, extra_tokens: int, *,

@@ -40,18 +40,37 @@ class Layout:
         The memory was compiled after repomem's own system text, so a client's system message cannot
         replace it: it follows the memory, in a second system turn where the template has one, else at
         the head of the first user turn."""
-        opening = self.between
+        return "".join(text for text, _ in self.question_parts(question, history, system))
+
+    def question_parts(self, question: str, history: Sequence[tuple[str, str]] = (),
+                       system: str = "") -> list[tuple[str, bool]]:
+        """`question_text` in pieces, each with whether it is the template's (True) or the user's (False)."""
+        parts: list[tuple[str, bool]] = []
         if system and self.system_turn:
-            opening = self.system_turn + system + self.between
+            parts += [(self.system_turn, True), (system, False), (self.between, True)]
         elif system:
-            opening = self.between + system + "\n\n"
-        if not history:
-            return opening + question + self.suffix
-        parts = [opening + history[0][0] + self.suffix + history[0][1]]
-        for q, a in history[1:]:
-            parts.append(self.turn_sep + q + self.suffix + a)
-        parts.append(self.turn_sep + question + self.suffix)
-        return "".join(parts)
+            parts += [(self.between, True), (system + "\n\n", False)]
+        else:
+            parts.append((self.between, True))
+        for i, (q, a) in enumerate(history):
+            if i:
+                parts.append((self.turn_sep, True))
+            parts += [(q, False), (self.suffix, True), (a, False)]
+        if history:
+            parts.append((self.turn_sep, True))
+        parts += [(question, False), (self.suffix, True)]
+        return parts
+
+    def question_tokens(self, engine: Engine, question: str, history: Sequence[tuple[str, str]] = (),
+                        system: str = "") -> list[int]:
+        """`question_text`'s tokens: the template's control tokens parsed, the user's text read as text (a
+        question about `<|im_end|>` does not end its turn; instructions cannot open a turn of their own)."""
+        return [t for text, template in self.question_parts(question, history, system) if text
+                for t in engine.tokenize(text, add_special=False, parse_special=template)]
+
+    def system_tokens(self, engine: Engine, system: str) -> list[int]:
+        """The second system turn holding a client's instructions, tokenized as `question_tokens` does."""
+        return engine.tokenize(self.system_turn, parse_special=True) + engine.tokenize(system, parse_special=False)
 
 
 def make_layout(engine: Engine) -> Layout:
