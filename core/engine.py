@@ -365,6 +365,7 @@ class Context:
         rng = np.random.default_rng(params.seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text_parts: list[str] = []
+        tail, longest_stop = "", max(map(len, params.stop), default=0)
         while True:
             if cancel is not None and cancel.is_set():
                 gen.stop_reason = "cancelled"
@@ -381,9 +382,12 @@ class Context:
                 text_parts.append(piece)
                 if on_text:
                     on_text(piece)
-            if params.stop and any(s in "".join(text_parts[-8:]) for s in params.stop):
-                gen.stop_reason = "stop"
-                break
+            if params.stop:
+                # enough of the end of the text to hold the longest stop string ending in this piece
+                tail = (tail + piece)[-(longest_stop + len(piece)):]
+                if any(s in tail for s in params.stop):
+                    gen.stop_reason = "stop"
+                    break
             if len(gen.tokens) >= params.max_tokens:
                 gen.stop_reason = "length"
                 break

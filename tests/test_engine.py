@@ -50,6 +50,21 @@ def test_streaming_pieces_join_to_text(test_engine: Engine) -> None:
     assert g.ttft_s > 0 and g.total_s >= g.ttft_s
 
 
+def test_a_long_stop_string_stops_generation(test_engine: Engine) -> None:
+    """A stop string longer than a few pieces (a whole line an agent ends on) is found wherever it starts."""
+    prompt = test_engine.tokenize(test_engine.apply_chat(PROMPT))
+    with test_engine.new_context(n_ctx=512) as ctx:
+        pieces: list[str] = []
+        free = ctx.generate(prompt, start_pos=0, params=SamplingParams(max_tokens=48), on_text=pieces.append)
+    assert len(pieces) >= 24, free.text
+    start = sum(map(len, pieces[:4]))
+    stop = "".join(pieces[4:16])  # twelve pieces long
+    with test_engine.new_context(n_ctx=512) as ctx:
+        g = ctx.generate(prompt, start_pos=0, params=SamplingParams(max_tokens=48, stop=[stop]))
+    assert g.stop_reason == "stop" and len(g.tokens) < len(free.tokens)
+    assert g.text.find(stop) == start
+
+
 def test_cancel_stops_generation(test_engine: Engine) -> None:
     cancel = threading.Event()
     seen: list[str] = []
