@@ -319,13 +319,15 @@ def splice(
         pls = [p for p, r in zip(pls, counts, strict=True) for _ in range(r)]
         if scales is not None:
             scales = [x for x, r in zip(scales, counts, strict=True) for _ in range(r)]
-    if drop_first < 0:
-        raise ValueError("drop_first must be >= 0")
     if start_pos is not None and start_pos < 0:
         raise ValueError("start_pos must be >= 0 (None: right after the prefix)")
     if mode == "sequential" and rope_dims <= 0:
         raise ValueError("sequential placement needs rope_dims (n_rot) > 0")
     hd = int(head_dim) if head_dim is not None else int(rope_dims)
+    for name, value in (("drop_first", drop_first), ("rope_dims", rope_dims), ("head_dim", hd),
+                        ("n_stream", n_stream or 0)):
+        if not 0 <= int(value) < 2**31:  # the C side takes 32-bit counts: a larger one would wrap silently
+            raise ValueError(f"{name} must be >= 0 and < 2**31, not {value}")
     kt = GGML_TYPES[k_type] if isinstance(k_type, str) else (-1 if k_type is None else int(k_type))
     vt = GGML_TYPES[v_type] if isinstance(v_type, str) else (-1 if v_type is None else int(v_type))
     if fingerprint is not None and len(bytes(fingerprint)) != 32:

@@ -408,6 +408,15 @@ def test_a_non_finite_value_stays_where_it_is(encoding: str, bad: float) -> None
         assert np.isfinite(np.frombuffer(out[off:off + rows], np.float16)).all(), (encoding, off)
 
 
+@pytest.mark.parametrize("arg", [{"drop_first": 2**32 + 3}, {"drop_first": -1}, {"n_stream": 2**32 + 1},
+                                 {"head_dim": 2**32 + 64}])
+def test_splice_refuses_counts_the_c_side_would_wrap(arg: dict) -> None:
+    blob = B.make_state_blob(10, n_layer=1, n_embd_k=64, n_embd_v=64, v_trans=True)
+    frag = N.extract_fragment(blob, range(10), fingerprint=bytes(32), encoding="f16")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        N.splice(None, [frag], v_trans=True, **arg)
+
+
 def test_encoding_fits_value_width() -> None:
     assert N.encoding_fits("k4v3", 192) and N.encoding_fits("k3v3", 128)  # SmolLM2, the default model
     assert not N.encoding_fits("k4v3", 100) and N.encoding_fits("q4", 100) and N.encoding_fits("f16", 7)
