@@ -344,6 +344,19 @@ def test_a_busy_port_closes_the_service_it_was_given(tmp_path: Path, home: Path,
     assert not service.queue._thread.is_alive()
 
 
+def test_a_store_that_fails_is_a_server_error_not_the_clients(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A locked or unreadable store is the server's trouble, worth a retry (503), not a bad request (400)."""
+    from repomem.core import CubeStore, StoreError, paths
+
+    def locked(self: CubeStore) -> dict:
+        raise StoreError(f"the store in {paths.home()}/repos/x stayed locked by another process")
+
+    monkeypatch.setattr(CubeStore, "stats", locked)  # what another process holding the lock looks like
+    r = httpx.get(served.url + "/health", timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+    assert str(paths.home()) not in r.text
+
+
 def test_a_rebinding_host_and_a_non_json_post_are_refused(served: Served) -> None:
     port = served.url.rsplit(":", 1)[1]
     queue = served.service.queue

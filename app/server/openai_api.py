@@ -28,7 +28,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from repomem.core import Answer, CancelledError, ContextOverflowError, ModelError, RepomemError
+from repomem.core import Answer, CancelledError, ContextOverflowError, ModelError, RepomemError, StoreError
 
 from .chat import ChatRequest, parse_chat
 from .clients import http_client
@@ -188,6 +188,8 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, ModelError):
         return APIError(500, str(exc), type="server_error", code="model_error")
+    if isinstance(exc, StoreError):  # locked by another process, read-only, full: the server's, and passing
+        return APIError(503, str(exc), type="server_error", code="store_unavailable")
     if isinstance(exc, RepomemError):
         return APIError(400, str(exc))
     return APIError(500, f"{type(exc).__name__}: {exc}", type="server_error")
