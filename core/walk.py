@@ -652,7 +652,10 @@ def walk_repo(
             if entry.name == ".git":
                 continue
             if not is_unicode_name(entry.name):  # bytes no encoding explains: the store cannot hold the path
-                slash = "/" if entry.is_dir(follow_symlinks=False) else ""
+                try:
+                    slash = "/" if entry.is_dir(follow_symlinks=False) else ""
+                except OSError:
+                    slash = ""
                 result.skipped.append(Skip(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace") + slash,
                                            "encoding"))
                 continue
