@@ -206,7 +206,7 @@ def _store_backlog(root: Path) -> dict | None:
     """The compile backlog of ROOT's store, None when it has none (asking leaves no folder behind)."""
     from repomem.core import CubeStore, paths
 
-    folder = paths.home() / "repos" / paths.repo_key(root)
+    folder = paths.store_dir(root)
     if not (folder / "cubes.db").is_file():
         return None
     with CubeStore.open(folder) as store:

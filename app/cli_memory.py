@@ -95,7 +95,7 @@ def cubes(path: str | None, as_json: bool, path_glob: str | None, kind: str | No
     from repomem.core import CubeStore, paths
 
     root = Path(path or ".").expanduser().resolve()
-    folder = paths.home() / "repos" / paths.repo_key(root)
+    folder = paths.store_dir(root)
     if not (folder / "cubes.db").is_file():  # a typo must not leave an empty store behind
         raise RepomemError(f"no memory of {root} yet: `repomem index {shlex.quote(str(root))}` makes one")
     store = CubeStore.open(folder)

@@ -44,8 +44,13 @@ def repo_key(repo_root: Path) -> str:
     return f"{name}-{hashlib.sha256(real.encode()).hexdigest()[:10]}"
 
 
+def store_dir(repo_root: Path) -> Path:
+    """The store folder of one repository, not created (asking about an unknown folder leaves no trace)."""
+    return home() / "repos" / repo_key(repo_root)
+
+
 def repo_dir(repo_root: Path) -> Path:
-    """The store folder of one repository (database, payloads, watcher status and log)."""
-    path = home() / "repos" / repo_key(repo_root)
+    """The store folder of one repository (database, payloads, watcher status and log), created."""
+    path = store_dir(repo_root)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -93,7 +93,7 @@ def _integrity(db_path: Path) -> list[str]:
 def check_store(repo_root: str | Path, *, repair: bool = False, progress: Progress | None = None) -> CheckReport:
     """Check (and with `repair`, fix) the store of the repository at `repo_root`."""
     root = Path(repo_root).expanduser().resolve()
-    store_dir = paths.home() / "repos" / paths.repo_key(root)
+    store_dir = paths.store_dir(root)
     if not store_dir.is_dir():
         raise RepomemError(f"no memory of {root} yet (nothing under {store_dir})")
     report = CheckReport(store=str(store_dir))

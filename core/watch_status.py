@@ -28,21 +28,16 @@ LOCK_FILE = "watch.lock"
 LOG_FILE = "watch.log"
 
 
-def _dir(root: Path) -> Path:
-    """The repository's store folder, not created (asking about an unknown folder leaves no trace)."""
-    return paths.home() / "repos" / paths.repo_key(root)
-
-
 def status_path(root: Path) -> Path:
-    return _dir(root) / STATUS_FILE
+    return paths.store_dir(root) / STATUS_FILE
 
 
 def lock_path(root: Path) -> Path:
-    return _dir(root) / LOCK_FILE
+    return paths.store_dir(root) / LOCK_FILE
 
 
 def log_path(root: Path) -> Path:
-    return _dir(root) / LOG_FILE
+    return paths.store_dir(root) / LOG_FILE
 
 
 def write_status(root: Path, data: dict[str, Any]) -> None:
