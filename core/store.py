@@ -38,7 +38,7 @@ from typing import Any
 
 from repomem.core.cube import SOURCES, VISIBILITIES, Cube, FileRecord, HistoryEvent, UpsertResult, cube_id_for
 from repomem.core.payloads import PayloadCorrupt, PayloadMissing
-from repomem.core.store_base import CUBE_COLUMNS, PAYLOAD_CLEAR
+from repomem.core.store_base import CUBE_COLUMNS, PAYLOAD_CLEAR, STALE_TO_ACTIVE
 from repomem.core.store_lifecycle import PayloadLifecycle
 
 __all__ = ["CubeStore", "PayloadCorrupt", "PayloadMissing"]
@@ -357,8 +357,7 @@ class CubeStore(PayloadLifecycle):
             self._let_go(conn, cube, now, shelve=False)
             conn.execute(
                 f"UPDATE cubes SET text = ?, content_hash = ?, end_line = ?, version = version + 1, updated = ?, "
-                f"tokens = NULL, archived_at = NULL, {PAYLOAD_CLEAR}, "
-                "status = CASE status WHEN 'stale' THEN 'active' ELSE status END WHERE id = ?",
+                f"tokens = NULL, archived_at = NULL, {PAYLOAD_CLEAR}, {STALE_TO_ACTIVE} WHERE id = ?",
                 (text, digest, end, now, cube_id),
             )
             self._history(conn, cube, "edited", now, {"old_hash": cube.content_hash}, version=cube.version + 1,

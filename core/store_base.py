@@ -50,6 +50,8 @@ PAYLOAD_CLEAR = (
     "kind = 'plaintext', model_fingerprint = NULL, payload_bytes = NULL, "
     "payload_sha256 = NULL, encoding = NULL, kept_tokens = NULL"
 )
+#: beside PAYLOAD_CLEAR where the status is kept: a stale cube becomes active (no other model's payload is left)
+STALE_TO_ACTIVE = "status = CASE status WHEN 'stale' THEN 'active' ELSE status END"
 
 
 def _is_locked(exc: BaseException) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 
 from repomem.core.cube import Cube
 from repomem.core.payloads import PayloadCorrupt, PayloadMissing
-from repomem.core.store_base import PAYLOAD_CLEAR, StoreBase
+from repomem.core.store_base import PAYLOAD_CLEAR, STALE_TO_ACTIVE, StoreBase
 
 # A payload is only garbage once it is older than this: a compiler in another process may have
 # written it and not attached it yet.
@@ -143,10 +143,9 @@ class PayloadLifecycle(StoreBase):
         """Inside a transaction: the cube goes back to plain text (a stale one becomes active: there is no
         other model's payload left to be stale) and its payload file is deleted after the commit unless
         something else has it. `keep_out`: also keep it out of the compile queue until `promote`."""
-        status = "active" if cube.status == "stale" else cube.status
         self._let_go(conn, cube, now, shelve=False)
-        conn.execute(f"UPDATE cubes SET {PAYLOAD_CLEAR}, status = ?, archived_at = ? WHERE id = ?",
-                     (status, now if keep_out else cube.archived_at, cube.id))
+        conn.execute(f"UPDATE cubes SET {PAYLOAD_CLEAR}, {STALE_TO_ACTIVE}, archived_at = ? WHERE id = ?",
+                     (now if keep_out else cube.archived_at, cube.id))
         self._history(conn, cube, event, now, detail)
 
     def promote(self, cube_id: str) -> bool:
