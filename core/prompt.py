@@ -65,12 +65,17 @@ class Layout:
                         system: str = "") -> list[int]:
         """`question_text`'s tokens: the template's control tokens parsed, the user's text read as text (a
         question about `<|im_end|>` does not end its turn; instructions cannot open a turn of their own)."""
-        return [t for text, template in self.question_parts(question, history, system) if text
-                for t in engine.tokenize(text, add_special=False, parse_special=template)]
+        return _tokens(engine, self.question_parts(question, history, system))
 
     def system_tokens(self, engine: Engine, system: str) -> list[int]:
         """The second system turn holding a client's instructions, tokenized as `question_tokens` does."""
-        return engine.tokenize(self.system_turn, parse_special=True) + engine.tokenize(system, parse_special=False)
+        return _tokens(engine, [(self.system_turn, True), (system, False)])
+
+
+def _tokens(engine: Engine, parts: Sequence[tuple[str, bool]]) -> list[int]:
+    """Each part's tokens in turn: control tokens parsed in the template's parts only."""
+    return [t for text, template in parts if text
+            for t in engine.tokenize(text, add_special=False, parse_special=template)]
 
 
 def make_layout(engine: Engine) -> Layout:
