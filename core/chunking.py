@@ -15,7 +15,9 @@ Rules every result obeys (tests check them on real files):
 
 Languages with a tree-sitter grammar wheel get definition chunks; Markdown, config files and
 anything else get line windows (40 lines, 8 overlap, preferring headings / sections / blank-line
-boundaries). A parser failure never raises: the file falls back to windows.
+boundaries). A parser failure never raises: the file falls back to windows. Code with a syntax error (a
+file half typed while the watcher reads it) keeps the names of the definitions the grammar could still
+place, and a definition never takes the name of another that an error made it swallow.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CHUNK_KINDS = ("function", "method", "class", "module", "window")
+# Raised whenever the same file would chunk differently: memories chunked by an older version are re-chunked
+# at the next index, although their files did not change.
+CHUNKING_VERSION = 2
 
 WINDOW_LINES = 40
 WINDOW_OVERLAP = 8
@@ -101,7 +106,7 @@ class _Spec:
     wrappers: dict[str, str] = field(default_factory=dict)
     # leading nodes attached to the definition below them (comments, attributes)
     attach: frozenset[str] = frozenset()
-    # member lists nested in a body that should be flattened (Java enum_body_declarations)
+    # member lists nested in a body that should be flattened (Java enum_body_declarations, Python branches)
     flatten: frozenset[str] = frozenset()
 
 
@@ -118,8 +123,11 @@ _SPECS: dict[str, _Spec] = {
     "python": _Spec(
         functions=frozenset({"function_definition"}),
         containers={"class_definition": "body"},
+        # `if sys.platform == ...:` / `try: ... except ImportError:` blocks of definitions
+        scopes={"if_statement": "", "try_statement": ""},
         wrappers={"decorated_definition": "definition"},
         attach=frozenset({"comment"}),
+        flatten=frozenset({"block", "else_clause", "elif_clause", "except_clause", "finally_clause"}),
     ),
     "javascript": _Spec(
         functions=frozenset({"function_declaration", "generator_function_declaration", "method_definition"}),
@@ -316,9 +324,16 @@ def _unwrap(node: Any, spec: _Spec, depth: int = 0) -> Any:
     return _unwrap(inner, spec, depth + 1)
 
 
+_JS_FUNCTIONS = frozenset({"function_expression", "arrow_function", "function", "generator_function"})
+
+
 def _classify(node: Any, spec: _Spec, language: str, in_class: bool) -> _Def | None:
     inner = _unwrap(node, spec)
     t = inner.type
+    if t == "ERROR":  # text the grammar could not place can still hold whole definitions (C's split `#ifdef` headers)
+        return _Def("scope", None, inner, "")
+    if _swallowed_defs(inner, language):
+        return None
 
     # TypeScript namespaces hide in an expression_statement; JS assigns functions to members.
     if t == "expression_statement" and inner.named_child_count == 1:
@@ -327,25 +342,22 @@ def _classify(node: Any, spec: _Spec, language: str, in_class: bool) -> _Def | N
             inner, t = child, child.type
         elif child.type == "assignment_expression":
             right = child.child_by_field_name("right")
-            if right is not None and right.type in (
-                "function_expression",
-                "arrow_function",
-                "function",
-                "generator_function",
-            ):
+            if right is not None and right.type in _JS_FUNCTIONS:
                 return _Def("function", _clean_name(_text(child.child_by_field_name("left"))), inner)
+
+    if t in ("field_definition", "public_field_definition") and in_class:  # `handle = (e) => {...}` in a class
+        value = inner.child_by_field_name("value")
+        name = inner.child_by_field_name("property") or inner.child_by_field_name("name")
+        if value is not None and name is not None and value.type in _JS_FUNCTIONS:
+            return _Def("method", _clean_name(_text(name)), inner)
+        return None
 
     if t in ("lexical_declaration", "variable_declaration") and language in ("javascript", "typescript", "tsx"):
         decls = [c for c in inner.named_children if c.type == "variable_declarator"]
         if len(decls) == 1:
             value = decls[0].child_by_field_name("value")
             name = _text(decls[0].child_by_field_name("name"))
-            if value is not None and value.type in (
-                "arrow_function",
-                "function_expression",
-                "function",
-                "generator_function",
-            ):
+            if value is not None and value.type in _JS_FUNCTIONS:
                 return _Def("method" if in_class else "function", name, inner)
             if value is not None and value.type in ("class", "class_expression"):
                 return _Def("class", name, value, "body")
@@ -366,6 +378,8 @@ def _classify(node: Any, spec: _Spec, language: str, in_class: bool) -> _Def | N
         return _Def("class", name_s, inner, spec.containers[t])
     if t in spec.classes:
         return _class_like(inner, language)
+    if t in ("if_statement", "try_statement"):  # Python: a scope only when it holds definitions
+        return _Def("scope", None, inner, "") if _defined_names(inner, spec, language) else None
     if t in spec.scopes:
         name = None if t.startswith("preproc_") else inner.child_by_field_name("name")  # not `#ifdef X`
         return _Def("scope", _clean_name(_text(name)) if name is not None else None, inner, spec.scopes[t])
@@ -375,6 +389,44 @@ def _classify(node: Any, spec: _Spec, language: str, in_class: bool) -> _Def | N
             nm = typ.child_by_field_name("name")
             return _Def("class", _clean_name(_text(nm)) if nm is not None else None, inner)
     return None
+
+
+_PY_HEADER = re.compile(r"^([ \t]*)(?:async[ \t]+)?(?:def|class)[ \t]+(\w+)")
+
+
+def _swallowed_defs(node: Any, language: str) -> list[tuple[int, str]]:
+    """Rows and names of the Python definitions that a definition with a syntax error swallowed: an unclosed
+    `def f(a,` parses as one function running over the definitions after it. Found by their header lines at
+    the broken definition's own indentation (the tree no longer has them)."""
+    if language != "python" or not node.has_error or node.type not in ("function_definition", "class_definition"):
+        return []
+    lines = _text(node).split("\n")
+    out = []
+    for i, ln in enumerate(lines[1:], 1):
+        m = _PY_HEADER.match(ln)
+        if m and len(m.group(1)) == node.start_point[1]:
+            out.append((node.start_point[0] + i, m.group(2)))
+    own = _PY_HEADER.match(lines[0])
+    return [(node.start_point[0], own.group(2)), *out] if out and own else out
+
+
+def _members(body: Any, spec: _Spec) -> list[Any]:
+    """The nodes of a body, looking through the member lists `spec.flatten` names."""
+    out: list[Any] = []
+    stack = list(reversed(body.named_children))
+    while stack:
+        m = stack.pop()
+        if m.type in spec.flatten:
+            stack.extend(reversed(m.named_children))
+        else:
+            out.append(m)
+    return out
+
+
+def _defined_names(scope: Any, spec: _Spec, language: str) -> list[str]:
+    """Names of the functions and classes directly inside a scope: the symbol of a scope kept whole."""
+    defs = (_classify(m, spec, language, False) for m in _members(scope, spec))
+    return [d.name for d in defs if d is not None and d.kind != "scope" and d.name]
 
 
 def _function_def(node: Any, language: str, in_class: bool) -> _Def:
@@ -501,6 +553,9 @@ class _Seg:
 # Lines that say nothing on their own: closing brackets (maybe with a `// namespace x` comment),
 # `#endif`, `#else`, `end`. A gap made only of these is folded into a neighbouring chunk.
 _TRIVIAL_LINE = re.compile(r"^\s*(?:[\]})>;,]+\s*(?://.*|/\*.*\*/)?|#\s*(?:endif|else)\b.*|end)?\s*$")
+# Python branch headers (`if WIN:`, `else:`, `except ImportError:`) left between the definitions of a block:
+# folded into the chunk after them, the definition they guard.
+_BRANCH_LINE = re.compile(r"^\s*(?:(?:if|elif|while|with|except)\b.*|else|try|finally)\s*:\s*(?:#.*)?$")
 
 
 class _Chunker:
@@ -648,12 +703,13 @@ class _Chunker:
                     names = _assigned_names(_unwrap(child, spec), self.language)
                     if names:
                         names_at.setdefault(cs, []).extend(names)
+                for row, name in _swallowed_defs(_unwrap(child, spec), self.language):
+                    stmt_rows.append(row)
+                    names_at.setdefault(row, []).append(name)
                 lead = []
                 prev_end = max(prev_end, ce)
                 continue
-            start = cs
-            if lead and _last_row(lead[-1]) >= cs - 1:
-                start = min(cs, _first_row(lead[0]))
+            start = self.lead_start(lead, cs)
             lead = []
             symbol = d.name if not prefix else (f"{prefix}.{d.name}" if d.name else prefix)
             new = self.definition(child, d, start, ce, symbol, spec, depth)
@@ -662,10 +718,7 @@ class _Chunker:
             if not new:
                 continue
             if segs and new[0].start <= segs[-1].end:
-                # two definitions share a row (one-liners): rows cannot be split, so merge them
-                last = segs[-1]
-                last.end = max(last.end, max(s.end for s in new))
-                continue
+                new = self.share_row(segs[-1], new)
             segs.extend(new)
 
         gap_symbol = prefix if gap_kind == "class" else None
@@ -673,27 +726,55 @@ class _Chunker:
         segs.sort(key=lambda g: (g.start, g.end))
         return self.merge_trivial(segs)
 
+    def lead_start(self, lead: list[Any], cs: int) -> int:
+        """Where a definition whose first row is cs starts with the comments right above it: as many of them,
+        nearest first, as fill half a chunk. Comments beyond that (a block of commented-out code) stay in the
+        module's own chunks instead of pushing the definition out of its first one."""
+        if not lead or _last_row(lead[-1]) < cs - 1:
+            return cs
+        start = cs
+        for node in reversed(lead):
+            if estimate_tokens(self.text_of(_first_row(node), cs - 1)) > self.max_tokens // 2:
+                break
+            start = min(start, _first_row(node))
+        return start
+
+    def share_row(self, last: _Seg, new: list[_Seg]) -> list[_Seg]:
+        """A definition starts on the row where `last` ends (`f() {} g() {`): rows cannot be split. One-liners
+        merge into `last` when they fit with it; otherwise the shared rows stay with `last` and the next
+        definition keeps its own chunks from the row after them. Returns the segments still to add."""
+        end = max(s.end for s in new)
+        if self.fits(last.start, end):
+            last.end = max(last.end, end)
+            return []
+        rest = []
+        for s in new:
+            if s.end <= last.end:
+                continue
+            tr = self.trim(max(s.start, last.end + 1), s.end)
+            if tr is not None:
+                s.start, s.end = tr
+                rest.append(s)
+        return rest
+
     def definition(
         self, node: Any, d: _Def, start: int, end: int, symbol: str | None, spec: _Spec, depth: int
     ) -> list[_Seg]:
         if d.kind == "scope":
             if self.fits(start, end):
-                return [_Seg(start, end, "module", symbol)]
+                assert self.language is not None
+                inside = dict.fromkeys(_defined_names(d.node, spec, self.language))
+                names = symbol or ",".join(list(inside)[:MAX_SYMBOL_NAMES])
+                return [_Seg(start, end, "module", names or None)]
             body = d.node.child_by_field_name(d.body_field) if d.body_field else d.node
-            members = list(body.named_children) if body is not None else []
+            members = _members(body, spec) if body is not None else []
             return self.scope(members, start, end, symbol, "module", False, spec, depth + 1)
         if self.fits(start, end) or start == end:  # rows cannot be split: a long line stays whole
             return [_Seg(start, end, d.kind, symbol)]
         if d.kind == "class" and d.body_field:
             body = d.node.child_by_field_name(d.body_field)
             if body is not None:
-                members: list[Any] = []
-                for m in body.named_children:
-                    if m.type in spec.flatten:
-                        members.extend(m.named_children)
-                    else:
-                        members.append(m)
-                return self.scope(members, start, end, symbol, "class", True, spec, depth + 1)
+                return self.scope(_members(body, spec), start, end, symbol, "class", True, spec, depth + 1)
         # too big and not splittable by members: windows, cut preferably between statements
         prefer: set[int] = set()
         body = d.node.child_by_field_name("body")
@@ -750,10 +831,12 @@ class _Chunker:
         out: list[_Seg] = []
         pending: list[_Seg] = []
         for g in segs:
-            trivial = g.gap and all(_TRIVIAL_LINE.match(ln) for ln in self.lines[g.start : g.end + 1])
+            rows = self.lines[g.start : g.end + 1]
+            trivial = g.gap and all(_TRIVIAL_LINE.match(ln) for ln in rows)
+            header = g.gap and self.language == "python" and all(_BRANCH_LINE.match(ln) for ln in rows)
             if trivial and out and (out[-1].end >= g.start or self.fits(out[-1].start, g.end)):
                 out[-1].end = max(out[-1].end, g.end)
-            elif trivial:
+            elif trivial or header:
                 pending.append(g)
             else:
                 if pending and self.fits(min(p.start for p in pending), g.end):
@@ -769,8 +852,21 @@ class _Chunker:
 # Windows for languages without a grammar
 # --------------------------------------------------------------------------------------------
 
-_MD_HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
-_FENCE = re.compile(r"^\s{0,3}(```|~~~)")
+# Only the markers are matched by patterns; the title is cut with str methods (a pattern for the whole
+# line backtracks cubically on a heading padded with spaces).
+_MD_HEADING = re.compile(r" {0,3}(#{1,6})(?:[ \t]|$)")
+_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+
+
+def _heading_title(ln: str) -> str | None:
+    m = _MD_HEADING.match(ln)
+    if m is None:
+        return None
+    title = ln[m.end():].strip()
+    closed = title.rstrip("#")
+    if closed != title and (not closed or closed[-1] in " \t"):  # a closing `###` run only after a space
+        title = closed.strip()
+    return title or None
 
 
 def _markdown_marks(lines: list[str]) -> tuple[set[int], list[str | None]]:
@@ -778,14 +874,18 @@ def _markdown_marks(lines: list[str]) -> tuple[set[int], list[str | None]]:
     prefer: set[int] = set()
     current: list[str | None] = []
     heading: str | None = None
-    in_fence = False
+    fence = ""  # the open fence's marker: only a run of the same character, as long or longer, closes it
     for i, ln in enumerate(lines):
-        if _FENCE.match(ln):
-            in_fence = not in_fence
-        elif not in_fence:
-            m = _MD_HEADING.match(ln)
-            if m and m.group(2):
-                heading = m.group(2)[:120]
+        m = _FENCE.match(ln)
+        if fence:
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and not ln[m.end():].strip():
+                fence = ""
+        elif m and not (m.group(1)[0] == "`" and "`" in ln[m.end():]):  # a backtick fence's info has no backtick
+            fence = m.group(1)
+        else:
+            title = _heading_title(ln)
+            if title:
+                heading = title[:120]
                 prefer.add(i)
         current.append(heading)
     return prefer, current

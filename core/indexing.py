@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .chunking import chunk_text
+from .chunking import CHUNKING_VERSION, chunk_text
 from .errors import CancelledError
 from .memory_state import MemoryState
 from .search_index import SAVE_AFTER_CHANGES, SearchIndex
@@ -71,6 +71,9 @@ class IndexingMixin(MemoryState):
         """Whether a path matches the `private_paths` setting: its memories never leave the machine."""
         return any(fnmatch.fnmatch(rel, pat) for pat in self.settings.private_paths)
 
+    def _chunking(self) -> str:
+        return f"{CHUNKING_VERSION}/{self.settings.chunk_tokens}"
+
     def _file_sha(self, rel: str) -> str | None:
         rec = self.store.get_file(rel)
         return rec.sha256 if rec else None
@@ -94,6 +97,10 @@ class IndexingMixin(MemoryState):
         t0 = time.perf_counter()
         summary = IndexSummary()
         with self._lock:
+            chunking = self._chunking()
+            # Another chunking (a new version, another chunk budget) re-chunks unchanged files too; cubes whose
+            # text comes out the same keep their identity and payload.
+            rechunk = self.store.chunked_with() != chunking
             result = walk_repo(self.root, extra_ignores=())
             summary.skipped = result.counts_by_reason()
             self.store.set_skips(result.skipped)
@@ -104,7 +111,7 @@ class IndexingMixin(MemoryState):
                     raise CancelledError("indexing cancelled")
                 seen.add(f.rel)
                 summary.files += 1
-                if self._file_sha(f.rel) == f.sha256:
+                if self._file_sha(f.rel) == f.sha256 and not rechunk:
                     summary.reused += 1
                 else:
                     self._ingest(f.rel, f.text, f.language, f.sha256, summary, record_change=False)
@@ -114,6 +121,8 @@ class IndexingMixin(MemoryState):
                 if rel not in seen:
                     self._search.refresh_ids(self.store.remove_file(rel))
                     summary.removed_paths.append(rel)
+            if rechunk:
+                self.store.set_chunked_with(chunking)
             self._search.save()  # the next start opens this index instead of rebuilding it
         if compile:
             self._compile_into(summary, progress=progress, cancel=cancel)

@@ -621,6 +621,16 @@ class CubeStore(PayloadLifecycle):
         self.db["files"].upsert({"path": path, "sha256": sha, "mtime": mtime, "size": size, "indexed_at": now},
                                 pk="path")
 
+    def chunked_with(self) -> str | None:
+        """The chunking (its version and budget) the files were last all chunked with; None before the first."""
+        rows = self._rows("SELECT value FROM meta WHERE key = 'chunking'")
+        return rows[0]["value"] if rows else None
+
+    def set_chunked_with(self, key: str) -> None:
+        self._write(lambda conn: conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('chunking', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key,)))
+
     def get_file(self, path: str) -> FileRecord | None:
         rows = self._rows("SELECT * FROM files WHERE path = ?", (path,))
         return FileRecord(**rows[0]) if rows else None

@@ -6,7 +6,7 @@ does not know a file. The walk never raises for a single bad path (permissions, 
 mid-walk, a symlink loop): it records a skip and goes on.
 
 Reasons: `gitignore`, `repomemignore`, `extra_ignore`, `vendored`, `secret_name`,
-`secret_content`, `binary`, `encoding`, `too_large`, `symlink`, `symlink_outside`,
+`secret_content`, `binary`, `encoding`, `too_large`, `minified`, `symlink`, `symlink_outside`,
 `symlink_loop`, `unreadable`. `.git/` itself is skipped silently (it is never content).
 
 Symlinks are never followed: a link leading out of the root could pull in `~/.ssh`, and a link
@@ -29,6 +29,9 @@ from pathlib import Path, PurePosixPath
 import pathspec
 
 DEFAULT_MAX_FILE_BYTES = 512_000
+# A line longer than this is generated (a one-line bundle or JSON dump): rows are never cut, so it would make
+# one chunk far over any chunk budget, which no compile context holds.
+MAX_LINE_CHARS = 5_000
 
 LANGUAGE_BY_EXT: dict[str, str] = {
     ".py": "python",
@@ -608,6 +611,8 @@ def _load(root: Path, root_real: Path, rel: str, max_file_bytes: int) -> RepoFil
         return Skip(rel, exc.reason)
     if secret_in_text(text, language):
         return Skip(rel, "secret_content")
+    if len(text) > MAX_LINE_CHARS and max(map(len, text.split("\n"))) > MAX_LINE_CHARS:
+        return Skip(rel, "minified")
     return RepoFile(
         rel=rel,
         abs=abs_path,

@@ -390,7 +390,7 @@ def test_c() -> None:
         ("point_t", "class", 9, 11),
         ("counter", "module", 13, 13),
         ("print_item", "function", 15, 18),
-        (None, "module", 20, 24),
+        ("debug_dump", "module", 20, 24),  # a scope kept whole is named by the definitions in it
     ]
     small = chunks_of(C, "c", max_tokens=20)
     assert ("debug_dump", "function") in [(c.symbol, c.kind) for c in small]
@@ -438,6 +438,107 @@ def test_cpp() -> None:
     assert ("geo.Circle.area", "method") in syms
     small = chunks_of(CPP, "cpp", max_tokens=20)
     assert ("geo.Square.Square", "method") in [(c.symbol, c.kind) for c in small]
+
+
+# ---- damaged and unusual code -------------------------------------------------------------------
+
+
+def _table_of(src: str, language: str, **kw) -> list[tuple[str | None, str, int, int]]:
+    got = chunk_text(f"x.{language}", src, language, **kw)
+    check_invariants(src, got, max_tokens=kw.get("max_tokens"))
+    return table(got)
+
+
+def test_a_definition_starting_on_the_row_another_ends_keeps_its_own_chunks() -> None:
+    body = "".join(f"  total += compute(value{i}, other{i});\n" for i in range(60))
+    got = _table_of("function small() { return 1 } function big() {\n" + body + "}\n", "javascript", max_tokens=120)
+    assert got[0] == ("small", "function", 1, 1)  # the shared row stays with the first
+    assert {sym for sym, *_ in got[1:]} >= {"big#part1", "big#part2"} and got[-1][3] == 62
+    # one-liners that fit together still merge
+    assert _table_of("function a() { return 1 } function b() { return 2 }\n", "javascript") == \
+        [("a", "function", 1, 1)]
+
+
+def _py_fn(name: str, lines: int = 12) -> str:
+    body = "".join(f"    x = x * {i} + helper_{i}(x)\n" for i in range(lines))
+    return f"def {name}(x):\n{body}    return x\n\n\n"
+
+
+def _c_fn(name: str) -> str:
+    body = "".join(f"    a = a * {i} + {i};\n" for i in range(8))
+    return f"int {name}(int a)\n{{\n{body}    return a;\n}}\n\n"
+
+
+def _js_handler(name: str) -> str:
+    return f"  handle{name} = (event) => {{\n    this.setState({{ v: event.target.value }});\n  }};\n\n"
+
+
+def _indent(text: str) -> str:
+    return "".join(f"    {ln}\n" if ln else "\n" for ln in text.split("\n"))
+
+
+def test_a_python_syntax_error_does_not_give_the_next_definitions_its_name() -> None:
+    broken = "import os\n\n\ndef broken(a, b:\n    return a\n\n\n"
+    src = broken + _py_fn("alpha") + _py_fn("beta") + "class Gamma:\n    pass\n"
+    got = _table_of(src, "python", max_tokens=80)
+    named = " ".join(sym or "" for sym, *_ in got)
+    assert "broken#" not in named and "alpha" in named and "beta" in named
+    assert ("Gamma", "class", 40, 41) in got
+
+
+def test_definitions_inside_c_text_the_grammar_could_not_place_keep_their_names() -> None:
+    split = "#ifdef WIN32\nint split(int a) {\n#else\nint split(long a) {\n#endif\n    return a;\n}\n\n"
+    src = "#include <stdio.h>\n\n" + _c_fn("alpha") + split + _c_fn("beta") + _c_fn("gamma")
+    names = {sym for sym, *_ in _table_of(src, "c", max_tokens=60)}
+    assert {"alpha", "beta", "gamma"} <= names
+
+
+def test_class_fields_holding_functions_are_methods() -> None:
+    rest = "  state = { a: 1 };\n  render() {\n    return null;\n  }\n}\n"
+    src = "class Form {\n" + _js_handler("Change") + _js_handler("Submit") + rest
+    got = _table_of(src, "javascript", max_tokens=25)
+    assert ("Form.handleChange", "method", 2, 4) in got and ("Form.handleSubmit", "method", 6, 8) in got
+    ts = src.replace("  handle", "  private handle").replace("(event) =>", "(event: Event): void =>")
+    assert ("Form.handleSubmit", "method", 6, 8) in _table_of(ts, "typescript", max_tokens=40)
+
+
+def test_python_definitions_under_module_if_and_try_keep_their_names() -> None:
+    src = ("import sys\n\nif sys.platform == 'win32':\n" + _indent(_py_fn("open_win") + _py_fn("close_win"))
+           + "else:\n" + _indent(_py_fn("open_posix")) + "try:\n    import simplejson as json\nexcept ImportError:\n"
+           "    import json\n")
+    got = _table_of(src, "python", max_tokens=150)
+    assert ("open_win", "function", 3, 17) in got  # the branch header goes with the definition it guards
+    assert {"close_win", "open_posix"} <= {sym for sym, *_ in got}
+    small = "if WIN:\n    def f():\n        return 1\nelse:\n    def f():\n        return 2\n"
+    assert _table_of(small, "python") == [("f", "module", 1, 6)]  # kept whole: named by what it defines
+
+
+def test_a_long_comment_block_above_a_definition_is_not_part_of_it() -> None:
+    src = "import os\n" + "".join(f"# old_code_{i}()\n" for i in range(200)) + "# Explain f.\ndef f():\n    pass\n"
+    got = _table_of(src, "python", max_tokens=100)
+    f = [row for row in got if row[0] == "f"]
+    assert len(f) == 1 and f[0][3] == 204 and f[0][2] > 150  # its own comments, not the 200 lines above
+    assert _table_of("import os\n\n# Explain f.\ndef f():\n    pass\n", "python")[-1] == ("f", "function", 3, 5)
+
+
+def test_a_heading_padded_with_spaces_is_read_in_linear_time() -> None:
+    import time
+
+    t0 = time.perf_counter()
+    got = chunk_text("a.md", "# Results" + " " * 4000 + "|\n\nbody\n", "markdown")
+    assert time.perf_counter() - t0 < 1.0
+    assert got[0].symbol.startswith("Results")
+    titles = {h: chunking._heading_title(h) for h in ("# Title", "## Title ##", "#Title", "### C#", "# a #b", "#")}
+    assert titles == {"# Title": "Title", "## Title ##": "Title", "#Title": None, "### C#": "C#", "# a #b": "a #b",
+                      "#": None}
+
+
+def test_a_fence_closes_only_on_its_own_marker() -> None:
+    lines = ["# Intro", "text", "~~~~markdown", "```python", "# not a heading", "```", "~~~~", "more",
+             "## Real", "real text"]
+    src = "\n".join(lines) + "\n"
+    prefer, under = chunking._markdown_marks(src.split("\n"))
+    assert prefer == {0, 8} and under[4] == "Intro" and under[9] == "Real"
 
 
 # ---- windows ---------------------------------------------------------------------------------

@@ -77,6 +77,26 @@ def test_index_compiles_once_then_only_the_edited_chunk(mem: RepoMemory, repo: P
     assert "factor * 2" in scale[0].text
 
 
+def test_a_new_chunking_rechunks_unchanged_files_and_keeps_the_payloads_of_same_chunks(
+        mem: RepoMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from repomem.core import indexing
+
+    mem.index()
+    before = {(c.symbol, c.start_line, c.end_line): c.payload_sha256 for c in mem.store.cubes(kind="activation")}
+    monkeypatch.setattr(indexing, "CHUNKING_VERSION", indexing.CHUNKING_VERSION + 1)  # an upgraded chunker
+    again = mem.index()
+    assert again.reused == 0 and again.files == 2  # every file chunked again ...
+    assert again.compiled == 0  # ... and every chunk came out the same, payload kept
+    assert {(c.symbol, c.start_line, c.end_line): c.payload_sha256
+            for c in mem.store.cubes(kind="activation")} == before
+    assert mem.index().reused == 2  # recorded: the next index trusts the file hashes again
+    mem.settings.chunk_tokens = 20  # another chunk budget cuts the same files into other chunks
+    small = mem.index()
+    assert small.reused == 0 and small.compiled > 0
+    symbols = {c.symbol for c in mem.store.cubes() if c.status != "archived"}
+    assert "Retry.backoff" in symbols and "add" in symbols
+
+
 def test_deleted_file_archives_its_cubes(mem: RepoMemory, repo: Path) -> None:
     mem.index()
     (repo / "NOTES.md").unlink()

@@ -302,6 +302,18 @@ def test_binary_encoding_bom_and_size(tmp_path: Path) -> None:
         decode_text(b"x = 1\n" * 2000 + b"\x00")
 
 
+def test_a_file_with_a_generated_line_is_skipped_as_minified(tmp_path: Path) -> None:
+    from repomem.core.walk import MAX_LINE_CHARS
+
+    dump = ",".join(f'{{"id": {i}}}' for i in range(MAX_LINE_CHARS // 8))
+    write(tmp_path, "data.json", "{\"items\": [" + dump + "]}\n")
+    write(tmp_path, "bundle.js", "var a = 1;\n" + "f(" * (MAX_LINE_CHARS // 2 + 1) + "\n")
+    write(tmp_path, "wide.py", "x = '" + "a" * (MAX_LINE_CHARS - 10) + "'\n" * 3)  # long, but under the limit
+    res = walk_repo(tmp_path)
+    assert reasons(res) == {"data.json": "minified", "bundle.js": "minified"}
+    assert [f.rel for f in res.files] == ["wide.py"]
+
+
 @pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="the file system takes only Unicode names")
 def test_file_names_that_are_not_utf8_are_skipped_not_fatal(tmp_path: Path, home: Path,
                                                              test_model_path: Path) -> None:
