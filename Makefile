@@ -8,11 +8,17 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: setup run test lint clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+NEED_PY := import sys; sys.exit(sys.version_info < (3, 11))
 
-$(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h) | $(BIN)/python
+# bin/pip, not bin/python: venv writes python before ensurepip, which fails without python3-venv. A failed
+# venv is removed, so the next try starts clean.
+$(BIN)/pip:
+	@$(PYTHON) -c '$(NEED_PY)' || { echo "repomem needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) -V 2>&1): run make PYTHON=python3.12 (or another)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+	$(BIN)/pip install -q --upgrade pip || { rm -rf $(VENV); exit 1; }
+
+$(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h) | $(BIN)/pip
+	@$(BIN)/python -c '$(NEED_PY)' || { echo "$(VENV) has $$($(BIN)/python -V 2>&1); repomem needs >= 3.11: make clean, then make PYTHON=python3.12 (or another)" >&2; exit 1; }
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
@@ -27,7 +33,7 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q -ra
 
-lint: setup
+lint: $(STAMP)
 	$(BIN)/ruff check core app native bench tests
 
 clean:

@@ -35,7 +35,8 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(2400),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the Linux package is built on Linux"),
-    pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb is needed to build the .deb"),
+    pytest.mark.skipif(any(shutil.which(t) is None for t in ("dpkg-deb", "readelf", "file", "strip")),
+                       reason="building the .deb needs dpkg-deb, readelf, file and strip (dpkg binutils file)"),
 ]
 
 MAX_START_CPU_S = 3.0  # the start-up budget (to the doctor output)

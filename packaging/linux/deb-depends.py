@@ -22,6 +22,9 @@ KNOWN = {"libGL.so.1": "libgl1", "libEGL.so.1": "libegl1", "libOpenGL.so.0": "li
          "libfontconfig.so.1": "libfontconfig1", "libfreetype.so.6": "libfreetype6",
          "libwayland-client.so.0": "libwayland-client0", "libwayland-cursor.so.0": "libwayland-cursor0",
          "libwayland-egl.so.1": "libwayland-egl1", "libgtk-3.so.0": "libgtk-3-0", "libgdk-3.so.0": "libgtk-3-0"}
+# The GPU driver's own libraries: a CUDA build links to them, but the driver (any branch, often not from a
+# package) is the user's, and pinning the build host's driver package would make the .deb uninstallable elsewhere.
+DRIVER_SONAMES = {"libcuda.so.1", "libnvidia-ml.so.1"}
 GLIBC_SONAMES = {"libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "libutil.so.1",
                  "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1", "libresolv.so.2", "libcrypt.so.1"}
 
@@ -71,7 +74,7 @@ def main() -> int:
     missing = sorted({n for f in files for n in needed(f)} - carried)
     packages = set(DLOPENED)
     for soname in missing:
-        if soname in GLIBC_SONAMES:
+        if soname in GLIBC_SONAMES or soname in DRIVER_SONAMES:
             continue
         pkg = package_of(soname)
         if pkg:
