@@ -149,6 +149,10 @@ def test_models_one_per_repository_with_each_mode_and_the_alias(served: Served) 
         resp = client.chat.completions.create(model=m.id, max_tokens=1,
                                               messages=[{"role": "user", "content": "What does scale do?"}])
         assert resp.model_extra["repomem"]["mode"] == m.model_extra["repomem"]["mode"]
+        assert client.models.retrieve(m.id).model_dump() == m.model_dump()  # `GET /v1/models/{id}`, ids with `/`
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.code == "model_not_found"
 
 
 def test_openai_sdk_answer_with_sources_and_honest_usage(served: Served) -> None:
@@ -200,6 +204,31 @@ def test_openai_sdk_streamed_with_usage_and_footer_opt_out(served: Served) -> No
     chunks = list(quiet)
     assert "Sources:" not in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert all(c.usage is None for c in chunks)  # no include_usage: no usage chunk
+
+    body = {"model": "repomem", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "What is add?"}]}
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        raw = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    assert all("usage" in c and c["usage"] is None for c in raw[:-1])  # as OpenAI: null until the last
+    assert raw[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_a_reply_keeps_its_first_lines_indentation_and_json_replies_get_no_footer(served: Served) -> None:
+    from repomem.app.server.chat import parse_chat
+    from repomem.app.server.openai_api import Reply
+
+    ask = {"model": "repomem", "messages": [{"role": "user", "content": "Rewrite scale"}]}
+    reply = Reply(parse_chat(ask, served.settings), "kv")
+    sent = [reply.add(p) for p in ("\n", "\n    ", "return x", " * factor\n")]
+    assert "".join(sent) + reply.flush() == "    return x * factor\n"  # blank lines dropped, indentation kept
+    assert sent[:2] == ["", ""]  # leading space is held until it is known to be more than space
+    assert Reply(parse_chat(ask, served.settings), "kv").add(" \n ") == ""
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}):
+        assert not parse_chat({**ask, "response_format": fmt}, served.settings).sources_footer
+    assert parse_chat({**ask, "response_format": {"type": "text"}}, served.settings).sources_footer
+    resp = served.client().chat.completions.create(model="repomem", max_tokens=6, response_format={
+        "type": "json_object"}, messages=[{"role": "user", "content": "What is add? Reply in JSON."}])
+    assert "Sources:" not in resp.choices[0].message.content and resp.model_extra["repomem"]["sources"]
 
 
 def test_stop_sequences_are_cut_out_even_across_pieces(served: Served) -> None:
@@ -282,6 +311,14 @@ def test_errors_have_openai_shape_and_status(served: Served) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="repomem", messages=[{"role": "assistant", "content": "hi"}])
     assert httpx.get(served.url + "/v1/nothing").json()["error"]["message"] == "Not Found"
+    wrong_method = httpx.get(served.url + "/v1/chat/completions")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"
+    for choice in ("required", {"type": "function", "function": {"name": "edit"}}):  # a tool call is demanded
+        with pytest.raises(openai.BadRequestError) as forced:
+            client.chat.completions.create(model="repomem", messages=question, tool_choice=choice,
+                                           tools=[{"type": "function", "function": {"name": "edit"}}])
+        assert forced.value.param == "tool_choice" and forced.value.code == "unsupported_value"
 
 
 def test_what_other_clients_send_is_answered(served: Served) -> None:
@@ -649,7 +686,8 @@ async def _every_tool(mcp, on_note: Callable[[str], None] = lambda _id: None) ->
     out["changes"] = (t0, r.structured_content)
     r = await mcp.call_tool("remember", {"note": 'Deploy with token = "ghp_' + "a1B2" * 10 + '"'})
     out["secret"] = (r.is_error, r.content[0].text)
-    r = await mcp.call_tool("forget", {"id": out["remember"]["id"]})
+    # forgotten by the citation search_code showed for it (`note:<id>`), the form an agent's model reads
+    r = await mcp.call_tool("forget", {"id": out["found_note"][out["remember"]["id"]]["citation"]})
     out["forget"] = (r.is_error, r.structured_content)
     r = await mcp.call_tool("forget", {"id": out["search"]["results"][0]["id"]})
     out["forget_code"] = (r.is_error, r.content[0].text)
@@ -678,6 +716,7 @@ def _check_every_tool(out: dict, root: Path) -> None:
     assert st["files"] == 3 and st["compiled_share"] > 0.5 and st["watcher"]["running"]
     assert "root" not in st
     note = out["found_note"][out["remember"]["id"]]
+    assert note["citation"] == f"note:{note['id']}"
     assert note["source"] == "note" and note["fresh"] is None and note["snippet"].endswith("Files: calc.py")
     asked_at, changes = out["changes"]
     since = datetime.datetime.fromisoformat(changes["since"]).timestamp()
@@ -695,6 +734,29 @@ def test_mcp_over_streamable_http_calls_every_tool(served: Served) -> None:
             return await _every_tool(mcp)
 
     _check_every_tool(asyncio.run(run()), served.repo)
+
+
+def test_mcp_ask_repo_reports_progress_while_it_waits_and_answers(served: Served,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from mcp import Client
+
+    from repomem.app.server import mcp_tools
+
+    monkeypatch.setattr(mcp_tools, "PROGRESS_EVERY_S", 0.02)  # the served app runs in this process
+    seen: list[tuple[float, str | None]] = []
+
+    async def on_progress(progress: float, _total: float | None, message: str | None) -> None:
+        seen.append((progress, message))
+
+    async def run() -> object:
+        async with Client(served.url + "/mcp") as mcp:
+            return await mcp.call_tool("ask_repo", {"question": "What does scale do?", "mode": "text"},
+                                       progress_callback=on_progress)
+
+    result = asyncio.run(run())
+    assert not result.is_error and result.structured_content["answer"].strip()
+    assert seen and {m for _, m in seen} <= {"answering", "waiting for the model"}
+    assert [p for p, _ in seen] == sorted(p for p, _ in seen)  # seconds so far: they only grow
 
 
 def test_mcp_over_stdio_calls_every_tool_on_the_same_store(served: Served) -> None:
@@ -821,6 +883,35 @@ def test_api_key_enforced_off_loopback_and_cors_only_when_configured(served: Ser
         other = httpx.get(url + "/v1/models", headers={"Origin": "http://evil.example",
                                                        "Authorization": "Bearer s3cret-key"})
         assert "access-control-allow-origin" not in other.headers
+    finally:
+        thread.stop()
+
+
+def test_browser_clients_of_a_configured_origin_pass_cors_for_the_api_and_mcp(served: Served) -> None:
+    app_origin = "https://app.example"
+    config = ServeConfig(port=0, cors_origins=[app_origin])
+    service = Service.open([served.repo], config, settings=served.settings, watch=False)
+    thread = ServerThread(service).start()
+    try:
+        url = f"http://127.0.0.1:{thread.port}"
+        page = {"Origin": app_origin}
+        # the openai JS SDK sends its X-Stainless-* headers on every request
+        sdk = httpx.options(url + "/v1/chat/completions", headers={
+            **page, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,x-stainless-lang"})
+        assert sdk.status_code == 200
+        session = httpx.options(url + "/mcp", headers={
+            **page, "Access-Control-Request-Method": "DELETE",
+            "Access-Control-Request-Headers": "mcp-session-id,mcp-protocol-version"})
+        assert session.status_code == 200
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "page", "version": "1"}}}
+        r = httpx.post(url + "/mcp", json=init, headers={**page, "Accept": "application/json, text/event-stream"})
+        assert r.status_code == 200 and r.headers.get("mcp-session-id")
+        assert "mcp-session-id" in r.headers["access-control-expose-headers"].lower()
+        evil = httpx.post(url + "/mcp", json=init, headers={"Origin": "https://evil.example",
+                                                             "Accept": "application/json, text/event-stream"})
+        assert evil.status_code == 403  # an origin nobody configured still may not drive the tools
     finally:
         thread.stop()
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -28,7 +29,7 @@ from repomem.core import __version__
 
 from .config import ServeConfig, key_matches
 from .errors import APIError
-from .openai_api import api_error, chat_completions, list_models
+from .openai_api import api_error, chat_completions, list_models, retrieve_model
 from .queue import FairQueue
 from .repos import Repositories
 
@@ -67,18 +68,32 @@ async def _api_error(_request: Request, exc: Exception) -> Response:
 async def _http_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return APIError(exc.status_code, str(exc.detail), type=kind).response()
+    return APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()  # 405's Allow
+
+
+def _mcp_security(config: ServeConfig) -> TransportSecuritySettings:
+    """The MCP transport's own Host and Origin checks: the hosts `TrustedHostMiddleware` takes, and pages of
+    loopback origins and of the configured CORS origins. Off on a wildcard bind, whose API key keeps pages
+    out (the SDK has no pattern for any host)."""
+    hosts = config.trusted_hosts()
+    if hosts == ["*"]:
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    return TransportSecuritySettings(
+        allowed_hosts=[*hosts, *(f"{h}:*" for h in hosts)],
+        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *config.cors_origins])
 
 
 def build_app(repos: Repositories, queue: FairQueue, config: ServeConfig, mcp_server: Any | None = None) -> Starlette:
     routes = [
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),  # ids hold a `/`
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
     ]
     mcp_app = None
     if mcp_server is not None:
-        mcp_app = mcp_server.streamable_http_app(streamable_http_path="/mcp", host=config.host)
+        mcp_app = mcp_server.streamable_http_app(streamable_http_path="/mcp", host=config.host,
+                                                 transport_security=_mcp_security(config))
         routes += list(mcp_app.routes)
 
     @contextlib.asynccontextmanager
@@ -91,8 +106,11 @@ def build_app(repos: Repositories, queue: FairQueue, config: ServeConfig, mcp_se
 
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=config.trusted_hosts(), www_redirect=False)]
     if config.cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
-                                     allow_headers=["Authorization", "Content-Type", "X-API-Key"]))
+        # Any request header of an allowed origin (the openai JS SDK sends X-Stainless-*, MCP its session
+        # headers); MCP's session id readable and its DELETE (the end of a session) allowed.
+        middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins,
+                                     allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],
+                                     expose_headers=["Mcp-Session-Id"]))
     if config.api_key:
         middleware.append(Middleware(APIKeyMiddleware, key=config.api_key))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,

@@ -51,6 +51,9 @@ def parse_chat(body: Any, settings: Settings) -> ChatRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise APIError(400, "`user` must be a string", param="user")
+    if _forces_a_tool(body.get("tool_choice")):
+        raise APIError(400, "repomem answers in text and cannot call tools: leave `tool_choice` as \"auto\" or "
+                       "\"none\"", param="tool_choice", code="unsupported_value")
     tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     sampling = SamplingParams(
         temperature=_number(body, "temperature", settings.temperature, 0.0, 2.0),
@@ -61,8 +64,20 @@ def parse_chat(body: Any, settings: Settings) -> ChatRequest:
     )
     return ChatRequest(model=model.strip(), question=question, history=history, system=system,
                        stream=_bool(body, "stream", False), include_usage=_bool(stream_options, "include_usage", False),
-                       sampling=sampling, sources_footer=_bool(options, "sources_footer", True),
+                       sampling=sampling,
+                       # a reply the client parses as JSON must be nothing else
+                       sources_footer=_bool(options, "sources_footer", True) and not _wants_json(body),
                        user=(user or "").strip())
+
+
+def _forces_a_tool(choice: Any) -> bool:
+    """`tool_choice` "required" or a named function: the reply must be a tool call, which repomem never makes."""
+    return choice == "required" or isinstance(choice, dict)
+
+
+def _wants_json(body: dict) -> bool:
+    fmt = body.get("response_format")
+    return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
 
 
 def _messages(messages: Any) -> tuple[str, list[tuple[str, str]], str]:

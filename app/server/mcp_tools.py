@@ -26,10 +26,11 @@ from repomem.core import Answer, Cube, RepomemError, RepoMemory, __version__
 from .clients import mcp_client
 from .errors import without_local_paths
 from .openai_api import evidence_dict, source_dict, usage_dict
-from .queue import FairQueue
+from .queue import FairQueue, Ticket
 from .repos import MODES, Repositories
 
 SNIPPET_CHARS = 1500
+PROGRESS_EVERY_S = 5.0
 INSTRUCTIONS = (
     "repomem keeps a lasting memory of a code repository. search_code finds definitions and code with "
     "path:start-end and says whether each file is unchanged since it was indexed (fresh); ask_repo has the "
@@ -39,6 +40,20 @@ INSTRUCTIONS = (
 Repo = Annotated[str, Field(description="Repository name when the server has several (default: the first)")]
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+async def _with_progress(ticket: Ticket, ctx: Context) -> Answer:
+    """The ticket's answer, with a progress notification every PROGRESS_EVERY_S while it waits or runs: MCP
+    clients time a tool call out (often after 60 s) unless progress comes, and a queue of text-mode answers
+    takes longer. A no-op for a client that asked for no progress."""
+    waiting = asyncio.wrap_future(ticket.future)
+    started = time.monotonic()
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=PROGRESS_EVERY_S)
+        if done:
+            return waiting.result()
+        state = "answering" if ticket.future.running() else "waiting for the model"
+        await ctx.report_progress(round(time.monotonic() - started, 1), None, state)
 
 
 def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
@@ -91,7 +106,7 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
         except RepomemError as exc:  # a full queue, or the server stopping
             raise ToolError(without_local_paths(str(exc))) from None
         try:
-            ans: Answer = await asyncio.wrap_future(ticket.future)
+            ans: Answer = await _with_progress(ticket, ctx)
         except asyncio.CancelledError:
             queue.cancel(ticket)
             raise
@@ -160,6 +175,7 @@ def build_mcp(repos: Repositories, queue: FairQueue) -> MCPServer:
     ) -> CallToolResult:
         """Delete a note from the memory. Memories of code follow their files and cannot be forgotten here."""
         served = _repo(repos, repo)
+        id = id.strip().removeprefix("note:")  # the citation search_code shows for a note
         try:
             served.mem.forget_note(id)
         except RepomemError as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -45,7 +46,7 @@ class ClientGone(Exception):
 
 
 # -- /v1/models -------------------------------------------------------------------------------------
-async def list_models(request: Request) -> Response:
+def _models(request: Request) -> list[dict]:
     """Every name `model` takes, so clients that pick from a list (Open WebUI) can pick each: per
     repository `repomem/<name>` (the settings' mode, kv unless changed) and a suffix for each other
     mode, then the same for the `repomem` alias (the first repository)."""
@@ -54,10 +55,22 @@ async def list_models(request: Request) -> Response:
     default = repos.settings.mode
     variants = [("", default)] + [(f":{m}", m) for m in MODES if m != default]
     named = [(r.model_id, r) for r in repos.repos] + [(MODEL_PREFIX, repos.repos[0])]
-    data = [{"id": base + suffix, "object": "model", "created": created, "owned_by": "repomem",
+    return [{"id": base + suffix, "object": "model", "created": created, "owned_by": "repomem",
              "repomem": {"repository": repo.name, "mode": mode, "context_length": repos.settings.n_ctx}}
             for base, repo in named for suffix, mode in variants]
-    return JSONResponse({"object": "list", "data": data})
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": _models(request)})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """`GET /v1/models/{model}`: one entry of the list (clients check a configured name exists)."""
+    name = request.path_params["model"]
+    found = next((m for m in _models(request) if m["id"] == name), None)
+    if found is None:
+        raise APIError(404, f"no model {name!r}: GET /v1/models lists them", code="model_not_found", param="model")
+    return JSONResponse(found)
 
 
 # -- /v1/chat/completions ---------------------------------------------------------------------------
@@ -217,8 +230,12 @@ async def _stream(reply: Reply, first: tuple[str, Any], queue: FairQueue, ticket
             queue.cancel(ticket)
 
 
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
+
+
 class Reply:
-    """One answer as OpenAI shapes it: stop sequences cut out, leading blank space dropped, the footer."""
+    """One answer as OpenAI shapes it: stop sequences cut out, leading blank lines dropped (the first line's
+    indentation kept: an editor may write the reply into a file), the footer."""
 
     def __init__(self, req: ChatRequest, mode: str):
         self.req, self.mode = req, mode
@@ -236,7 +253,10 @@ class Reply:
             return ""
         buf = self.pending + piece
         if not self.text:
-            buf = buf.lstrip()
+            if not buf.strip():  # nothing but space yet: it may be the indentation of a first code line
+                self.pending = buf
+                return ""
+            buf = _LEADING_BLANK_LINES.sub("", buf)
         cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             out, self.pending, self.stopped = buf[:cut], "", True
@@ -248,7 +268,7 @@ class Reply:
         return out
 
     def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
+        out, self.pending = ("" if self.stopped or not (self.text or self.pending.strip()) else self.pending), ""
         if out:
             self.text.append(out)
         return out
@@ -268,8 +288,11 @@ class Reply:
                 "warnings": [without_local_paths(w) for w in ans.warnings]}
 
     def chunk(self, delta: dict, finish: str | None = None) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.req.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.req.model,
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if self.req.include_usage:  # every chunk but the last carries `usage: null` then
+            out["usage"] = None
+        return out
 
     def final_chunks(self, ans: Answer) -> list[dict]:
         out = []
