@@ -313,8 +313,8 @@ def check(path: str | None, repair: bool, as_json: bool) -> None:
     else:
         t = Table(show_header=False, box=None)
         t.add_row("store", data["store"])
-        t.add_row("database", data["database"] if data["database"] == "ok"
-                  else f"[red]{data['database']}[/]: {'; '.join(data['integrity'][:3])}")
+        detail = f": {'; '.join(data['integrity'][:3])}" if data["integrity"] else ""
+        t.add_row("database", data["database"] if data["database"] == "ok" else f"[red]{data['database']}[/]{detail}")
         t.add_row("payloads", f"{data['payloads_checked']:,} checked, {len(data['payloads_missing'])} missing, "
                   f"{len(data['payloads_corrupt'])} damaged")
         t.add_row("orphan files", f"{len(data['orphans'])} ({data['orphans_recent']} recent), "
@@ -326,7 +326,9 @@ def check(path: str | None, repair: bool, as_json: bool) -> None:
         console.print(t)
     if data["problems"] and not repair:
         if not as_json:
-            err.print("[yellow]problems found:[/] run with --repair to fix what can be rebuilt")
+            unreadable = data["database"].startswith("cannot be read")
+            err.print("[yellow]the store cannot be checked now:[/] see above" if unreadable else
+                      "[yellow]problems found:[/] run with --repair to fix what can be rebuilt")
         sys.exit(1)
     if repair and data["problems_left"]:
         if not as_json:

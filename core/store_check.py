@@ -1,7 +1,8 @@
 """`repomem check PATH [--repair]`: is a repository's store whole, and rebuild what can be rebuilt.
 
 What is checked:
-* `cubes.db`: SQLite's `PRAGMA integrity_check` (and that it opens at all);
+* `cubes.db`: SQLite's `PRAGMA integrity_check`, read only (a database SQLite cannot read for another reason
+  than damage, a full disk or a read-only folder, is reported as such and never rebuilt);
 * every payload a cube points at: present, of its recorded size and sha256 (every byte is read);
 * payloads no cube points at (orphans) and leftovers of unfinished writes;
 * the saved search index (`index_file`): readable and from this version;
@@ -10,8 +11,9 @@ What is checked:
 What `--repair` does, and only that (compiled memory can always be rebuilt; notes and conversations
 are never dropped):
 * a damaged `cubes.db` is moved aside (`cubes.db.damaged-<time>`, with its -wal/-shm; never deleted),
-  conversation and change notes readable in it are copied into a new store, conversation notes it
-  lost are written again from `conversations.db`, and the repository is indexed again as plaintext;
+  conversation and change notes readable in it are copied into a new store (when that fails or is
+  interrupted, the damaged file goes back in place), conversation notes it lost are written again from
+  `conversations.db`, and the repository is indexed again as plaintext;
 * a cube whose payload is missing or damaged goes back to plaintext and into the compile queue;
 * orphan payloads and leftovers older than the GC grace period are deleted (younger ones may be
   a compile in another process that has not attached its payload yet);
@@ -75,18 +77,27 @@ class CheckReport:
         return {**asdict(self), "problems": self.problems}
 
 
+class Unreadable(Exception):
+    """The database could not be read at all (a full disk, a read-only folder, a lock): no sign of damage."""
+
+
+def _damage(exc: sqlite3.Error) -> bool:
+    return (getattr(exc, "sqlite_errorname", "") or "").startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+
+
 def _integrity(db_path: Path) -> list[str]:
-    """[] when SQLite finds the database whole, else its messages (or why it does not open)."""
+    """[] when SQLite finds the database whole, else its messages. Read only: a check writes nothing. Raises
+    Unreadable when SQLite cannot read it for another reason than damage, which a rebuild would not mend."""
     try:
-        conn = sqlite3.connect(str(db_path), timeout=5)
+        conn = sqlite3.connect(f"file:{quote(str(db_path))}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = conn.execute("PRAGMA integrity_check(20)").fetchall()
+        finally:
+            conn.close()
     except sqlite3.Error as exc:
-        return [str(exc)]
-    try:
-        rows = conn.execute("PRAGMA integrity_check(20)").fetchall()
-    except sqlite3.DatabaseError as exc:
-        return [str(exc)]
-    finally:
-        conn.close()
+        if _damage(exc):
+            return [str(exc)]
+        raise Unreadable(str(exc)) from None
     return [] if rows == [("ok",)] else [str(r[0]) for r in rows]
 
 
@@ -98,10 +109,18 @@ def check_store(repo_root: str | Path, *, repair: bool = False, progress: Progre
         raise RepomemError(f"no memory of {root} yet (nothing under {store_dir})")
     report = CheckReport(store=str(store_dir))
     conv_db = store_dir / CONVERSATIONS_DB
-    if conv_db.exists() and (problems := _integrity(conv_db)):
-        report.conversations = "; ".join(problems)
+    try:
+        if conv_db.exists() and (problems := _integrity(conv_db)):
+            report.conversations = "; ".join(problems)
+    except Unreadable as exc:
+        report.conversations = f"cannot be read ({exc})"
     db_path = store_dir / DB_NAME
-    report.integrity = _integrity(db_path) if db_path.exists() else []
+    try:
+        report.integrity = _integrity(db_path) if db_path.exists() else []
+    except Unreadable as exc:
+        # a full disk or a read-only folder is not damage: moving a whole database aside would not mend it
+        report.database = f"cannot be read ({exc}): free space or make the folder writable, then check again"
+        return report
     if not db_path.exists():
         report.database = "missing"
     elif report.integrity:
@@ -172,6 +191,13 @@ def _repair(store: CubeStore, report: CheckReport) -> None:
         report.repaired["index_file"] = "rebuilt"
 
 
+def _move_db(src: Path, dst: Path) -> None:
+    """A database file and its -wal/-shm, moved together."""
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{src}{suffix}").exists():
+            shutil.move(f"{src}{suffix}", f"{dst}{suffix}")
+
+
 def _salvage_notes(db_path: Path) -> list[Cube]:
     """Conversation and change notes still readable in a damaged database (row by row where needed;
     through a copy with SQLite's magic string written back when that is what was overwritten)."""
@@ -225,21 +251,32 @@ def _rebuild_database(root: Path, store_dir: Path, report: CheckReport) -> None:
         raise RepomemError(f"a watcher (pid {pid}: the app, `repomem watch` or `repomem serve`) has this memory "
                            "open: stop it, then repair")
     notes: list[Cube] = []
+    aside = None
     if db_path.exists():
         notes = _salvage_notes(db_path)
         aside = store_dir / f"{DB_NAME}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-        for suffix in ("", "-wal", "-shm"):
-            src = store_dir / f"{DB_NAME}{suffix}"
-            if src.exists():
-                shutil.move(str(src), str(aside) + suffix)
+        _move_db(db_path, aside)
         report.repaired["damaged_database_kept_as"] = aside.name
     index_file.path_for(store_dir).unlink(missing_ok=True)
     try:
         store = CubeStore.open(store_dir)
-    except StoreError as exc:
-        raise RepomemError(f"could not create a new store in {store_dir}: {exc}") from exc
+        try:
+            report.repaired["notes_salvaged"] = store.restore_notes(notes)
+        except BaseException:
+            store.close()
+            raise
+    except BaseException as exc:
+        # No new store holds the notes yet: the damaged file goes back, to be repaired again later.
+        if aside is not None:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+            _move_db(aside, db_path)
+            report.repaired.pop("damaged_database_kept_as", None)
+        if isinstance(exc, StoreError):
+            raise RepomemError(f"could not create a new store in {store_dir}: {exc}; the damaged database "
+                               "is back in place") from exc
+        raise
     try:
-        report.repaired["notes_salvaged"] = store.restore_notes(notes)
         have = {n.path for n in notes if n.source == "conversation"}
         rebuilt = []
         conv_db = store_dir / CONVERSATIONS_DB

@@ -33,6 +33,7 @@ from repomem.core import settings as settings_mod
 from repomem.core.errors import DiskFullError, ReadOnlyStoreError, RepomemError, StoreDamagedError
 from repomem.core.locks import ProcessLock
 from repomem.core.memory import RepoMemory
+from repomem.core.store import CubeStore
 from repomem.core.store_check import check_store
 from repomem.core.watch_status import lock_path
 
@@ -273,6 +274,58 @@ def test_a_corrupted_database_is_reported_and_repaired_without_losing_conversati
         if damage is _damage_header:  # readable rows come back as they were
             assert [c.text for c in mem.store.cubes(source="change")] == ["We agreed handler_0 keeps status 200."]
         assert [c.symbol for c in mem.search("handler_3 request")][:1] == ["handler_3"]  # indexed again
+    finally:
+        mem.close()
+
+
+def test_a_full_disk_is_not_damage_and_repair_leaves_the_database_where_it_is(
+        repo: Path, tmpfs_home: Path, test_model_path: Path) -> None:
+    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
+    mem.index(compile=False)
+    note = mem.remember("We decided handler_2 answers 202.", ["handlers.py"])
+    store_dir = mem.store.dir
+    mem.close()
+    before = (store_dir / "cubes.db").read_bytes()
+    filler = _fill(tmpfs_home)
+    report = check_store(repo)
+    assert report.database.startswith("cannot be read") and "free space" in report.database
+    report = check_store(repo, repair=True)
+    assert "damaged_database_kept_as" not in report.repaired
+    assert not [p for p in store_dir.iterdir() if ".damaged-" in p.name]  # nothing moved aside
+    assert (store_dir / "cubes.db").read_bytes() == before
+    filler.unlink()
+    assert check_store(repo).problems == 0
+    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
+    try:
+        assert mem.store.get(note.id).text.startswith("We decided handler_2 answers 202.")
+    finally:
+        mem.close()
+
+
+def test_a_repair_stopped_before_the_notes_are_restored_puts_the_damaged_database_back(
+        repo: Path, home: Path, test_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
+    mem.index(compile=False)
+    mem.store.add_note_cube("We agreed handler_1 keeps status 201.", source="change", path="change:handlers.py")
+    store_dir = mem.store.dir
+    mem.close()
+    _damage_header(store_dir / "cubes.db")
+    damaged = (store_dir / "cubes.db").read_bytes()
+
+    def interrupted(self, notes, event="salvaged"):
+        raise KeyboardInterrupt  # Ctrl-C while the notes are copied into the new store
+
+    with monkeypatch.context() as m:
+        m.setattr(CubeStore, "restore_notes", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            check_store(repo, repair=True)
+    assert (store_dir / "cubes.db").read_bytes() == damaged  # back in place, so a later repair salvages it
+    assert not [p for p in store_dir.iterdir() if ".damaged-" in p.name]
+    assert check_store(repo).database == "damaged"
+    assert check_store(repo, repair=True).repaired["notes_salvaged"] == 1
+    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
+    try:
+        assert [c.text for c in mem.store.cubes(source="change")] == ["We agreed handler_1 keeps status 201."]
     finally:
         mem.close()
 
