@@ -74,7 +74,7 @@ def ask_across(memories: Sequence[RepoMemory], question: str, *, mode: str | Non
         _refuse_mixed_models(mems)
         s = host.settings
         if history is None:
-            history = host.conversations.exchanges(conversation_id)[-3:] if conversation_id else []
+            history = host.conversations.recent_exchanges(conversation_id) if conversation_id else []
         params = sampling or SamplingParams(temperature=s.temperature, max_tokens=s.max_answer_tokens)
         turn = host._question_turn(question, list(history), params.max_tokens, system)
         picked = search_across(mems, question, s.top_k, allow_local=allow_local) if mode != "none" else []

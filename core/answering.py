@@ -348,7 +348,7 @@ class AnsweringMixin(MemoryState):
         s = self.settings
         with self._turns.question():
             if history is None:
-                history = self.conversations.exchanges(conversation_id)[-3:] if conversation_id else []
+                history = self.conversations.recent_exchanges(conversation_id) if conversation_id else []
             params = sampling or SamplingParams(temperature=s.temperature, max_tokens=s.max_answer_tokens)
             prep = self._prepare(question, mode, list(history), params.max_tokens, system=system,
                                  allow_local=allow_local)

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -24,6 +24,9 @@ from .errors import ReadOnlyStoreError, storage_error
 
 #: the file of a repository's conversations, beside its cube store
 DB_NAME = "conversations.db"
+
+
+HISTORY_EXCHANGES = 3  # the last exchanges of a conversation that a new question is asked with
 
 
 @dataclass
@@ -140,10 +143,12 @@ class ConversationStore:
                                "WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
         return [Message(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
 
-    def exchanges(self, conversation_id: str) -> list[tuple[str, str]]:
-        """(question, answer) pairs in order, for multi-turn prompts."""
+    def exchanges(self, conversation_id: str, *, skip: Collection[int] = ()) -> list[tuple[str, str]]:
+        """(question, answer) pairs in order, for multi-turn prompts; `skip`: message ids to leave out."""
         out, question = [], None
         for m in self.messages(conversation_id):
+            if m.id in skip:
+                continue
             if m.role == "user":
                 question = m.content
             elif m.role == "assistant" and question is not None:
@@ -151,17 +156,24 @@ class ConversationStore:
                 question = None
         return out
 
-    def delete_last_exchange(self, conversation_id: str) -> None:
-        """Drop the last answer and its question (for "regenerate"). A last question with no answer after
-        it (its answer was never saved) goes alone: the answer before it belongs to another question."""
+    def recent_exchanges(self, conversation_id: str, *, skip: Collection[int] = ()) -> list[tuple[str, str]]:
+        """The last exchanges a new question is asked with (`skip`: message ids to leave out)."""
+        return self.exchanges(conversation_id, skip=skip)[-HISTORY_EXCHANGES:]
+
+    def last_exchange(self, conversation_id: str) -> list[int]:
+        """The ids of the last answer and its question (what "regenerate" replaces). A last question with no
+        answer after it (its answer was never saved) is alone: the answer before it belongs to another."""
         msgs = self.messages(conversation_id)
-        drop = []
+        ids = []
         if msgs and msgs[-1].role == "assistant":
-            drop.append(msgs.pop().id)
+            ids.append(msgs.pop().id)
         if msgs and msgs[-1].role == "user":
-            drop.append(msgs[-1].id)
-        with self._writing("cannot delete the last exchange"):
-            self.db.conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in drop])
+            ids.append(msgs[-1].id)
+        return ids
+
+    def delete_messages(self, ids: Iterable[int]) -> None:
+        with self._writing("cannot delete messages"):
+            self.db.conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
 
     def close(self) -> None:
         self.db.conn.close()

@@ -356,6 +356,20 @@ def test_scripted_mode_fails_with_one_line(gui_home: Path, repo: Path, tmp_path:
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_regenerate_stopped_midway_keeps_the_answer_it_was_to_replace(qtbot, window: MainWindow, repo: Path):
+    add_and_wait(qtbot, window, repo)
+    first, _ = ask_and_wait(qtbot, window, "What does add return?", "text")
+    done: list = []
+    window.chat_ctl.answer_finished.connect(done.append)
+    window.chat_ctl.answer_failed.connect(done.append)
+    window.chat.regen_button.click()
+    window.chat_ctl.job.text.connect(lambda _piece: window.chat_ctl.stop())  # Stop at the first word
+    qtbot.waitUntil(lambda: bool(done), timeout=ANSWER_TIMEOUT_MS)
+    convs = window.stores.conversations(window.current_root())
+    kept = [(m.role, m.content) for m in convs.messages(first.conversation_id)]
+    assert kept == [("user", "What does add return?"), ("assistant", first.answer)]
+
+
 def test_regenerate_replaces_the_last_answer(qtbot, window: MainWindow, repo: Path):
     add_and_wait(qtbot, window, repo)
     first, _ = ask_and_wait(qtbot, window, "What does add return?", "text")

@@ -580,17 +580,19 @@ def test_kill_9_leaves_a_consistent_store(tmp_path: Path) -> None:
         s.upsert_chunks("after.py", chunk_text("after.py", "x = 1\n", "python"), "repo", "z")
 
 
-def test_delete_last_exchange_drops_the_last_question_and_only_its_answer(tmp_path: Path) -> None:
+def test_last_exchange_is_the_last_question_and_only_its_answer(tmp_path: Path) -> None:
     convs = ConversationStore(tmp_path / "conversations.db")
     c = convs.create()
     for role, text in [("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]:
         convs.add(c.id, role, text)
-    convs.delete_last_exchange(c.id)
+    last = convs.last_exchange(c.id)
+    assert convs.recent_exchanges(c.id, skip=last) == [("q1", "a1")]  # the history a regenerate asks with
+    convs.delete_messages(last)
     assert [(m.role, m.content) for m in convs.messages(c.id)] == [("user", "q1"), ("assistant", "a1")]
     # A question whose answer was never saved (the process was killed in between): regenerating it drops
     # that question alone, never the answer before it.
     convs.add(c.id, "user", "q2")
-    convs.delete_last_exchange(c.id)
+    convs.delete_messages(convs.last_exchange(c.id))
     assert [(m.role, m.content) for m in convs.messages(c.id)] == [("user", "q1"), ("assistant", "a1")]
     convs.close()
 

@@ -58,20 +58,25 @@ def compile_for(question: str) -> Callable[[Any, Job], int]:
     return run
 
 
-def asker(question: str, mode: str, conversation_id: str | None) -> Callable[[Any, Job], Any]:
+History = list[tuple[str, str]] | None  # None: the conversation's own last exchanges
+
+
+def asker(question: str, mode: str, conversation_id: str | None,
+          history: History = None) -> Callable[[Any, Job], Any]:
     def ask(mem: Any, job: Job) -> Any:
-        return mem.ask(question, mode=mode, conversation_id=conversation_id or None,
+        return mem.ask(question, mode=mode, conversation_id=conversation_id or None, history=history,
                        on_text=job.stream, cancel=job.cancel)
 
     return ask
 
 
-def asker_across(question: str, mode: str, conversation_id: str | None) -> Callable[[list[Any], Job], Any]:
+def asker_across(question: str, mode: str, conversation_id: str | None,
+                 history: History = None) -> Callable[[list[Any], Job], Any]:
     """Ask the memories of several repositories at once; the first one's conversation records it."""
     def ask(mems: list[Any], job: Job) -> Any:
         from repomem.core import ask_across
 
-        return ask_across(mems, question, mode=mode, conversation_id=conversation_id or None,
+        return ask_across(mems, question, mode=mode, conversation_id=conversation_id or None, history=history,
                           on_text=job.stream, cancel=job.cancel)
 
     return ask
@@ -79,12 +84,17 @@ def asker_across(question: str, mode: str, conversation_id: str | None) -> Calla
 
 def regenerate(question: str, mode: str, drop_from: str, conversation_id: str, *,
                across: bool = False) -> Callable[[Any, Job], Any]:
-    """Drop the last exchange from conversation `drop_from` (if given), then ask the question again
-    (`across`: of the memories `mems`, whose first one holds the conversation)."""
+    """Ask the question again, without the last exchange of conversation `drop_from` (if given) in its
+    history, and drop that exchange once the new answer is in (`across`: of the memories `mems`, whose first
+    one holds the conversation). An answer that fails or is stopped leaves the old exchange as it was."""
     def run(target: Any, job: Job) -> Any:
-        if drop_from:
-            (target[0] if across else target).conversations.delete_last_exchange(drop_from)
-        return (asker_across if across else asker)(question, mode, conversation_id)(target, job)
+        conversations = (target[0] if across else target).conversations
+        old = conversations.last_exchange(drop_from) if drop_from else []
+        history = conversations.recent_exchanges(drop_from, skip=old) if drop_from else None
+        ans = (asker_across if across else asker)(question, mode, conversation_id, history)(target, job)
+        if old and ans.stop_reason != "cancelled":
+            conversations.delete_messages(old)
+        return ans
 
     return run
 
