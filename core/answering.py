@@ -31,6 +31,7 @@ from .memory_state import MemoryState
 from .notes import UnsavedExchange
 from .prompt import memory_text, memory_tokens
 from .system_piece import SystemPieces
+from .text import whole_text
 
 log = logging.getLogger(__name__)
 
@@ -409,8 +410,7 @@ class AnsweringMixin(MemoryState):
             return AnswerScore(logprobs=logprobs, top1=top1)
 
     def _check_question(self, question: str, mode: str | None) -> tuple[str, str]:
-        # half a surrogate pair (a client that cut a string inside an emoji) is no text to store or tokenize
-        question = question.encode("utf-8", "replace").decode("utf-8").strip()
+        question = whole_text(question).strip()
         if not question:
             raise RepomemError("the question is empty")
         mode = mode or self.settings.mode

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import sqlite_utils
 
 from .errors import ReadOnlyStoreError, storage_error
+from .text import whole_text
 
 #: the file of a repository's conversations, beside its cube store
 DB_NAME = "conversations.db"
@@ -110,7 +111,7 @@ class ConversationStore:
 
     def create(self, title: str = "New conversation") -> Conversation:
         now = time.time()
-        c = Conversation(uuid.uuid4().hex[:12], title, now, now)
+        c = Conversation(uuid.uuid4().hex[:12], whole_text(title), now, now)
         with self._writing("cannot save the new conversation"):
             self.db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?)", (c.id, c.title, c.created, c.updated))
         return c
@@ -122,7 +123,7 @@ class ConversationStore:
 
     def rename(self, conversation_id: str, title: str) -> None:
         with self._writing("cannot rename the conversation"):
-            self.db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
+            self.db.execute("UPDATE conversations SET title = ? WHERE id = ?", (whole_text(title), conversation_id))
 
     def delete(self, conversation_id: str) -> None:
         with self._writing("cannot delete the conversation"):
@@ -130,7 +131,7 @@ class ConversationStore:
             self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
     def add(self, conversation_id: str, role: str, content: str, meta: dict | None = None) -> Message:
-        now = time.time()
+        now, content = time.time(), whole_text(content)
         with self._writing("cannot save the message"):
             cur = self.db.execute(
                 "INSERT INTO messages (conversation_id, role, content, created, meta) VALUES (?, ?, ?, ?, ?)",

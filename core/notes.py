@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from .cube import Cube
 from .errors import RepomemError, StoreError
 from .memory_state import MemoryState
+from .text import whole_text
 from .walk import secret_in_text
 
 MAX_NOTE_CHARS = 4000
@@ -76,8 +77,8 @@ class NotesMixin(MemoryState):
         `paths`: the files it is about (named in its text, so a question about them finds it). A note
         that looks like it holds a secret is refused, as the walk refuses such files; a note about a
         private path stays on this machine."""
-        note = note.strip()
-        rels = [self._note_path(p) for p in paths if p and p.strip()]
+        note = whole_text(note).strip()
+        rels = [self._note_path(whole_text(p)) for p in paths if p and p.strip()]
         if not note:
             raise RepomemError("the note is empty")
         if len(note) > MAX_NOTE_CHARS:
@@ -106,6 +107,7 @@ class NotesMixin(MemoryState):
 
     def edit_note(self, cube_id: str, text: str) -> Cube:
         """Replace a note's text (the memory inspector); the same secret check as `remember`."""
+        text = whole_text(text)
         if not text.strip():
             raise RepomemError("a note cannot be empty; forget it instead")
         _refuse_secret(text)

@@ -174,6 +174,10 @@ def test_notes_are_searchable_editable_forgettable_and_never_hold_secrets(mem: R
     edited = mem.edit_note(note.id, "We decided on eleven digits of precision.")
     assert edited.version == 2 and [e.event for e in mem.store.history(note.id)][-1] == "edited"
     assert mem.search("eleven digits")[0].id == note.id
+    cut = mem.remember("We chose Postgres \ud83d", ["calc.py\udc80"])  # an agent's string cut inside an emoji
+    assert mem.store.get(cut.id).text == "We chose Postgres ?\nFiles: calc.py?"
+    assert mem.edit_note(cut.id, "We chose SQLite \ud83d").text == "We chose SQLite ?"
+    mem.forget_note(cut.id)
 
     before = len(mem.store.cubes())
     with pytest.raises(RepomemError, match="secret"):

@@ -597,6 +597,15 @@ def test_last_exchange_is_the_last_question_and_only_its_answer(tmp_path: Path) 
     convs.close()
 
 
+def test_half_a_surrogate_pair_in_a_title_or_message_is_stored_replaced(tmp_path: Path) -> None:
+    convs = ConversationStore(tmp_path / "conversations.db")
+    c = convs.create("emoji cut \ud83d")
+    convs.rename(c.id, "title \udc80")
+    convs.add(c.id, "user", "a question \ud83d")
+    assert convs.get(c.id).title == "title ?" and convs.messages(c.id)[0].content == "a question ?"
+    convs.close()
+
+
 def test_editing_a_stale_note_makes_it_an_active_plain_note(tmp_path: Path) -> None:
     store = CubeStore.open(tmp_path / "s")
     note = store.add_note_cube("retries are configured in adapters.py", source="note")
