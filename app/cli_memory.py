@@ -289,7 +289,7 @@ def eval_cmd(qa_file: str, repo_root: str, modes: str, out_path: str, limit: int
 
 @cli.command()
 @click.argument("path", required=False)
-@click.option("--repair", is_flag=True, help="Rebuild what can be rebuilt (never touches conversations or notes).")
+@click.option("--repair", is_flag=True, help="Rebuild what can be rebuilt (conversations and notes are kept).")
 @click.option("--json", "as_json", is_flag=True)
 def check(path: str | None, repair: bool, as_json: bool) -> None:
     """Verify a repository's store: database integrity, every payload's sha256, orphan files, search index."""
@@ -306,7 +306,7 @@ def check(path: str | None, repair: bool, as_json: bool) -> None:
     with bar if bar is not None else nullcontext():
         report = check_store(Path(path or "."), repair=repair, progress=progress)
     data = report.as_dict()
-    if repair:  # what the repair could not fix (a damaged conversations.db, which it never touches)
+    if repair:  # what the repair could not fix
         data["problems_left"] = check_store(Path(path or ".")).problems
     if as_json:
         _print_json(data)

@@ -6,7 +6,7 @@ What is checked:
 * every payload a cube points at: present, of its recorded size and sha256 (every byte is read);
 * payloads no cube points at (orphans) and leftovers of unfinished writes;
 * the saved search index (`index_file`): readable and from this version;
-* `conversations.db`: `integrity_check` only. It is the user's own data: never written here.
+* `conversations.db`: `integrity_check`. It is the user's own data: only a damaged one is ever replaced.
 
 What `--repair` does, and only that (compiled memory can always be rebuilt; notes and conversations
 are never dropped):
@@ -14,6 +14,9 @@ are never dropped):
   conversation and change notes readable in it are copied into a new store (when that fails or is
   interrupted, the damaged file goes back in place), conversation notes it lost are written again from
   `conversations.db`, and the repository is indexed again as plaintext;
+* a damaged `conversations.db` is moved aside the same way, and every conversation and message readable
+  in it is copied, with its id, into a new one (a message whose conversation row is lost gets a
+  "Recovered conversation");
 * a cube whose payload is missing or damaged goes back to plaintext and into the compile queue;
 * orphan payloads and leftovers older than the GC grace period are deleted (younger ones may be
   a compile in another process that has not attached its payload yet);
@@ -45,6 +48,8 @@ from .store_lifecycle import GC_GRACE_S
 from .watch_status import lock_path
 
 Progress = Callable[[str, int, int], None]
+BITE_ROWS = 256  # rows read at a time from a damaged table
+MAX_MISSED_BITES = 4096  # failed bites before the salvage of a table stops
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -112,6 +117,8 @@ def check_store(repo_root: str | Path, *, repair: bool = False, progress: Progre
     try:
         if conv_db.exists() and (problems := _integrity(conv_db)):
             report.conversations = "; ".join(problems)
+            if repair:
+                _rebuild_conversations(root, store_dir, report)
     except Unreadable as exc:
         report.conversations = f"cannot be read ({exc})"
     db_path = store_dir / DB_NAME
@@ -199,46 +206,96 @@ def _move_db(src: Path, dst: Path) -> None:
 
 
 def _salvage_notes(db_path: Path) -> list[Cube]:
-    """Conversation and change notes still readable in a damaged database (row by row where needed;
-    through a copy with SQLite's magic string written back when that is what was overwritten)."""
-    notes = _read_notes(db_path)
-    if notes or db_path.read_bytes()[:16] == SQLITE_MAGIC:
-        return notes
+    """Conversation and change notes still readable in a damaged database."""
+    return [Cube.from_row(r) for r in _salvage_rows(db_path, "cubes", "source != 'code'")]
+
+
+def _salvage_rows(db_path: Path, table: str, where: str = "1") -> list[dict]:
+    """The rows of `table` still readable in a damaged database (row by row where needed; through a copy
+    with SQLite's magic string written back when that is what was overwritten)."""
+    rows = _read_rows(db_path, table, where)
+    if rows or db_path.read_bytes()[:16] == SQLITE_MAGIC:
+        return rows
     with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / DB_NAME
+        copy = Path(tmp) / db_path.name
         data = bytearray(db_path.read_bytes())
         data[:16] = SQLITE_MAGIC
         copy.write_bytes(bytes(data))
-        return _read_notes(copy)
+        return _read_rows(copy, table, where)
 
 
-def _read_notes(db_path: Path) -> list[Cube]:
+def _read_rows(db_path: Path, table: str, where: str) -> list[dict]:
     try:
         conn = sqlite3.connect(f"file:{quote(str(db_path))}?mode=ro", uri=True)
     except sqlite3.Error:
         return []
     conn.row_factory = sqlite3.Row
-    out: list[Cube] = []
+    out: list[dict] = []
     try:
         try:
-            rows = conn.execute("SELECT * FROM cubes WHERE source != 'code'").fetchall()
-            return [Cube.from_row(dict(r)) for r in rows]
+            return [dict(r) for r in conn.execute(f"SELECT * FROM {table} WHERE {where}").fetchall()]
         except sqlite3.DatabaseError:
             pass
-        try:
-            top = conn.execute("SELECT MAX(rowid) FROM cubes").fetchone()[0] or 0
-        except sqlite3.DatabaseError:
-            return []
-        for start in range(0, top + 1, 256):  # smaller bites around the damaged pages
+        # Smaller bites, in rowid order, around the damaged pages; a bite that fails is stepped over. The
+        # steps are counted: a damaged page can make the largest rowid look like 2**63.
+        last, misses = -(2**63), 0
+        while misses < MAX_MISSED_BITES:
             try:
-                rows = conn.execute("SELECT * FROM cubes WHERE rowid BETWEEN ? AND ? AND source != 'code'",
-                                    (start, start + 255)).fetchall()
+                rows = conn.execute(f"SELECT rowid AS _rowid_, * FROM {table} WHERE rowid > ? AND {where} "
+                                    f"ORDER BY rowid LIMIT {BITE_ROWS}", (last,)).fetchall()
             except sqlite3.DatabaseError:
+                misses += 1
+                last = last + BITE_ROWS if last >= 0 else 0
                 continue
-            out.extend(Cube.from_row(dict(r)) for r in rows)
+            if not rows:
+                break
+            last = rows[-1]["_rowid_"]
+            out.extend({k: r[k] for k in r.keys() if k != "_rowid_"} for r in rows)
     finally:
         conn.close()
     return out
+
+
+def _rebuild_conversations(root: Path, store_dir: Path, report: CheckReport) -> None:
+    """A damaged conversations.db: moved aside (never deleted), and every conversation and message still
+    readable in it copied into a new one, with their ids. On a failure the damaged file goes back."""
+    _refuse_while_watched(root)
+    conv_db = store_dir / CONVERSATIONS_DB
+    conversations = _salvage_rows(conv_db, "conversations")
+    messages = _salvage_rows(conv_db, "messages")
+    aside = store_dir / f"{CONVERSATIONS_DB}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    _move_db(conv_db, aside)
+    try:
+        fresh = ConversationStore(conv_db)
+        try:
+            with fresh.db.conn:
+                fresh.db["conversations"].insert_all(conversations, pk="id", replace=True)
+                known = {c["id"] for c in conversations}
+                # a message whose conversation row was lost keeps a conversation of its own
+                for cid in dict.fromkeys(m["conversation_id"] for m in messages if m["conversation_id"] not in known):
+                    first = min(m["created"] for m in messages if m["conversation_id"] == cid)
+                    fresh.db["conversations"].insert({"id": cid, "title": "Recovered conversation",
+                                                      "created": first, "updated": first})
+                fresh.db["messages"].insert_all(messages, pk="id", replace=True)
+        finally:
+            fresh.close()
+    except BaseException as exc:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{conv_db}{suffix}").unlink(missing_ok=True)
+        _move_db(aside, conv_db)
+        if isinstance(exc, sqlite3.Error | StoreError):
+            raise RepomemError(f"could not write a new {CONVERSATIONS_DB} in {store_dir}: {exc}; the damaged "
+                               "one is back in place") from exc
+        raise
+    report.repaired["conversations_kept_as"] = aside.name
+    report.repaired["conversations_salvaged"] = {"conversations": len(conversations), "messages": len(messages)}
+
+
+def _refuse_while_watched(root: Path) -> None:
+    if (pid := holder(lock_path(root))) is not None:
+        # its open connection would keep writing into the file moved aside
+        raise RepomemError(f"a watcher (pid {pid}: the app, `repomem watch` or `repomem serve`) has this memory "
+                           "open: stop it, then repair")
 
 
 def _rebuild_database(root: Path, store_dir: Path, report: CheckReport) -> None:
@@ -246,10 +303,7 @@ def _rebuild_database(root: Path, store_dir: Path, report: CheckReport) -> None:
     from .notes import conversation_note
 
     db_path = store_dir / DB_NAME
-    if (pid := holder(lock_path(root))) is not None:
-        # its open connection would keep writing notes into the file moved aside
-        raise RepomemError(f"a watcher (pid {pid}: the app, `repomem watch` or `repomem serve`) has this memory "
-                           "open: stop it, then repair")
+    _refuse_while_watched(root)
     notes: list[Cube] = []
     aside = None
     if db_path.exists():
@@ -280,7 +334,7 @@ def _rebuild_database(root: Path, store_dir: Path, report: CheckReport) -> None:
         have = {n.path for n in notes if n.source == "conversation"}
         rebuilt = []
         conv_db = store_dir / CONVERSATIONS_DB
-        if conv_db.exists() and report.conversations == "ok":
+        if conv_db.exists() and (report.conversations == "ok" or "conversations_kept_as" in report.repaired):
             conversations = ConversationStore(conv_db, read_only=True)
             try:
                 for conv in conversations.list():

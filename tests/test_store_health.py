@@ -289,6 +289,10 @@ def test_a_full_disk_is_not_damage_and_repair_leaves_the_database_where_it_is(
     filler = _fill(tmpfs_home)
     report = check_store(repo)
     assert report.database.startswith("cannot be read") and "free space" in report.database
+    result = CliRunner().invoke(cli, ["check", str(repo), "--repair", "--json"])
+    out = json.loads(result.stdout)
+    assert result.exit_code == 1 and out["problems_left"] == 2  # neither database can be read: no repair mends it
+    assert out["conversations"].startswith("cannot be read")
     report = check_store(repo, repair=True)
     assert "damaged_database_kept_as" not in report.repaired
     assert not [p for p in store_dir.iterdir() if ".damaged-" in p.name]  # nothing moved aside
@@ -411,16 +415,35 @@ def test_cubes_of_a_folder_never_indexed_is_an_error_that_leaves_nothing_behind(
     assert {c["path"] for c in json.loads(listed.output)} == {"handlers.py", "README.md"}
 
 
-def test_repair_exits_1_when_problems_are_left(repo: Path, home: Path, test_model_path: Path) -> None:
-    """A damaged conversations.db is the user's data: repair leaves it alone, and says so in its status."""
+@pytest.mark.parametrize("damage", [_damage_header, _damage_pages])
+def test_a_damaged_conversations_db_is_set_aside_and_its_readable_turns_copied(
+        repo: Path, home: Path, test_model_path: Path, damage) -> None:
     mem = RepoMemory.open(repo, settings=_settings(test_model_path))
     mem.index(compile=False)
-    _ask(mem, "What does handler_0 return?")
+    asked = [_ask(mem, f"What does handler_{i} return?") for i in range(3)]
     store_dir = mem.store.dir
+    before = {a.conversation_id: [(m.role, m.content) for m in mem.conversations.messages(a.conversation_id)]
+              for a in asked}
     mem.close()
-    _damage_header(store_dir / "conversations.db")
-    before = (store_dir / "conversations.db").read_bytes()
+    damage(store_dir / "conversations.db")
+    damaged = (store_dir / "conversations.db").read_bytes()
+    if damage is _damage_header:  # the memory does not open, and the message names the command that mends it
+        with pytest.raises(StoreDamagedError, match=r"repomem check .* --repair"):
+            RepoMemory.open(repo, settings=_settings(test_model_path))
     result = CliRunner().invoke(cli, ["check", str(repo), "--repair", "--json"])
-    assert result.exit_code == 1, result.output
-    assert json.loads(result.stdout)["problems_left"] == 1
-    assert (store_dir / "conversations.db").read_bytes() == before  # never touched
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["problems_left"] == 0
+    kept = store_dir / out["repaired"]["conversations_kept_as"]
+    assert kept.read_bytes() == damaged  # set aside, never deleted
+    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
+    try:
+        after = {c.id: [(m.role, m.content) for m in mem.conversations.messages(c.id)]
+                 for c in mem.conversations.list()}
+        if damage is _damage_header:  # every row was readable: all of them are back, with their ids
+            assert after == before
+        else:  # what survived the damaged pages, never a turn that was not there
+            assert all(turns == before.get(cid, turns) for cid, turns in after.items())
+        assert _ask(mem, "What does handler_4 return?").answer  # and the memory answers again
+    finally:
+        mem.close()
