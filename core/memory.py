@@ -51,7 +51,11 @@ class RepoMemory(IndexingMixin, CompilingMixin, AnsweringMixin, NotesMixin):
         self.store = store
         self.settings = settings
         self.model_choice = model or settings.model or None
-        self.conversations = ConversationStore.in_folder(paths.repo_dir(root))
+        try:
+            self.conversations = ConversationStore.in_folder(paths.repo_dir(root))
+        except StoreDamagedError as exc:
+            store.close()
+            raise StoreDamagedError(str(exc).replace("<repository>", shlex.quote(str(root)))) from exc
         self._search = SearchIndex.open(store)  # the saved index, brought up to date with the store
         self._turns = ModelTurns()  # questions first; compiles go one cube at a time
         self._lock = self._turns.lock  # one model operation at a time per repository

@@ -428,7 +428,7 @@ def test_a_damaged_conversations_db_is_set_aside_and_its_readable_turns_copied(
     damage(store_dir / "conversations.db")
     damaged = (store_dir / "conversations.db").read_bytes()
     if damage is _damage_header:  # the memory does not open, and the message names the command that mends it
-        with pytest.raises(StoreDamagedError, match=r"repomem check .* --repair"):
+        with pytest.raises(StoreDamagedError, match=r"repomem check .*service --repair"):
             RepoMemory.open(repo, settings=_settings(test_model_path))
     result = CliRunner().invoke(cli, ["check", str(repo), "--repair", "--json"])
     assert result.exit_code == 0, result.output
