@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import paths
-from .errors import CancelledError, RepomemError
+from .errors import CancelledError, RepomemError, storage_error
 from .locks import LockHeld, ProcessLock
 from .watch_status import (
     STATUS_VERSION,
@@ -266,6 +266,8 @@ class Watcher:
         except LockHeld as held:
             raise RepomemError(f"{self.root} is already watched by another process (pid {held.pid}); "
                                f"stop that watcher first (kill {held.pid})") from None
+        except OSError as exc:  # a read-only or full data home: the lock file cannot be made
+            raise storage_error(exc, "cannot watch the repository", self._lock.path.parent) from None
         try:
             prev = read_status(self.root) or {}
             if prev.get("state") not in (None, "stopped"):

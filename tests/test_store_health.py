@@ -214,6 +214,18 @@ def test_read_only_home_still_searches_and_answers(repo: Path, ro_home: Path, te
         mem.close()
 
 
+def test_watching_from_a_read_only_home_is_a_clear_error(repo: Path, ro_home: Path, test_model_path: Path) -> None:
+    from repomem.core import Watcher
+
+    mem = RepoMemory.open(repo, settings=_settings(test_model_path))
+    mem.index(compile=False)
+    mem.close()
+    _make_read_only(ro_home)
+    watcher = Watcher(repo, memory_factory=lambda p: RepoMemory.open(p, settings=_settings(test_model_path)))
+    with pytest.raises(ReadOnlyStoreError, match="cannot watch the repository: .* is read-only"):
+        watcher.start()
+
+
 def test_cli_on_a_read_only_home_says_so_in_one_line(repo: Path, ro_home: Path, test_model_path: Path) -> None:
     mem = RepoMemory.open(repo, settings=_settings(test_model_path))
     mem.index(compile=False)
