@@ -62,8 +62,17 @@ def window(qtbot, gui_home: Path):
 
 
 def add_and_wait(qtbot, win: MainWindow, repo: Path) -> str:
-    with qtbot.waitSignal(win.repos.ready, timeout=60_000):
-        root = win.add_repository(repo)
+    root = win.add_repository(repo)
+    state = win.sidebar.states[root]
+    # Ready or failed, and either way with what the app was doing: a plain timeout says nothing.
+    try:
+        qtbot.waitUntil(lambda: root in win.repos.ready_roots or bool(state.error), timeout=60_000)
+    except qtbot.TimeoutError:
+        current = win.worker._current
+        pytest.fail(f"not indexed in 60 s: activity {state.activity!r} {state.done}/{state.total}, "
+                    f"worker running {win.worker.isRunning()} on {current.name if current else None!r} "
+                    f"with {win.worker._queue.qsize()} queued, errors {win.errors}")
+    assert root in win.repos.ready_roots, (state.error, win.errors)
     qtbot.waitUntil(lambda: win.sidebar.states[root].cubes > 0, timeout=10_000)
     return root
 
