@@ -1,5 +1,7 @@
 """Errors a user can act on. The CLI prints their message on one line and exits non-zero."""
 
+from errno import ENOLCK
+
 
 class RepomemError(Exception):
     """Base class: the message is complete and meant for the user, no traceback needed."""
@@ -45,6 +47,9 @@ def storage_error(exc: BaseException, what: str, folder: object) -> StoreError:
         return DiskFullError(f"{what}: the disk holding {folder} is full ({exc}); free some space")
     if errno in _READ_ONLY_ERRNOS or "readonly" in text or "read-only" in text:
         return ReadOnlyStoreError(f"{what}: {folder} is read-only ({exc}); memory can be searched, not changed")
+    if errno == ENOLCK:  # a network or FUSE file system that keeps no locks
+        return StoreError(f"{what}: the file system holding {folder} does not support file locks ({exc}); "
+                          "point REPOMEM_HOME at a folder on a local disk")
     if "malformed" in text or "not a database" in text or "corrupt" in text:
         return StoreDamagedError(f"{what}: the database in {folder} is damaged ({exc}); "
                                  "run `repomem check <repository> --repair`")

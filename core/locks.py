@@ -32,14 +32,18 @@ if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 else:
+    import errno
     import fcntl
 
     def _try_lock(fd: int) -> bool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
-        except OSError:
-            return False
+        except OSError as exc:
+            # Only "another process holds it" means held; a file system without locks (ENOLCK) is an error.
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
 
     def _unlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -83,11 +87,14 @@ class ProcessLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + retry_s
-        while not _try_lock(fd):
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise LockHeld(self.path, _read_pid(self.path))
-            time.sleep(0.02)
+        try:
+            while not _try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise LockHeld(self.path, _read_pid(self.path))
+                time.sleep(0.02)
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f" \n{os.getpid()}\n".encode())
@@ -111,7 +118,8 @@ class ProcessLock:
 
 
 def holder(path: Path) -> int | None:
-    """The pid holding `path` (0 if held but unreadable), or None when nobody holds it."""
+    """The pid holding `path` (0 if held but unreadable), or None when nobody holds it (or nobody can: a
+    file system without locks)."""
     path = Path(path)
     if not path.exists():
         return None
@@ -124,5 +132,7 @@ def holder(path: Path) -> int | None:
             _unlock(fd)
             return None
         return _read_pid(path) or 0
+    except OSError:
+        return None
     finally:
         os.close(fd)

@@ -585,6 +585,21 @@ def test_second_watcher_refused_and_status_visible(watched) -> None:
     assert st["stats"]["batches"] >= 1 and st["last_update"] and st["log"].endswith("watch.log")
 
 
+def test_file_system_without_locks_is_named_not_reported_as_held(repo: Path, monkeypatch) -> None:
+    """NFS without lockd and some FUSE mounts answer flock with ENOLCK: that is no watcher holding the repository."""
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(RepomemError, match="does not support file locks") as refused:
+        Watcher(repo, memory_factory=lambda r: RecordingMemory(r), **FAST).start()
+    assert "pid" not in str(refused.value)
+    assert watcher_status(repo)["running"] is False
+
+
 def test_second_watcher_cli_is_refused(watched) -> None:
     w, _ = watched
     proc = subprocess.run([sys.executable, "-m", "repomem.app.cli", "watch", str(w.root)],
