@@ -281,8 +281,11 @@ class WalkResult:
         return dict(Counter(s.reason for s in self.skipped))
 
 
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 class NotTextError(ValueError):
-    """A file that is not UTF-8 text: `reason` is `binary` or `encoding`."""
+    """A file that is not UTF-8 or UTF-16 text: `reason` is `binary` or `encoding`."""
 
     def __init__(self, reason: str, path: str | os.PathLike[str]) -> None:
         super().__init__(f"{path}: {reason}")
@@ -299,17 +302,27 @@ def language_for(rel_path: str) -> str | None:
 
 
 def decode_text(data: bytes, path: str | os.PathLike[str] = "<bytes>") -> str:
-    """UTF-8 (a BOM is dropped) with newlines normalised; raises NotTextError otherwise.
+    """UTF-8, or UTF-16 where a byte-order mark says so (the BOM is dropped), with newlines normalised;
+    raises NotTextError otherwise.
 
     Why no latin-1 fallback: every byte string decodes as latin-1, so it would turn binary files
     into garbage memory; a repository in another encoding is rare enough to be told, not guessed.
+    Windows tools write UTF-16 with a BOM (resource files, PowerShell, exported logs): the mark names it.
     """
-    if b"\x00" in data:  # no text has one; searching the whole file costs little beside reading it
+    if data.startswith(_UTF16_BOMS):
+        try:
+            text = data.decode("utf-16")  # the BOM picks the byte order
+        except UnicodeDecodeError:
+            raise NotTextError("encoding", path) from None
+        if "\x00" in text:  # UTF-32, whose little-endian BOM starts like UTF-16's, or binary after all
+            raise NotTextError("binary", path)
+    elif b"\x00" in data:  # no UTF-8 text has one; searching the whole file costs little beside reading it
         raise NotTextError("binary", path)
-    try:
-        text = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8")
-    except UnicodeDecodeError:
-        raise NotTextError("encoding", path) from None
+    else:
+        try:
+            text = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8")
+        except UnicodeDecodeError:
+            raise NotTextError("encoding", path) from None
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text

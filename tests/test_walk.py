@@ -302,6 +302,20 @@ def test_binary_encoding_bom_and_size(tmp_path: Path) -> None:
         decode_text(b"x = 1\n" * 2000 + b"\x00")
 
 
+def test_utf16_with_a_byte_order_mark_is_text(tmp_path: Path) -> None:
+    source = "# Windows resource strings\r\nGREETING = \"caf\u00e9\"\r\n"
+    write(tmp_path, "le.py", source.encode("utf-16"))  # Python writes the native (little-endian) BOM
+    write(tmp_path, "be.ps1", b"\xfe\xff" + source.encode("utf-16-be"))
+    write(tmp_path, "odd.txt", b"\xff\xfe" + "ok".encode("utf-16-le") + b"\x00")  # a dangling byte
+    write(tmp_path, "wide.txt", "x = 1\n".encode("utf-32"))  # FF FE 00 00: not UTF-16
+    write(tmp_path, "no_bom.txt", "x = 1\n".encode("utf-16-le"))  # no mark: NULs, so binary
+    res = walk_repo(tmp_path)
+    texts = {f.rel: f.text for f in res.files}
+    assert texts == {"le.py": '# Windows resource strings\nGREETING = "caf\u00e9"\n',
+                     "be.ps1": '# Windows resource strings\nGREETING = "caf\u00e9"\n'}
+    assert reasons(res) == {"odd.txt": "encoding", "wide.txt": "binary", "no_bom.txt": "binary"}
+
+
 def test_a_file_with_a_generated_line_is_skipped_as_minified(tmp_path: Path) -> None:
     from repomem.core.walk import MAX_LINE_CHARS
 
