@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 CHUNK_KINDS = ("function", "method", "class", "module", "window")
 # Raised whenever the same file would chunk differently: memories chunked by an older version are re-chunked
 # at the next index, although their files did not change.
-CHUNKING_VERSION = 2
+CHUNKING_VERSION = 3
 
 WINDOW_LINES = 40
 WINDOW_OVERLAP = 8
@@ -330,6 +330,11 @@ _JS_FUNCTIONS = frozenset({"function_expression", "arrow_function", "function", 
 def _classify(node: Any, spec: _Spec, language: str, in_class: bool) -> _Def | None:
     inner = _unwrap(node, spec)
     t = inner.type
+    # `export default function () {}`, `export default () => ...`, `export default class {}`: what other
+    # modules import is named `default`, so the definition is found under that name.
+    anonymous_default = node.type == "export_statement" and inner == node.child_by_field_name("value")
+    if anonymous_default and t in _JS_FUNCTIONS:
+        return _Def("function", "default", inner)
     if t == "ERROR":  # text the grammar could not place can still hold whole definitions (C's split `#ifdef` headers)
         return _Def("scope", None, inner, "")
     if _swallowed_defs(inner, language):
@@ -371,7 +376,7 @@ def _classify(node: Any, spec: _Spec, language: str, in_class: bool) -> _Def | N
             typ = inner.child_by_field_name("type")
             name_s = _clean_name(_text(typ)) if typ is not None else None
         else:
-            name_s = _clean_name(_text(name)) if name is not None else None
+            name_s = _clean_name(_text(name)) if name is not None else "default" if anonymous_default else None
         body = inner.child_by_field_name(spec.containers[t])
         if body is None:  # C++ forward declaration `class Foo;`, Rust `struct X;`
             return _Def("class", name_s, inner) if name_s else None

@@ -179,6 +179,25 @@ def test_javascript() -> None:
     assert "Counter.increment" in syms and "Counter.create" in syms
 
 
+@pytest.mark.parametrize("language", ["javascript", "typescript"])
+def test_anonymous_default_exports_are_named_default(language: str) -> None:
+    """What an importer calls `default` is a definition of its own, not part of the module's lead."""
+    src = (
+        'import x from "./x.js";\n\n'
+        "export default function (opts) {\n  return opts.a + 1;\n}\n\n"
+        "export default () => 2;\n\n"
+        "export default class {\n  run() {\n    return 1;\n  }\n}\n\n"
+        "export default x;\n"
+    )
+    assert table(chunks_of(src, language)) == [
+        (None, "module", 1, 1),
+        ("default", "function", 3, 5),
+        ("default", "function", 7, 7),
+        ("default", "class", 9, 13),
+        (None, "module", 15, 15),
+    ]
+
+
 TS = """
 export interface Shape {
   area(): number;
