@@ -399,6 +399,17 @@ def _classify(node: Any, spec: _Spec, language: str, in_class: bool) -> _Def | N
 _PY_HEADER = re.compile(r"^([ \t]*)(?:async[ \t]+)?(?:def|class)[ \t]+(\w+)")
 
 
+def _overload_name(node: Any, spec: _Spec, language: str | None) -> str | None:
+    """The name of a TypeScript overload signature (`function f(a: string): void;`), else None."""
+    if language not in ("typescript", "tsx"):
+        return None
+    inner = _unwrap(node, spec)
+    if inner.type != "function_signature":
+        return None
+    name = inner.child_by_field_name("name")
+    return _text(name) if name is not None else None
+
+
 def _swallowed_defs(node: Any, language: str) -> list[tuple[int, str]]:
     """Rows and names of the Python definitions that a definition with a syntax error swallowed: an unclosed
     `def f(a,` parses as one function running over the definitions after it. Found by their header lines at
@@ -688,9 +699,18 @@ class _Chunker:
         prev_end = lo - 1
         stmt_rows: list[int] = []  # start rows of statements: preferred cut points for gap windows
         names_at: dict[int, list[str]] = {}
+        overload: tuple[str, int] | None = None  # TypeScript overload signatures above: their name, first row
 
         for child in children:
             cs, ce = _first_row(child), _last_row(child)
+            signature = _overload_name(child, spec, self.language)
+            if signature is not None:
+                if overload is None or overload[0] != signature:
+                    overload = (signature, self.lead_start(lead, cs))
+                lead = []
+                stmt_rows.append(cs)
+                prev_end = max(prev_end, ce)
+                continue
             if child.type in spec.attach:
                 if cs <= prev_end:  # a trailing comment on the previous statement's line
                     lead = []
@@ -703,6 +723,7 @@ class _Chunker:
                 continue
             d = _classify(child, spec, self.language, in_class) if depth < 24 else None
             if d is None:
+                overload = None
                 stmt_rows.append(cs)
                 if gap_kind == "module":
                     names = _assigned_names(_unwrap(child, spec), self.language)
@@ -715,7 +736,9 @@ class _Chunker:
                 prev_end = max(prev_end, ce)
                 continue
             start = self.lead_start(lead, cs)
-            lead = []
+            if overload is not None and overload[0] == d.name:  # the signatures belong to the implementation
+                start = overload[1]
+            lead, overload = [], None
             symbol = d.name if not prefix else (f"{prefix}.{d.name}" if d.name else prefix)
             new = self.definition(child, d, start, ce, symbol, spec, depth)
             stmt_rows.append(start)

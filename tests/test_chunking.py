@@ -179,6 +179,27 @@ def test_javascript() -> None:
     assert "Counter.increment" in syms and "Counter.create" in syms
 
 
+def test_typescript_overload_signatures_go_with_their_implementation() -> None:
+    src = (
+        'import { x } from "./x";\n\n'
+        "/** Parses. */\n"
+        "export function parse(a: string): number;\n"
+        "export function parse(a: number): number;\n"
+        "export function parse(a: any): number {\n  return Number(a);\n}\n\n"
+        "function local(a: string): void;\n"
+        "function local(a: any) {\n  return a;\n}\n\n"
+        "export function declared(a: string): void;\n"  # no implementation (a declaration file): left alone
+        "function other() {\n  return 1;\n}\n"
+    )
+    assert table(chunks_of(src, "typescript")) == [
+        (None, "module", 1, 1),
+        ("parse", "function", 3, 8),
+        ("local", "function", 10, 13),
+        (None, "module", 15, 15),
+        ("other", "function", 16, 18),
+    ]
+
+
 @pytest.mark.parametrize("language", ["javascript", "typescript"])
 def test_anonymous_default_exports_are_named_default(language: str) -> None:
     """What an importer calls `default` is a definition of its own, not part of the module's lead."""
