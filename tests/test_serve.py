@@ -319,6 +319,14 @@ def test_errors_have_openai_shape_and_status(served: Served) -> None:
             client.chat.completions.create(model="repomem", messages=question, tool_choice=choice,
                                            tools=[{"type": "function", "function": {"name": "edit"}}])
         assert forced.value.param == "tool_choice" and forced.value.code == "unsupported_value"
+    schema = {"name": "answer", "schema": {"type": "object", "properties": {"where": {"type": "string"}}}}
+    bound = {"type": "json_schema", "json_schema": {**schema, "strict": True}}
+    with pytest.raises(openai.BadRequestError) as strict:  # a reply bound to the schema is demanded
+        client.chat.completions.create(model="repomem", messages=question, max_tokens=2, response_format=bound)
+    assert strict.value.param == "response_format" and strict.value.code == "unsupported_value"
+    loose = client.chat.completions.create(model="repomem", messages=question, max_tokens=2,
+                                           response_format={"type": "json_schema", "json_schema": schema})
+    assert loose.choices[0].message.role == "assistant"
 
 
 def test_what_other_clients_send_is_answered(served: Served) -> None:

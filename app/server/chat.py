@@ -54,6 +54,10 @@ def parse_chat(body: Any, settings: Settings) -> ChatRequest:
     if _forces_a_tool(body.get("tool_choice")):
         raise APIError(400, "repomem answers in text and cannot call tools: leave `tool_choice` as \"auto\" or "
                        "\"none\"", param="tool_choice", code="unsupported_value")
+    if _demands_a_schema(body):
+        raise APIError(400, "repomem cannot bind its reply to a JSON schema: send `strict: false` or "
+                       "`response_format` {\"type\": \"json_object\"}", param="response_format",
+                       code="unsupported_value")
     tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     sampling = SamplingParams(
         temperature=_number(body, "temperature", settings.temperature, 0.0, 2.0),
@@ -73,6 +77,14 @@ def parse_chat(body: Any, settings: Settings) -> ChatRequest:
 def _forces_a_tool(choice: Any) -> bool:
     """`tool_choice` "required" or a named function: the reply must be a tool call, which repomem never makes."""
     return choice == "required" or isinstance(choice, dict)
+
+
+def _demands_a_schema(body: dict) -> bool:
+    """A `json_schema` format with `strict: true`: the client relies on every reply matching the schema,
+    which only constrained decoding can promise (repomem decodes freely, as for `json_object`)."""
+    fmt = body.get("response_format")
+    schema = fmt.get("json_schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
+    return isinstance(schema, dict) and schema.get("strict") is True
 
 
 def _wants_json(body: dict) -> bool:
