@@ -310,19 +310,17 @@ def decode_text(data: bytes, path: str | os.PathLike[str] = "<bytes>") -> str:
     Windows tools write UTF-16 with a BOM (resource files, PowerShell, exported logs): the mark names it.
     """
     if data.startswith(_UTF16_BOMS):
-        try:
-            text = data.decode("utf-16")  # the BOM picks the byte order
-        except UnicodeDecodeError:
-            raise NotTextError("encoding", path) from None
-        if "\x00" in text:  # UTF-32, whose little-endian BOM starts like UTF-16's, or binary after all
-            raise NotTextError("binary", path)
+        codec = "utf-16"  # the BOM picks the byte order
     elif b"\x00" in data:  # no UTF-8 text has one; searching the whole file costs little beside reading it
         raise NotTextError("binary", path)
     else:
-        try:
-            text = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8")
-        except UnicodeDecodeError:
-            raise NotTextError("encoding", path) from None
+        codec = "utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8"
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError:
+        raise NotTextError("encoding", path) from None
+    if codec == "utf-16" and "\x00" in text:  # UTF-32, whose little-endian BOM starts like UTF-16's
+        raise NotTextError("binary", path)
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text
